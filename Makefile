@@ -1,0 +1,56 @@
+# The one place the README's commands live:  make demo   and   make test
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.tensormask-installed
+# torch/torchvision as this machine has them on disk (../shared/NOTES.md). On a GPU machine with
+# its own torch already in the venv, nothing is reinstalled.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# A short arch list keeps the CUDA build fast here and in CI; the cluster image builds more.
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+CUDA_HOME ?= $(shell scripts/cuda_home.sh)
+MAX_JOBS ?= 2
+PYTEST_ARGS ?=
+export MLFLOW_DISABLE_TELEMETRY=true
+export RAY_USAGE_STATS_ENABLED=0
+
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: install test demo lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PIP) install -q --upgrade pip setuptools wheel 2>&1 | grep -v "is ignored" || true
+	@if $(PY) -c "import torch, torchvision" 2>/dev/null; then \
+	  echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') already installed"; \
+	else \
+	  echo "Installing $(TORCH_SPEC)"; $(PIP) install -q $(TORCH_SPEC) 2>&1 | grep -v "is ignored" || true; \
+	fi
+	@$(PY) -c "import torch, torchvision" || { echo "ERROR: torch/torchvision failed to install"; exit 1; }
+	@$(PIP) install -q ninja 2>&1 | grep -v "is ignored" || true
+	@mkdir -p build
+	@if [ -n "$(CUDA_HOME)" ]; then echo "Building tensormask_ray._C: CPU kernels + CUDA kernels (CUDA_HOME=$(CUDA_HOME), arch $(TORCH_CUDA_ARCH_LIST))"; \
+	  else echo "Building tensormask_ray._C: CPU kernels (no CUDA toolkit found)"; fi
+	@CUDA_HOME="$(CUDA_HOME)" TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" MAX_JOBS=$(MAX_JOBS) \
+	  $(PIP) install -v --no-build-isolation -e '.[dev]' > build/install.log 2>&1 \
+	  || { grep -v "is ignored" build/install.log | tail -n 80; echo "ERROR: building/installing tensormask-ray failed (full log: build/install.log)"; exit 1; }
+	@echo "nvcc compilations in this build: $$(grep -cE '/nvcc .* -c .*\.cu' build/install.log || true)"
+	@grep -oE '[^ /]+\.cu -o' build/install.log | sed 's/ -o//' | sort -u | sed 's/^/  compiled with nvcc: /' || true
+	@$(PY) -m tensormask_ray.ops.build_info
+	@touch $(STAMP)
+
+test: install
+	$(VENV)/bin/ruff check tensormask_ray tests benchmarks
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/tensormask-ray demo
+
+bench: install
+	$(PY) benchmarks/ops.py
+
+clean:
+	rm -rf build *.egg-info tensormask_ray/_C*.so $(STAMP)

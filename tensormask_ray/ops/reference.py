@@ -1,0 +1,69 @@
+"""Slow, obviously-correct references for the TensorMask tensor ops (paper §3).
+
+Each function composes the paper's conceptual steps literally (interpolate on (V, U), gather on
+(H, W), subsample), in plain differentiable PyTorch. They are the ground truth the fused kernels in
+csrc/ are tested against, and the backend selected by TENSORMASK_OPS=reference.
+
+Shapes: 5-D (N, V, U, H, W); (V, U) is the window grid, (H, W) the position grid. Window offsets are
+centred: index v means offset v - V//2. A read outside [0, H) x [0, W) returns `pad_value`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _shift_gather(x: torch.Tensor, step_v: int, step_u: int, pad_value: float) -> torch.Tensor:
+    """out[n,v,u,y,x] = x[n,v,u, y + step_v*(v - V//2), x + step_u*(u - U//2)], pad outside."""
+    N, V, U, H, W = x.shape  # (N, V, U, H, W)
+    dev = x.device
+    ys = torch.arange(H, device=dev)[None, :] + step_v * (torch.arange(V, device=dev) - V // 2)[:, None]  # (V, H)
+    xs = torch.arange(W, device=dev)[None, :] + step_u * (torch.arange(U, device=dev) - U // 2)[:, None]  # (U, W)
+    valid = ((ys >= 0) & (ys < H)).view(1, V, 1, H, 1) & ((xs >= 0) & (xs < W)).view(1, 1, U, 1, W)
+    idx_y = ys.clamp(0, H - 1).view(1, V, 1, H, 1).expand(N, V, U, H, W)
+    idx_x = xs.clamp(0, W - 1).view(1, 1, U, 1, W).expand(N, V, U, H, W)
+    out = x.gather(3, idx_y).gather(4, idx_x)
+    return torch.where(valid, out, out.new_full((), pad_value))  # (N, V, U, H, W)
+
+
+def align2nat(x: torch.Tensor, alpha: int = 1, pad_value: float = -6.0) -> torch.Tensor:
+    """Aligned -> natural, eq. (1): out[n,v,u,y,x] = x[n,v,u, y+alpha*(v-V//2), x+alpha*(u-U//2)]."""
+    return _shift_gather(x, alpha, alpha, pad_value)
+
+
+def nat2align(x: torch.Tensor, alpha: int = 1, pad_value: float = -6.0) -> torch.Tensor:
+    """Natural -> aligned: out[n,v,u,y,x] = x[n,v,u, y-alpha*(v-V//2), x-alpha*(u-U//2)]."""
+    return _shift_gather(x, -alpha, -alpha, pad_value)
+
+
+def resize_window_grid(x: torch.Tensor, out_size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resizes the (V, U) axes of (N, V, U, H, W) exactly as F.interpolate(align_corners=False)."""
+    N, V, U, H, W = x.shape
+    Vo, Uo = out_size
+    t = x.permute(0, 3, 4, 1, 2).reshape(N * H * W, 1, V, U)
+    if mode == "bilinear":
+        t = F.interpolate(t, size=(Vo, Uo), mode="bilinear", align_corners=False)
+    elif mode == "nearest":
+        t = F.interpolate(t, size=(Vo, Uo), mode="nearest")
+    else:
+        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+    return t.reshape(N, H, W, Vo, Uo).permute(0, 3, 4, 1, 2)  # (N, Vo, Uo, H, W)
+
+
+def up_align2nat(
+    x: torch.Tensor, out_size: tuple[int, int], mode: str = "bilinear", pad_value: float = -6.0
+) -> torch.Tensor:
+    """§3.5 / Fig. 4: resize (V, U) to `out_size` (coarse aligned -> fine aligned), then align2nat."""
+    return align2nat(resize_window_grid(x, out_size, mode), 1, pad_value)  # (N, Vo, Uo, H, W)
+
+
+def swap_align2nat(x: torch.Tensor, lam: int, pad_value: float = -6.0) -> torch.Tensor:
+    """§3.6 / Fig. 5: up_align2nat by lam (bilinear), then subsample (H, W) by lam.
+
+    (N, V, U, H, W) -> (N, lam*V, lam*U, ceil(H/lam), ceil(W/lam)). This reference materialises the
+    (N, lam*V, lam*U, H, W) intermediate, lam^2 times the input: use it on small inputs only.
+    """
+    N, V, U, H, W = x.shape
+    full = up_align2nat(x, (lam * V, lam * U), "bilinear", pad_value)  # (N, lam*V, lam*U, H, W)
+    return full[..., ::lam, ::lam]  # (N, lam*V, lam*U, ceil(H/lam), ceil(W/lam))
