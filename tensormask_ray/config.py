@@ -83,7 +83,7 @@ class LossConfig:
 @dataclass
 class InferenceConfig:
     score_thresh: float = 0.05
-    topk_candidates: int = 1000  # per level, before NMS
+    topk_candidates: int = 6000  # over all windows and classes, before NMS
     nms_thresh: float = 0.5
     detections_per_image: int = 100
     mask_threshold: float = 0.5
@@ -421,8 +421,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.backbone.depth': {m.backbone.depth} not in [18, 34, 50, 101]")
     if not 0 <= m.backbone.freeze_at <= 5:
         raise ConfigError("config key 'model.backbone.freeze_at': must be in [0, 5]")
-    if not 2 <= m.min_level <= m.max_level <= 7:
-        raise ConfigError("config keys 'model.min_level'/'model.max_level': need 2 <= min <= max <= 7")
+    if not 2 <= m.min_level <= 5 <= m.max_level <= 7:
+        raise ConfigError(
+            "config keys 'model.min_level'/'model.max_level': need 2 <= min_level <= 5 <= max_level <= 7"
+        )
     if m.num_classes < 1:
         raise ConfigError("config key 'model.num_classes': must be >= 1")
     if not m.window_sizes or any(v < 1 for v in m.window_sizes):

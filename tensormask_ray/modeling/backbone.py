@@ -1,0 +1,79 @@
+"""ResNet bottom-up pathway (torchvision ResNet-18/34/50/101) with frozen batch norm.
+
+Random init by default. `weights` may name a local torchvision ResNet checkpoint (a state_dict
+saved with torch.save, e.g. resnet50-0676ba61.pth copied from a machine that has it); nothing is
+ever downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from ..errors import UserError
+
+_RESNETS = {
+    18: torchvision.models.resnet18,
+    34: torchvision.models.resnet34,
+    50: torchvision.models.resnet50,
+    101: torchvision.models.resnet101,
+}
+
+
+class ResNetBackbone(nn.Module):
+    """Returns the C2..C5 feature maps (strides 4, 8, 16, 32) that the FPN needs."""
+
+    def __init__(self, depth: int = 50, weights: str | None = None, freeze_at: int = 2):
+        super().__init__()
+        if depth not in _RESNETS:
+            raise ValueError(f"ResNet depth must be one of {sorted(_RESNETS)}, got {depth}")
+        net = _RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d)
+        if weights:
+            load_torchvision_weights(net, weights)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.res2, self.res3, self.res4, self.res5 = net.layer1, net.layer2, net.layer3, net.layer4
+        expansion = 4 if depth >= 50 else 1
+        self.out_channels = {f"C{i + 2}": 64 * 2**i * expansion for i in range(4)}  # C2..C5
+        self._freeze(freeze_at)
+
+    def _freeze(self, freeze_at: int) -> None:
+        stages = [self.stem, self.res2, self.res3, self.res4, self.res5]
+        for stage in stages[:freeze_at]:
+            for p in stage.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images (N, 3, H, W) -> {"C2": (N, c2, H/4, W/4), ..., "C5": (N, c5, H/32, W/32)}."""
+        c2 = self.res2(self.stem(images))
+        c3 = self.res3(c2)
+        c4 = self.res4(c3)
+        c5 = self.res5(c4)
+        return {"C2": c2, "C3": c3, "C4": c4, "C5": c5}
+
+
+def load_torchvision_weights(net: nn.Module, path: str) -> None:
+    """Loads a local torchvision ResNet state_dict (the classifier `fc.*` is ignored)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"backbone weights not found: {p} (model.backbone.weights must be a local file)")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling/format failure is the user's file
+        raise UserError(f"backbone weights {p} could not be read as a torch state_dict: {e}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
+    expected = {k for k in net.state_dict() if not k.startswith("fc.")}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise UserError(
+            f"backbone weights {p} do not match this ResNet: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}"
+        )
+    net.load_state_dict(state, strict=False)

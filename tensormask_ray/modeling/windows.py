@@ -1,0 +1,129 @@
+"""Sliding-window geometry: where each output window of each (level, window size) sits in the
+image, the units of its mask, and the box coder relative to it.
+
+A `WindowGroup` is one dense grid of windows: pyramid level l (k = l - min_level) and window size
+V (= U). Its output masks are natural-representation tensors (N, Vo, Uo, Hg, Wg) whose cells are
+`cell` image pixels, centred on the window centre (offset v - Vo//2, paper §3.2).
+
+- Feature-pyramid heads (Fig. 7a): sigma_VU = sigma_HW = 2^l, so Vo = V and cell = 2^l.
+- Tensor bipyramid (Fig. 7b): the unit sigma_VU stays that of the finest level at every level
+  (cell = 2^min_level) while the mask grows to Vo = 2^k V; windows sit on the finest grid
+  subsampled by 2^k (swap_align2nat), i.e. every 2^l pixels.
+In both cases the window spans V * 2^l image pixels.
+
+Coordinates are continuous image pixels (pixel i covers [i, i+1)); grid position y of a map with
+stride s has its centre at y*s + s/2 (the convention that bilinear resizing with
+align_corners=False preserves, which the bipyramid relies on).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.sparse import WindowOp
+
+BOX_CLAMP = math.log(1000.0 / 16)
+
+
+@dataclass(frozen=True)
+class WindowGroup:
+    level: int  # FPN level l of P_l
+    k: int  # l - min_level
+    size_index: int  # a: which window size (anchor) of the level
+    window_size: int  # V (= U), in units of the level's stride
+    stride: int  # spacing of the window grid in image pixels (2^l)
+    cell: int  # sigma_VU: image pixels per mask cell
+    mask_size: int  # Vo (= Uo): mask cells per side
+    center_offset: float  # image-pixel centre of grid position 0
+    op: WindowOp  # head tensor -> natural masks
+
+    @property
+    def side(self) -> float:
+        """Window side in image pixels."""
+        return float(self.mask_size * self.cell)
+
+    def centers(self, grid: tuple[int, int], device=None) -> torch.Tensor:
+        """(Hg*Wg, 2) window centres (x, y), row-major over the grid."""
+        h, w = grid
+        ys = torch.arange(h, device=device, dtype=torch.float32) * self.stride + self.center_offset
+        xs = torch.arange(w, device=device, dtype=torch.float32) * self.stride + self.center_offset
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        return torch.stack([cx.reshape(-1), cy.reshape(-1)], dim=1)
+
+    def extent(self) -> tuple[float, float]:
+        """(before, after): the window spans [c - before, c + after] on each axis (odd Vo: symmetric)."""
+        half = self.mask_size // 2
+        return (half + 0.5) * self.cell, (self.mask_size - half - 0.5) * self.cell
+
+    def boxes_at(self, centers: torch.Tensor) -> torch.Tensor:
+        """centers (M, 2) -> window boxes (M, 4) xyxy: exactly the area the Vo x Uo mask covers."""
+        before, after = self.extent()
+        return torch.cat([centers - before, centers + after], dim=1)
+
+    def boxes(self, grid: tuple[int, int], device=None) -> torch.Tensor:
+        return self.boxes_at(self.centers(grid, device))  # (Hg*Wg, 4)
+
+
+def build_window_groups(
+    mask_head: str,
+    window_sizes: list[int],
+    min_level: int,
+    max_level: int,
+    upscale_factor: float = 1.0,
+    upscale_mode: str = "bilinear",
+) -> list[WindowGroup]:
+    """All (level, window size) groups, level-major: the order of every flattened window list."""
+    groups = []
+    for level in range(min_level, max_level + 1):
+        k = level - min_level
+        stride = 2**level
+        for a, V in enumerate(window_sizes):
+            if mask_head == "bipyramid":
+                lam = 2**k
+                op = WindowOp((lam * V, lam * V), alpha=1, stride=lam, mode="bilinear")
+                groups.append(WindowGroup(level, k, a, V, stride, 2**min_level, lam * V, 0.5 * 2**min_level, op))
+                continue
+            if mask_head == "simple_natural":
+                op = WindowOp((V, V), alpha=0)
+            elif mask_head == "simple_aligned":
+                op = WindowOp((V, V), alpha=1)
+            elif mask_head == "upscale_natural":
+                op = WindowOp((V, V), alpha=0, mode=upscale_mode)
+            elif mask_head == "upscale_aligned":
+                op = WindowOp((V, V), alpha=1, mode=upscale_mode)
+            else:
+                raise ValueError(f"unknown mask head {mask_head!r}")
+            groups.append(WindowGroup(level, k, a, V, stride, stride, V, 0.5 * stride, op))
+    return groups
+
+
+def coarse_size(mask_head: str, window_size: int, upscale_factor: float) -> int:
+    """(V, U) size of the tensor the head's conv+reshape produces for one window size."""
+    if mask_head.startswith("upscale_"):
+        return int(round(window_size / upscale_factor))
+    return window_size
+
+
+# ----------------------------------------------------------------------------- box coder
+def encode_boxes(windows: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(M, 4) windows, (M, 4) target boxes, both xyxy -> (M, 4) deltas (dx, dy, dw, dh)."""
+    ww, wh = windows[:, 2] - windows[:, 0], windows[:, 3] - windows[:, 1]
+    wx, wy = windows[:, 0] + 0.5 * ww, windows[:, 1] + 0.5 * wh
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    bx, by = boxes[:, 0] + 0.5 * bw, boxes[:, 1] + 0.5 * bh
+    return torch.stack([(bx - wx) / ww, (by - wy) / wh, torch.log(bw / ww), torch.log(bh / wh)], dim=1)
+
+
+def decode_boxes(windows: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Inverse of encode_boxes: (M, 4) windows, (M, 4) deltas -> (M, 4) boxes xyxy."""
+    deltas = deltas.float()
+    ww, wh = windows[:, 2] - windows[:, 0], windows[:, 3] - windows[:, 1]
+    wx, wy = windows[:, 0] + 0.5 * ww, windows[:, 1] + 0.5 * wh
+    dx, dy = deltas[:, 0], deltas[:, 1]
+    dw, dh = deltas[:, 2].clamp(max=BOX_CLAMP), deltas[:, 3].clamp(max=BOX_CLAMP)
+    cx, cy = dx * ww + wx, dy * wh + wy
+    w, h = torch.exp(dw) * ww, torch.exp(dh) * wh
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=1)
