@@ -17,10 +17,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]
     with_cuda = CUDA_HOME is not None and os.environ.get("TENSORMASK_NO_CUDA", "0") != "1"
     if with_cuda:
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension(
             "tensormask_ray._C",
             sources + cuda_sources,

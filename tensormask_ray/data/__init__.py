@@ -1,0 +1,3 @@
+"""Data: COCO -> Parquet shards (`coco_to_parquet`, `manifest`, `schema`), Ray Data streaming to
+the training workers (`dataset`), transforms shared with inference (`transforms`), and data sets
+anyone can make (`synth`, `imgviz_set`). Submodules are imported where used (Ray is heavy)."""

@@ -1,0 +1,158 @@
+"""Shared inputs for the ops tests: the op cases (fused call, reference call) and random tensors.
+
+Every case is small enough for the references, whose intermediate grows with lam^2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from tensormask_ray.ops import library
+from tensormask_ray.ops import reference as ref
+
+# The fused ops are tested directly through torch.ops; the extension must be built.
+try:
+    library.ensure_loaded()
+    import tensormask_ray._C as EXT
+
+    LOAD_ERROR = None
+except ImportError as e:  # reported by requires_ext
+    EXT = None
+    LOAD_ERROR = str(e)
+
+# Whether the extension was compiled with its CUDA kernels (a toolkit was found at build time).
+BUILT_WITH_CUDA = bool(getattr(EXT, "with_cuda", False))
+
+requires_ext = pytest.mark.skipif(
+    LOAD_ERROR is not None, reason=f"extension not built: {LOAD_ERROR}"
+)
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+OPS = torch.ops.tensormask
+
+# Elements in the reference's (N, Vo, Uo, H, W) intermediate we allow per case.
+REFERENCE_BUDGET = 3_000_000
+
+
+def rand(shape, dtype=torch.float64, seed=0, device="cpu") -> torch.Tensor:
+    """Random normal values (never zeros), reproducible per seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op applied with fixed arguments: `fused(x)` and `reference(x)` compute the same thing."""
+
+    name: str
+    shape: tuple[int, int, int, int, int]
+    fused: Callable[[torch.Tensor], torch.Tensor]
+    reference: Callable[[torch.Tensor], torch.Tensor]
+
+    def __repr__(self) -> str:
+        return f"{self.name}{list(self.shape)}"
+
+
+def swap_hw(lam: int, V: int, U: int, N: int = 2) -> tuple[int, int]:
+    """(H, W), not multiples of lam (for lam > 1), as large as the reference budget allows."""
+    for H, W in ((2 * lam + 3, 2 * lam + 1), (lam + 3, lam + 1), (9, 7), (5, 7), (3, 2)):
+        if N * lam * lam * V * U * H * W <= REFERENCE_BUDGET:
+            return H, W
+    raise AssertionError("no shape fits")
+
+
+def swap_case(lam: int, V: int, U: int, pad: float = -6.0, N: int = 2, hw=None) -> Case:
+    H, W = hw if hw is not None else swap_hw(lam, V, U, N)
+    return Case(
+        f"swap_align2nat(lam={lam}, pad={pad})",
+        (N, V, U, H, W),
+        lambda x: OPS.swap_align2nat(x, lam, pad),
+        lambda x: ref.swap_align2nat(x, lam, pad),
+    )
+
+
+def up_case(V: int, U: int, out: tuple[int, int], mode: str, pad: float = -6.0, hw=(6, 5)) -> Case:
+    return Case(
+        f"up_align2nat(out={out}, {mode}, pad={pad})",
+        (2, V, U, *hw),
+        lambda x: OPS.up_align2nat(x, out[0], out[1], mode, pad),
+        lambda x: ref.up_align2nat(x, out, mode, pad),
+    )
+
+
+def shift_case(op: str, V: int, U: int, alpha: int, pad: float = -6.0, hw=(7, 6)) -> Case:
+    return Case(
+        f"{op}(alpha={alpha}, pad={pad})",
+        (2, V, U, *hw),
+        lambda x: getattr(OPS, op)(x, alpha, pad),
+        lambda x: getattr(ref, op)(x, alpha, pad),
+    )
+
+
+WINDOWS = [(3, 3), (5, 5), (11, 11), (15, 15), (5, 3)]
+LAMS = [1, 2, 3, 4, 8, 32]
+
+
+def forward_cases() -> list[Case]:
+    cases = [swap_case(lam, V, U) for lam in LAMS for V, U in WINDOWS]
+    # lam = 32 with H, W > lam (several output rows), and a pad value other than the default.
+    cases.append(swap_case(32, 3, 3, pad=2.5, N=1, hw=(35, 33)))
+    cases.append(swap_case(3, 5, 3, pad=0.25))
+    for V, U in WINDOWS + [(10, 10)]:
+        outs = {(2 * V, 2 * U), (V, U), (V, 2 * U + 1), (max(V - 2, 1), max(U - 1, 1)), (70, 70)}
+        if (V, U) == (10, 10):
+            outs.add((15, 15))  # lambda = 1.5 (fractional)
+        for out in sorted(outs):
+            for mode in ("bilinear", "nearest"):
+                cases.append(up_case(V, U, out, mode))
+    cases.append(up_case(10, 10, (15, 15), "bilinear", pad=1.0))
+    for V, U in WINDOWS:
+        for alpha in (1, 2):
+            cases.append(shift_case("align2nat", V, U, alpha))
+            cases.append(shift_case("nat2align", V, U, alpha, pad=0.5))
+    return cases
+
+
+def gradient_cases() -> list[Case]:
+    """A smaller grid for the (slower) gradient comparisons."""
+    cases = [swap_case(lam, V, U) for lam in LAMS for V, U in [(3, 3), (5, 3), (15, 15)]]
+    for V, U, out in [(10, 10, (15, 15)), (5, 3, (10, 7)), (5, 5, (3, 4)), (3, 3, (70, 70))]:
+        for mode in ("bilinear", "nearest"):
+            cases.append(up_case(V, U, out, mode))
+    for alpha in (1, 2):
+        cases.append(shift_case("align2nat", 5, 3, alpha))
+        cases.append(shift_case("nat2align", 5, 3, alpha))
+    return cases
+
+
+def kernel_results() -> dict[str, torch.Tensor]:
+    """Forward and backward outputs of the fused ops on a fixed set of cases, for comparing kernel
+    variants across processes (the env switches TENSORMASK_CPU_FMA and TENSORMASK_CPU_KERNEL are
+    read once per process)."""
+    cases = [
+        swap_case(1, 5, 3),
+        swap_case(2, 5, 3),
+        swap_case(3, 15, 15),
+        swap_case(8, 5, 5),
+        swap_case(32, 3, 3, N=1, hw=(35, 33)),
+        up_case(10, 10, (15, 15), "bilinear"),
+        up_case(3, 3, (70, 70), "bilinear"),
+        up_case(5, 5, (3, 4), "bilinear"),
+        up_case(5, 3, (11, 7), "nearest"),
+        up_case(5, 3, (5, 6), "bilinear"),
+        shift_case("align2nat", 5, 3, 2),
+        shift_case("nat2align", 5, 3, 1),
+    ]
+    results = {}
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for i, case in enumerate(cases):
+            x = rand(case.shape, dtype, seed=40 + i).requires_grad_(True)
+            out = case.fused(x)
+            (gx,) = torch.autograd.grad(out, x, rand(out.shape, dtype, seed=80 + i))
+            results[f"{case!r} {dtype} fwd"] = out.detach()
+            results[f"{case!r} {dtype} bwd"] = gx
+    return results

@@ -1,0 +1,65 @@
+"""Loading the extension, choosing the backend, and the build report."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from tensormask_ray.ops import api, build_info, library
+
+from ._cases import rand, requires_ext
+
+
+def test_missing_extension_raises_an_actionable_error(monkeypatch):
+    monkeypatch.setattr(library, "_LOADED", False)
+    monkeypatch.setitem(sys.modules, "tensormask_ray._C", None)  # makes the import fail
+    with pytest.raises(ImportError, match="make install") as info:
+        library.ensure_loaded()
+    assert "TENSORMASK_OPS=reference" in str(info.value)
+    # The public ops report the same error instead of silently using the references.
+    monkeypatch.delenv(api.BACKEND_ENV, raising=False)
+    with pytest.raises(ImportError, match="could not be loaded"):
+        api.swap_align2nat(rand((1, 3, 3, 4, 4)), 2)
+
+
+def test_reference_backend_is_an_explicit_opt_in(monkeypatch):
+    x = rand((1, 3, 3, 5, 4))
+    monkeypatch.setenv(api.BACKEND_ENV, "reference")
+    assert api.backend() == "reference"
+    monkeypatch.setattr(
+        library, "ensure_loaded", lambda: pytest.fail("must not load the extension")
+    )
+    out = api.swap_align2nat(x, 2, -1.0)
+    assert out.shape == (1, 6, 6, 3, 2)
+    monkeypatch.setenv(api.BACKEND_ENV, "bogus")
+    with pytest.raises(ValueError, match="TENSORMASK_OPS"):
+        api.align2nat(x)
+
+
+@requires_ext
+def test_public_api_uses_the_fused_ops(monkeypatch):
+    monkeypatch.delenv(api.BACKEND_ENV, raising=False)
+    assert api.backend() == "fused"
+    x = rand((2, 5, 3, 6, 7))
+    ops = torch.ops.tensormask
+    assert torch.equal(api.align2nat(x, 2, -1.0), ops.align2nat(x, 2, -1.0))
+    assert torch.equal(api.nat2align(x, 1), ops.nat2align(x, 1, -6.0))
+    assert torch.equal(api.up_align2nat(x, 9), ops.up_align2nat(x, 9, 9, "bilinear", -6.0))
+    assert torch.equal(api.swap_align2nat(x, 3), ops.swap_align2nat(x, 3, -6.0))
+
+
+@requires_ext
+def test_ensure_loaded_is_idempotent():
+    library.ensure_loaded()
+    library.ensure_loaded()
+
+
+@requires_ext
+def test_build_info_reports_every_op(capsys):
+    assert build_info.main() == 0
+    printed = capsys.readouterr().out
+    for name in library.OPS + library.BACKWARD_OPS:
+        assert name in printed
+    assert "CUDA kernels registered" in printed
