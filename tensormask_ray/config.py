@@ -133,13 +133,15 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     checkpoint_period: int = 500
     keep_checkpoints: int = 2
-    checkpoint_metric: str = "val/segm_AP"
+    checkpoint_metric: str = "val/segm/AP"  # keep the best K checkpoints by this metric
     checkpoint_mode: Literal["max", "min"] = "max"
     eval_period: int = 0  # 0: evaluate at the end only
     log_period: int = 20
     storage_path: str = "runs"  # local folder, shared filesystem or object-store URI
     run_name: str = "tensormask"
-    max_failures: int = 2
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint before giving up
+    # Fault injection, to exercise recovery: the last rank raises once at this iteration (0: off).
+    fail_at_iter: int = 0
 
 
 @dataclass

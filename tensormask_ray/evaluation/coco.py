@@ -34,6 +34,22 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")  # COCOeval.stats[
 NO_GROUND_TRUTH = -1.0  # COCOeval's value for a metric whose area range has no ground truth
 
 
+@contextlib.contextmanager
+def quiet_stdout():
+    """Silences pycocotools' prints. Redirecting sys.stdout is not enough inside Ray Train
+    workers, which replace builtins.print with a logger; swap print out too."""
+    import builtins
+
+    sink = io.StringIO()
+    original = builtins.print
+    builtins.print = lambda *a, **k: None
+    try:
+        with contextlib.redirect_stdout(sink):
+            yield sink
+    finally:
+        builtins.print = original
+
+
 def as_numpy(x: Any) -> np.ndarray:
     """A torch tensor (any device) or array-like as a numpy array, without copying when it can."""
     if hasattr(x, "detach"):
@@ -143,7 +159,7 @@ def evaluate_coco(
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
         coco_dt = _results_coco(coco_gt, results, iou_type)
-        quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+        quiet = contextlib.nullcontext() if verbose else quiet_stdout()
         with quiet:
             evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
             evaluator.params.imgIds = image_ids
@@ -200,7 +216,7 @@ def _results_coco(coco_gt: COCO, results: Sequence[dict], iou_type: str) -> COCO
         "categories": list(coco_gt.dataset["categories"]),
         "annotations": anns,
     }
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet_stdout():
         coco_dt.createIndex()
     return coco_dt
 

@@ -7,8 +7,6 @@ next to a prediction (and for tests that feed the ground truth back as detection
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +18,7 @@ from pycocotools.coco import COCO
 
 from ..data import schema
 from ..errors import UserError
+from .coco import quiet_stdout
 
 # Every shard column but the image itself, which evaluation never needs.
 _GT_COLUMNS = [
@@ -150,7 +149,7 @@ def _coco_from_dataset(dataset: dict, source: str) -> COCO:
     coco = COCO()
     coco.dataset = dataset
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with quiet_stdout():
             coco.createIndex()
     except (KeyError, TypeError) as e:
         raise UserError(f"{source}: malformed COCO record (missing or bad field {e})") from e

@@ -1,0 +1,170 @@
+"""TensorMask vs torchvision's Mask R-CNN on this CPU, same images, one process.
+
+    python benchmarks/model.py [--repeats 5] [--size 800] [--write]
+
+Per-image inference (bipyramid R-50-FPN, shorter side 800, 100 detections forced by a zero score
+threshold) and one training step (forward + backward, batch 2), each model with random weights.
+The paper measured 0.38 s vs 0.09 s per image on a V100 (4.2x); our goal is at most 1.5x.
+--write replaces the "## Model" section of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tensormask_ray.config import load_config  # noqa: E402
+from tensormask_ray.modeling import build_model  # noqa: E402
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def synthetic_batch(n: int, h: int, w: int, seed: int = 0):
+    """Images with a few rectangular 'objects' and their targets (same for both models)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, h, w, generator=g)
+    targets = []
+    for _ in range(n):
+        boxes, masks = [], []
+        for _ in range(6):
+            bw, bh = int(torch.randint(40, w // 2, (1,), generator=g)), int(torch.randint(40, h // 2, (1,), generator=g))
+            x0, y0 = int(torch.randint(0, w - bw, (1,), generator=g)), int(torch.randint(0, h - bh, (1,), generator=g))
+            m = torch.zeros(h, w, dtype=torch.uint8)
+            m[y0 : y0 + bh, x0 : x0 + bw] = 1
+            boxes.append([x0, y0, x0 + bw, y0 + bh])
+            masks.append(m)
+        targets.append(
+            {
+                "boxes": torch.tensor(boxes, dtype=torch.float32),
+                "labels": torch.randint(0, 80, (6,), generator=g),
+                "masks": torch.stack(masks),
+                "iscrowd": torch.zeros(6, dtype=torch.bool),
+            }
+        )
+    return images, targets
+
+
+def timeit(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def tensormask(size: int):
+    cfg = load_config(
+        preset="table2c-bipyramid",
+        overrides={"inference.score_thresh": 0.0, "input.min_size_test": size, "model.backbone.freeze_at": 2},
+    )
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def maskrcnn(size: int):
+    torch.manual_seed(0)
+    return torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=81, min_size=size, max_size=1333,
+        box_score_thresh=0.0, box_detections_per_img=100, trainable_backbone_layers=3,
+    )  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--size", type=int, default=800)
+    ap.add_argument("--width", type=int, default=1216, help="image width (height = --size)")
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    h, w = args.size, args.width
+    images, targets = synthetic_batch(2, h, w)
+    tm, mr = tensormask(h), maskrcnn(h)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    norm = (images - mean) / std  # TensorMask takes normalised, padded input (the data pipeline's job)
+
+    tm.eval()
+    mr.eval()
+    with torch.inference_mode():
+        tm_inf = timeit(lambda: tm(norm[:1], image_sizes=[(h, w)]), args.repeats)
+        n_tm = tm(norm[:1], image_sizes=[(h, w)])[0]["scores"].numel()
+        mr_inf = timeit(lambda: mr([images[0]]), args.repeats)
+        n_mr = mr([images[0]])[0]["scores"].numel()
+
+    tm.train()
+    mr.train()
+    mr_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": t["masks"]} for t in targets]
+
+    def tm_step():
+        loss = sum(tm(norm, targets).values())
+        loss.backward()
+
+    def mr_step():
+        loss = sum(mr(list(images), mr_targets).values())
+        loss.backward()
+
+    tm_train = timeit(tm_step, max(2, args.repeats // 2))
+    mr_train = timeit(mr_step, max(2, args.repeats // 2))
+
+    cpu = subprocess.run(["bash", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'"], capture_output=True, text=True).stdout.strip()
+    rows = [
+        ("inference, s/image (100 detections)", tm_inf, mr_inf, f"{n_tm} / {n_mr} detections"),
+        ("training step, s (batch 2, fwd+bwd)", tm_train, mr_train, ""),
+    ]
+    table = ["| measure | TensorMask (bipyramid R-50-FPN) | Mask R-CNN (torchvision R-50-FPN) | ratio TM / MR | note |", "|---|---|---|---|---|"]
+    for name, a, b, note in rows:
+        table.append(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {note} |")
+    ratio = tm_inf / mr_inf
+    verdict = "met" if ratio <= 1.5 else "NOT met"
+    text = "\n".join(
+        [
+            "## Model",
+            "",
+            f"Command: `python benchmarks/model.py --repeats {args.repeats} --size {h} --width {w}` "
+            f"(images {h}x{w}, random weights, median of repeats, one process).",
+            f"Machine: {cpu or platform.processor()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"torch threads {torch.get_num_threads()}.",
+            "",
+            *table,
+            "",
+            f"Goal (TensorMask inference at most 1.5x Mask R-CNN's): **{verdict}** ({ratio:.2f}x). "
+            "The paper measured 0.38 vs 0.09 s/image on a V100 (4.2x).",
+            "",
+        ]
+    )
+    print(text)
+    if args.write:
+        write_section(text)
+
+
+def write_section(text: str, path: Path = RESULTS) -> None:
+    """Replaces this section of RESULTS.md (from its heading to the next '## '), or appends it."""
+    heading = text.splitlines()[0]
+    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    lines = old.splitlines()
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = text.rstrip().splitlines() + [""]
+        new = "\n".join(lines) + "\n"
+    else:
+        new = old.rstrip() + "\n\n" + text
+    path.write_text(new)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""In-process evaluation of a model on a folder of shards: decode, resize for test, predict, COCO
+mask and box AP. Used for periodic validation during training; `tensormask-ray evaluate` scales
+the same per-image work out with Ray Data (inference.py)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from ..config import Config
+from ..data import schema
+from .coco import evaluate_coco, predictions_to_coco
+from .ground_truth import category_mapping, coco_gt_from_shards, read_manifest
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> (H, W, 3) uint8 RGB."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def iter_shard_images(shards_dir: str | Path, max_images: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """(image_id, RGB uint8 (H, W, 3)) for the images of a shards folder, in manifest order."""
+    manifest = read_manifest(shards_dir)
+    seen = 0
+    for shard in manifest["shards"]:
+        table = pq.read_table(Path(shards_dir) / shard["file"], columns=["image_id", "image_bytes"])
+        for image_id, data in zip(table.column("image_id").to_pylist(), table.column("image_bytes").to_pylist()):
+            yield int(image_id), decode_rgb(data)
+            seen += 1
+            if max_images and seen >= max_images:
+                return
+
+
+@torch.no_grad()
+def predict_image(model, image: np.ndarray, cfg: Config, device: torch.device | str = "cpu") -> dict:
+    """One RGB uint8 image -> predictions at its own resolution (boxes, scores, labels, masks)."""
+    from ..data.transforms import preprocess_for_test
+
+    tensor, _ = preprocess_for_test(image, cfg.input)  # (3, h, w) normalised
+    _, h, w = tensor.shape
+    d = cfg.input.size_divisibility
+    H, W = -(-h // d) * d, -(-w // d) * d
+    batch = torch.zeros((1, 3, H, W), dtype=tensor.dtype)
+    batch[0, :, :h, :w] = tensor
+    was_training = model.training
+    model.eval()
+    out = model(batch.to(device), image_sizes=[(h, w)], output_sizes=[image.shape[:2]])[0]
+    model.train(was_training)
+    return {k: v.cpu() for k, v in out.items()}
+
+
+def evaluate_model(model, shards_dir: str | Path, cfg: Config, max_images: int = 0, device="cpu") -> dict[str, float]:
+    """COCO segm/bbox AP of `model` on the shards (optionally the first `max_images` only)."""
+    category_ids, _ = category_mapping(read_manifest(shards_dir))
+    coco_gt = coco_gt_from_shards(shards_dir)
+    results, image_ids = [], []
+    for image_id, image in iter_shard_images(shards_dir, max_images):
+        results.extend(predictions_to_coco(predict_image(model, image, cfg, device), image_id, category_ids))
+        image_ids.append(image_id)
+    return evaluate_coco(coco_gt, results, image_ids=image_ids)
+
+
+__all__ = ["decode_rgb", "evaluate_model", "iter_shard_images", "predict_image", "schema"]

@@ -1,0 +1,213 @@
+"""Builds and runs the Ray Train TorchTrainer for one training run (the driver side).
+
+Run identity is `{storage_path}/{run_name}`: running again with the same name resumes from the
+latest checkpoint (`--resume`); without `--resume` an existing run is an error rather than being
+overwritten or silently continued. The MLflow run id lives beside the checkpoints, so a resumed
+run keeps logging to the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Config, ConfigError
+from ..errors import UserError
+from ..tracking import RunLogger, check_tracking_uri, resolve_tracking_uri, ui_command
+from . import storage
+from .loop import PROGRESS_FILE, train_loop_per_worker
+
+MLFLOW_RUN_FILE = "mlflow_run_id"
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: str
+    mlflow_uri: str
+    mlflow_run_id: str
+    metrics: dict[str, Any]
+    checkpoint: str | None  # latest
+    best_checkpoint: str | None
+    error: BaseException | None
+
+
+# ----------------------------------------------------------------------------- checks
+def load_categories(shards_dir: str) -> list[dict]:
+    from ..evaluation.ground_truth import read_manifest
+
+    if not shards_dir:
+        raise ConfigError("config key 'data.train_shards': no training shards given")
+    return list(read_manifest(shards_dir)["categories"])
+
+
+def check_run(cfg: Config, resume: bool) -> tuple[str, str, list[dict]]:
+    """Everything that can be checked before any worker starts. Returns (storage, run_dir, categories)."""
+    categories = load_categories(cfg.data.train_shards)
+    if len(categories) != cfg.model.num_classes:
+        raise ConfigError(
+            f"config key 'model.num_classes' is {cfg.model.num_classes} but the training shards "
+            f"{cfg.data.train_shards} have {len(categories)} categories"
+        )
+    if cfg.data.val_shards:
+        val = load_categories(cfg.data.val_shards)
+        if [c["id"] for c in val] != [c["id"] for c in categories]:
+            raise ConfigError("config key 'data.val_shards': its categories differ from the training shards'")
+    if cfg.train.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS"):
+            raise UserError("--use-gpu (train.use_gpu) was given but this machine has no CUDA device")
+    store = storage.absolute(cfg.train.storage_path)
+    run_dir = storage.join(store, cfg.train.run_name)
+    exists = storage.exists(storage.join(run_dir, MLFLOW_RUN_FILE))
+    if exists and not resume:
+        raise UserError(
+            f"run '{cfg.train.run_name}' already exists in {store}: pass --resume to continue it, "
+            "or choose another train.run_name"
+        )
+    if resume and not exists:
+        raise UserError(f"--resume: no run '{cfg.train.run_name}' in {store} to resume")
+    return store, run_dir, categories
+
+
+def checkpoint_metric(cfg: Config) -> tuple[str, str]:
+    """(metric, mode) by which the best K checkpoints are kept."""
+    if cfg.train.checkpoint_metric.startswith("val/") and not cfg.data.val_shards:
+        return "train/loss", "min"  # nothing to validate on: keep the lowest training loss
+    return cfg.train.checkpoint_metric, cfg.train.checkpoint_mode
+
+
+# ----------------------------------------------------------------------------- trainer
+def build_trainer(
+    cfg: Config,
+    store: str,
+    categories: list[dict],
+    mlflow_uri: str,
+    mlflow_run_id: str,
+    callbacks: list | None = None,
+    start_epoch: int = 0,
+):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ..data.dataset import build_train_dataset, train_data_config
+
+    metric, mode = checkpoint_metric(cfg)
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    loop_config = {
+        "config": cfg.to_dict(),
+        "categories": categories,
+        "mlflow_uri": mlflow_uri,
+        "mlflow_run_id": mlflow_run_id,
+        "val_shards": cfg.data.val_shards and os.path.abspath(cfg.data.val_shards),
+        "run_dir": storage.join(store, cfg.train.run_name),
+        "checkpoint_metric": metric,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.run_name,
+            storage_path=store,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=mode,
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks or None,
+        ),
+        datasets={"train": build_train_dataset(cfg.data.train_shards, cfg, start_epoch=start_epoch)},
+        dataset_config=train_data_config(),
+    )
+
+
+def _checkpoint_path(ckpt) -> str | None:
+    if ckpt is None:
+        return None
+    path = ckpt.path
+    fs = getattr(ckpt, "filesystem", None)
+    if fs is not None and type(fs).__name__ != "LocalFileSystem":
+        return f"{fs.type_name}://{path}"
+    return path
+
+
+def start_mlflow_run(cfg: Config, run_dir: str, mlflow_uri: str, resume: bool, tags: dict | None = None) -> RunLogger:
+    run_file = storage.join(run_dir, MLFLOW_RUN_FILE)
+    previous = (storage.read_text(run_file) or "").strip() if resume else None
+    if previous:
+        logger = RunLogger(mlflow_uri, previous)
+        logger.reopen()
+        return logger
+    logger = RunLogger.create(mlflow_uri, cfg.tracking.experiment, cfg.train.run_name, tags=tags)
+    logger.log_params(cfg.flat())
+    logger.log_text(cfg.to_yaml(), "config.yaml")
+    logger.set_tags({"run_dir": run_dir})
+    storage.write_text(run_file, logger.run_id)
+    return logger
+
+
+def run_training(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    mlflow_uri: str | None = None,
+) -> TrainOutcome:
+    """Validates, starts (or resumes) the run and blocks until it ends."""
+    import ray
+
+    store, run_dir, categories = check_run(cfg, resume)
+    uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
+    check_tracking_uri(uri)
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+    logger = start_mlflow_run(cfg, run_dir, uri, resume)
+    print(f"[train] run '{cfg.train.run_name}' in {run_dir}; MLflow run {logger.run_id} ({uri})", flush=True)
+    t0 = time.time()
+    progress = storage.read_json(storage.join(run_dir, PROGRESS_FILE)) if resume else None
+    start_epoch = progress["epoch"] + 1 if progress else 0
+    trainer = build_trainer(cfg, store, categories, uri, logger.run_id, start_epoch=start_epoch)
+    error: BaseException | None = None
+    try:
+        result = trainer.fit()
+        error = result.error
+    except Exception as e:  # noqa: BLE001 - recorded in MLflow, then re-raised
+        logger.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
+        logger.end("FAILED")
+        raise
+    metric, mode = checkpoint_metric(cfg)
+    best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
+    outcome = TrainOutcome(
+        run_dir=run_dir,
+        mlflow_uri=uri,
+        mlflow_run_id=logger.run_id,
+        metrics={k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        checkpoint=_checkpoint_path(result.checkpoint),
+        best_checkpoint=_checkpoint_path(best),
+        error=error,
+    )
+    logger.set_tags(
+        {
+            "checkpoint": outcome.checkpoint or "",
+            "best_checkpoint": outcome.best_checkpoint or "",
+            "train_seconds": f"{time.time() - t0:.1f}",
+        }
+    )
+    logger.end("FAILED" if error else "FINISHED")
+    print(f"[train] {'FAILED' if error else 'finished'}: checkpoint {outcome.checkpoint}", flush=True)
+    print(f"[train] best checkpoint ({metric}): {outcome.best_checkpoint}", flush=True)
+    print(f"[train] see the run in MLflow: {ui_command(uri)}", flush=True)
+    return outcome
+
+
+__all__ = ["TrainOutcome", "build_trainer", "check_run", "run_training", "start_mlflow_run"]
