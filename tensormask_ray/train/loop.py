@@ -189,15 +189,19 @@ def _checkpoint_and_report(cfg, model, optimizer, scaler, iteration, epoch, rank
     metrics.update(last_val)
     metric_key = loop_config["checkpoint_metric"]
     metrics.setdefault(metric_key, -math.inf if cfg.train.checkpoint_mode == "max" else math.inf)
+    # A deterministic folder name, so the path can travel with the metrics (Tune's results carry
+    # no Train checkpoint, and sweeps need to find each trial's checkpoints).
+    dir_name = f"checkpoint_{iteration:07d}"
+    metrics["checkpoint_path"] = storage.join(loop_config["run_dir"], dir_name)
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             save_training_state(
                 tmp, model, optimizer, iteration, epoch, cfg, categories,
                 scheduler={"iteration": iteration, "scaler": scaler.state_dict() if scaler.is_enabled() else {}},
             )  # fmt: skip
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name)
         storage.write_json(storage.join(loop_config["run_dir"], PROGRESS_FILE), {"iteration": iteration, "epoch": epoch})
     else:
-        ray.train.report(metrics)
+        ray.train.report(metrics, checkpoint_dir_name=dir_name)
     sys.stdout.flush()
     return last_val

@@ -125,6 +125,9 @@ def build_trainer(
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks or None,
+            # Plain prints from the workers (progress lines): Ray Train's print-to-logger patch
+            # would duplicate them and defeats pycocotools' silencing.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets={"train": build_train_dataset(cfg.data.train_shards, cfg, start_epoch=start_epoch)},
         dataset_config=train_data_config(),
