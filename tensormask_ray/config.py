@@ -113,6 +113,9 @@ class DataConfig:
 
 @dataclass
 class SolverConfig:
+    # "sgd" is the paper's (momentum, weight decay). "adamw" converges much faster for short
+    # from-scratch runs with random init (CPU demos, overfitting checks); use base_lr ~1e-3 with it.
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     base_lr: float = 0.02  # at a global batch of reference_batch_size, scaled linearly
     reference_batch_size: int = 16
     momentum: float = 0.9

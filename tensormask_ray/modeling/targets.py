@@ -70,7 +70,7 @@ def build_targets(
         cls_rows.append(cls_i)
         fg_rows.append(pos)
         win_boxes = []
-        for gi, (g, (h, w)) in enumerate(zip(groups, grids)):
+        for gi, (g, (_h, w)) in enumerate(zip(groups, grids)):
             start, end = a.offsets[gi], a.offsets[gi + 1]
             local = pos[start:end].nonzero(as_tuple=True)[0]
             if local.numel() == 0:

@@ -1,4 +1,4 @@
-"""The paper's optimisation schedule (§4.2): SGD, base LR 0.02 at a global batch of 16 scaled
+"""The paper's optimisation schedule (§4.2): SGD (AdamW as an option), base LR 0.02 at a global batch of 16 scaled
 linearly with the actual global batch, linear warm-up, step decay.
 
 The learning rate is a pure function of the iteration, so a run resumed from a checkpoint (after a
@@ -47,8 +47,10 @@ def scaled_lr(solver: SolverConfig, global_batch: int) -> float:
     return solver.base_lr * global_batch / solver.reference_batch_size
 
 
-def build_optimizer(model: torch.nn.Module, solver: SolverConfig, lr: float) -> torch.optim.SGD:
+def build_optimizer(model: torch.nn.Module, solver: SolverConfig, lr: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if solver.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=solver.weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=solver.momentum, weight_decay=solver.weight_decay)
 
 

@@ -1,0 +1,284 @@
+"""`tensormask-ray evaluate`: COCO mask and box AP of a checkpoint on a split with ground truth,
+or the result files of the COCO evaluation server for test-dev (no ground truth).
+
+    evaluate --checkpoint PATH --shards DIR --out DIR
+    evaluate --checkpoint PATH --coco-json instances.json --images-dir DIR --out DIR
+    evaluate --checkpoint PATH --split test-dev --image-info image_info_test-dev2017.json
+             (--images-dir DIR | --shards DIR) --out DIR [--name NAME]
+
+Writes into --out: predictions.jsonl (the streaming log; a rerun resumes from it), and then
+detections.json + metrics.json (with ground truth) or detections_test-dev2017_<name>_results.json
+and its .zip (test-dev). Metrics are printed as a table and logged to the checkpoint's MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+from .options import (
+    Progress,
+    add_execution_arguments,
+    add_model_arguments,
+    add_test_time_arguments,
+    check_execution,
+    inference_overrides,
+    report_failures,
+)
+
+SPLITS = ("val", "test-dev")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    g = parser.add_argument_group("data")
+    g.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="val",
+        help="val: any split with ground truth, AP computed; test-dev: result files for the "
+        "COCO server, no metric (default val)",
+    )
+    g.add_argument("--shards", metavar="DIR", help="Parquet shards folder (`data prepare`)")
+    g.add_argument(
+        "--coco-json",
+        metavar="FILE",
+        help="ground truth as a COCO instances JSON (with --images-dir)",
+    )
+    g.add_argument("--images-dir", metavar="DIR", help="folder of the JSON's file_name entries")
+    g.add_argument(
+        "--image-info",
+        metavar="FILE",
+        help="test-dev: the image-info JSON (image_info_test-dev2017.json); every image listed "
+        "must be processed",
+    )
+    g.add_argument(
+        "--name",
+        default="tensormask",
+        help="test-dev: the <name> in detections_test-dev2017_<name>_results.json",
+    )
+    g.add_argument(
+        "--max-images", type=int, default=0, metavar="N", help="val: the first N images only"
+    )
+    add_test_time_arguments(parser, None, "score threshold of the detections (paper: 0.05)")
+    add_execution_arguments(parser, default_actors=1)
+    o = parser.add_argument_group("output")
+    o.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    o.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again instead of resuming from the predictions already in --out",
+    )
+    o.add_argument("--no-mlflow", action="store_true", help="do not log the metrics to MLflow")
+    o.add_argument(
+        "--metric-prefix", default="eval", help="MLflow metric names: <prefix>/segm/AP, ..."
+    )
+
+
+def _check_data_arguments(args: argparse.Namespace) -> None:
+    if args.split == "test-dev":
+        if not args.image_info:
+            raise UserError(
+                "--split test-dev needs --image-info FILE (image_info_test-dev2017.json)"
+            )
+        if bool(args.shards) == bool(args.images_dir):
+            raise UserError("--split test-dev: give the images as --images-dir DIR or --shards DIR")
+        if args.coco_json or args.max_images:
+            raise UserError(
+                "--split test-dev takes no --coco-json or --max-images: every image counts"
+            )
+    else:
+        if args.image_info:
+            raise UserError(
+                "--image-info is for --split test-dev; ground truth is --coco-json or --shards"
+            )
+        if not args.shards and not (args.coco_json and args.images_dir):
+            raise UserError(
+                "give the data as --shards DIR, or --coco-json FILE with --images-dir DIR"
+            )
+        if args.images_dir and not args.coco_json:
+            raise UserError("--images-dir needs --coco-json (which images, and their ground truth)")
+        if args.shards and args.images_dir:
+            raise UserError("give the images as --shards or as --images-dir, not both")
+        if args.max_images < 0:
+            raise UserError(f"--max-images {args.max_images}: must be 0 (all) or more")
+    if args.metric_prefix.strip("/") != args.metric_prefix or not args.metric_prefix:
+        raise UserError(
+            f"--metric-prefix {args.metric_prefix!r}: a non-empty name without leading or trailing '/'"
+        )
+
+
+def _category_ids(
+    categories: list[dict], dataset_categories: list[dict], num_classes: int, where: str
+) -> list[int]:
+    """COCO id of each class index: the checkpoint's categories (those it was trained with),
+    checked against the data's."""
+    ids = [int(c["id"]) for c in categories] or sorted(int(c["id"]) for c in dataset_categories)
+    if len(ids) != num_classes:
+        raise UserError(
+            f"the checkpoint's model has {num_classes} classes but {len(ids)} categories "
+            f"({'checkpoint' if categories else where})"
+        )
+    known = {int(c["id"]) for c in dataset_categories}
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise UserError(
+            f"category ids {unknown} of the checkpoint are not among the categories of {where}"
+        )
+    return ids
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..tracking import resolve_tracking_uri
+    from ..train.checkpoint import load_model_for_inference
+    from .coco import evaluate_coco, format_metrics_table
+    from .ground_truth import coco_gt_from_json, coco_gt_from_shards
+    from .inference import (
+        LOG_NAME,
+        FileSource,
+        ModelSpec,
+        ResultLog,
+        ShardSource,
+        log_header,
+        run_inference,
+    )
+    from .runs import checkpoint_iteration, log_to_run, resolve_checkpoint
+    from .testdev import results_file_name, write_test_dev_results
+
+    _check_data_arguments(args)
+    check_execution(args)
+    overrides = inference_overrides(args)
+    if args.split == "test-dev":
+        results_file_name(args.name)  # a bad --name fails now, not after inference
+
+    # The model: loaded here once, so that a checkpoint not matching its config fails at once.
+    ref = resolve_checkpoint(
+        args.checkpoint, args.mlflow_run, args.best_of, args.mlflow_uri, args.sweep_storage
+    )
+    local = args.num_actors == 0
+    model, cfg, categories = load_model_for_inference(
+        ref.path, overrides, args.device if local else "cpu"
+    )
+    print(f"[evaluate] model {ref.path} ({ref.how})", file=sys.stderr)
+
+    # The data: ground truth (or the image-info file) and where the images are.
+    if args.split == "test-dev":
+        truth, where = coco_gt_from_json(args.image_info), args.image_info
+    elif args.coco_json:
+        truth, where = coco_gt_from_json(args.coco_json), args.coco_json
+    else:
+        truth, where = coco_gt_from_shards(args.shards), args.shards
+    source = (
+        ShardSource(args.shards) if args.shards else FileSource.from_coco(truth, args.images_dir)
+    )
+    image_ids = source.image_ids()
+    listed = set(truth.getImgIds())
+    strangers = set(image_ids) - listed
+    if strangers:
+        raise UserError(
+            f"{len(strangers)} images of {source.describe()} are not in {where}: {sorted(strangers)[:5]}"
+        )
+    if args.split == "test-dev" and listed - set(image_ids):
+        missing = sorted(listed - set(image_ids))
+        raise UserError(
+            f"{len(missing)} images of {where} are not in {source.describe()}: {missing[:5]}"
+        )
+    if args.max_images:
+        image_ids = image_ids[: args.max_images]
+    category_ids = _category_ids(
+        categories, truth.dataset["categories"], cfg.model.num_classes, where
+    )
+
+    # Inference, streamed into the log (resumed if the log is there).
+    spec = ModelSpec(ref.path, tuple(category_ids), tuple(overrides.items()), args.device)
+    out = Path(args.out)
+    with ResultLog(out / LOG_NAME, log_header(spec, cfg, source.describe()), args.overwrite) as log:
+        done_before = len(log.done_ids & set(image_ids))
+        if done_before:
+            print(
+                f"[evaluate] resuming: {done_before} of {len(image_ids)} images already done",
+                file=sys.stderr,
+            )
+        outcome = run_inference(
+            source, spec, log, image_ids,
+            num_actors=args.num_actors, batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
+            gpus_per_actor=1.0 if args.device == "cuda" else 0.0, strict=args.strict,
+            address=args.address, on_record=Progress("evaluate", len(image_ids), done_before),
+            loaded=(model, cfg) if local else None,
+        )  # fmt: skip
+        del model
+        report_failures("evaluate", outcome.failures)
+        if not outcome.done_ids:
+            raise UserError(f"no image of {source.describe()} could be processed")
+        done = sorted(outcome.done_ids)
+
+        uri = resolve_tracking_uri(args.mlflow_uri or cfg.tracking.mlflow_uri)
+        tags = {
+            f"{args.metric_prefix}/checkpoint": ref.path,
+            f"{args.metric_prefix}/data": source.describe(),
+        }
+        if args.split == "test-dev":
+            json_path, zip_path = write_test_dev_results(
+                log.iter_results(done), truth, out, args.name, processed_image_ids=done
+            )
+            print(
+                f"wrote {json_path}\nwrote {zip_path} (upload this to the COCO evaluation server)"
+            )
+            if not args.no_mlflow:
+                tags[f"{args.metric_prefix}/test-dev_results"] = str(zip_path.resolve())
+                log_to_run(ref, uri, {}, 0, tags, [])
+            return 0
+
+        results = list(log.iter_results(done))
+    detections_path = _write_json(out / "detections.json", results)
+    metrics = evaluate_coco(truth, results, image_ids=done)
+    table = format_metrics_table(metrics)
+    iteration = checkpoint_iteration(ref.path)
+    summary = {
+        "metrics": metrics,
+        "checkpoint": ref.path,
+        "iteration": iteration,
+        "data": source.describe(),
+        "ground_truth": str(where),
+        "num_images": len(done),
+        "num_detections": len(results),
+        "skipped_images": [
+            {"image_id": i, "file_name": name, "error": error}
+            for i, (name, error) in sorted(outcome.failures.items())
+        ],
+        "inference": {
+            **vars(cfg.inference),
+            "min_size_test": cfg.input.min_size_test,
+            "max_size_test": cfg.input.max_size_test,
+        },
+        "seconds": round(outcome.seconds, 3),
+        "images_per_second": round(outcome.images_per_second, 3),
+        "mlflow_run_id": None,
+    }
+    metrics_path = out / "metrics.json"
+    _write_json(metrics_path, summary)
+    print(f"COCO AP (%) on {len(done)} images of {source.describe()}:")
+    print(table)
+    print(f"wrote {detections_path} ({len(results)} detections) and {metrics_path}")
+    if not args.no_mlflow:
+        logged = {
+            f"{args.metric_prefix}/{key}": value for key, value in metrics.items() if value >= 0
+        }  # -1 (no ground truth of that size) is not a score
+        logged[f"{args.metric_prefix}/num_images"] = len(done)
+        run_id = log_to_run(ref, uri, logged, iteration or 0, tags, [metrics_path])
+        if run_id:
+            summary["mlflow_run_id"] = run_id
+            _write_json(metrics_path, summary)
+            print(f"logged to MLflow run {run_id} ({uri})")
+    return 0
+
+
+def _write_json(path: Path, value) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        json.dump(value, f)
+    tmp.replace(path)
+    return path
