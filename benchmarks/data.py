@@ -50,6 +50,7 @@ if str(ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
 
 import torch  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
+from results_md import RESULTS, write_section  # noqa: E402
 
 from tensormask_ray.config import Config, load_config  # noqa: E402
 from tensormask_ray.data import transforms  # noqa: E402
@@ -57,10 +58,6 @@ from tensormask_ray.data.coco_to_parquet import prepare  # noqa: E402
 from tensormask_ray.data.dataset import DataWaitMeter, build_train_dataset, iter_train_batches  # noqa: E402
 from tensormask_ray.data.manifest import CategoryMap  # noqa: E402
 from tensormask_ray.data.synth import make_synthetic_coco  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-BEGIN, END = "<!-- data -->", "<!-- /data -->"
-
 
 # ----------------------------------------------------------------------------- the baseline
 
@@ -291,24 +288,6 @@ def run(args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(block: str) -> None:
-    """Replaces the "## Data" section of RESULTS.md between its markers (other sections untouched)."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"## Data\n\n{BEGIN}\n{block}{END}\n"
-    if BEGIN in text and END in text:
-        start = text.index(BEGIN)
-        stop = text.index(END) + len(END)
-        head = text[:start]
-        if head.rstrip().endswith("## Data"):
-            head = head.rstrip()[: -len("## Data")]
-            text = head.rstrip() + "\n\n" + section + text[stop:].lstrip("\n")
-        else:
-            text = head + f"{BEGIN}\n{block}{END}" + text[stop:]
-    else:
-        text = text.rstrip() + "\n\n" + section
-    RESULTS.write_text(text if text.endswith("\n") else text + "\n")
-
-
 T0 = time.perf_counter()
 
 
@@ -336,7 +315,7 @@ def main() -> None:
     block = run(args)
     print("\n" + block)
     if args.write:
-        write_section(block)
+        write_section("Data", block)
         print(f"wrote the Data section of {RESULTS.relative_to(ROOT)}")
 
 

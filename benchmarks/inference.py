@@ -38,15 +38,14 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PYTHONPATH", str(ROOT))  # Ray workers import the project
 
+from results_md import RESULTS, write_section  # noqa: E402
+
 from tensormask_ray.config import load_config  # noqa: E402
 from tensormask_ray.data.transforms import preprocess_for_test  # noqa: E402
 from tensormask_ray.evaluation.coco import predictions_to_coco  # noqa: E402
 from tensormask_ray.modeling import build_model  # noqa: E402
 from tensormask_ray.modeling.postprocess import paste_masks, select_detections  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-HEADING = "## Inference"
-BEGIN, END = "<!-- inference -->", "<!-- /inference -->"
 STAGES = (
     "preprocess",
     "backbone+heads",
@@ -296,22 +295,8 @@ def main() -> None:
     block = "\n".join(lines) + "\n"
     print("\n" + block)
     if args.write:
-        write_section(block)
+        write_section("Inference", block)
         print(f"wrote the Inference section of {RESULTS.relative_to(ROOT)}")
-
-
-def write_section(block: str) -> None:
-    """Replaces the "## Inference" section of RESULTS.md between its markers, or appends it."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        text = (
-            text[: text.index(BEGIN)]
-            + f"{BEGIN}\n{block}{END}"
-            + text[text.index(END) + len(END) :]
-        )
-    else:
-        text = text.rstrip() + f"\n\n{HEADING}\n\n{BEGIN}\n{block}{END}\n"
-    RESULTS.write_text(text if text.endswith("\n") else text + "\n")
 
 
 if __name__ == "__main__":

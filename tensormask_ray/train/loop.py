@@ -166,11 +166,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
         epoch += 1
 
 
+def _peak_memory(cfg: Config) -> dict[str, float]:
+    """Peak resident memory (MiB) of the worker that uses the most, and its GPU peak: a collective,
+    called by every rank at the same point."""
+    import resource
+
+    import torch.distributed as dist
+
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
+    gpu = torch.tensor([torch.cuda.max_memory_allocated() / 2**20 if cfg.train.use_gpu else 0.0], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        both = torch.cat([peak, gpu])
+        if cfg.train.use_gpu:
+            both = both.cuda()
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        peak, gpu = both[:1].cpu(), both[1:].cpu()
+    out = {"train/peak_rss_mb_per_worker": float(peak)}
+    if cfg.train.use_gpu:
+        out["train/peak_gpu_mb_per_worker"] = float(gpu)
+    return out
+
+
 def _checkpoint_and_report(cfg, model, optimizer, scaler, iteration, epoch, rank, categories, logger, loop_config, last_val, loss):
     """Evaluate (rank 0, when due), write a checkpoint (rank 0), and report on every rank."""
     import ray.train
 
     metrics: dict[str, float] = {"iteration": iteration, "epoch": epoch, "train/loss": float(loss.detach())}
+    memory = _peak_memory(cfg)
+    metrics.update(memory)
+    if rank == 0 and logger is not None:
+        logger.log_metrics(memory, step=iteration)
     due = cfg.train.eval_period == 0 or iteration % cfg.train.eval_period == 0 or iteration == cfg.solver.max_iter
     if rank == 0 and loop_config.get("val_shards") and due:
         from ..evaluation.evaluator import evaluate_model
