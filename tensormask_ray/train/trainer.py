@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -174,6 +175,12 @@ def run_training(
     check_tracking_uri(uri)
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True)
+    if not sys.stdout.isatty():
+        # Ray Data's progress bars (from the split coordinator) become hundreds of log lines
+        # when the output is a file or a job log; the workers print their own progress.
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
     logger = start_mlflow_run(cfg, run_dir, uri, resume)
     print(f"[train] run '{cfg.train.run_name}' in {run_dir}; MLflow run {logger.run_id} ({uri})", flush=True)
     t0 = time.time()

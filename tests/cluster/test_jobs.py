@@ -239,8 +239,8 @@ def test_a_tiny_training_job_succeeds_and_its_run_is_in_mlflow(head, cli, shared
 
 @needs_sweep
 def test_a_tiny_sweep_succeeds_and_its_trials_are_in_mlflow(head, cli, shared, tmp_path):
-    # NOTE for the lead: the spec below follows the CLI contract only (`sweep SPEC.yaml`); align its
-    # keys with tensormask_ray/tune/spec.py when it lands.
+    # A spec in tensormask_ray/tune/spec.py's format; storage and MLflow come from the shared
+    # paths and the job's MLFLOW_TRACKING_URI, as on a real cluster.
     proj = tmp_path / "proj"
     (proj / "sweeps").mkdir(parents=True)
     (proj / "sweeps" / "tiny.yaml").write_text(

@@ -221,13 +221,7 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
-def test_best_of_waits_for_the_tune_package(tmp_path, synth_shards, capsys):
-    try:
-        import tensormask_ray.tune.results  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("tensormask_ray.tune.results exists: --best-of is tested with the sweeps")
-    rc = evaluate("--best-of", "my-sweep", "--shards", synth_shards, "--out", tmp_path)
+def test_best_of_an_unknown_sweep_is_a_clear_error(tmp_path, synth_shards, capsys):
+    rc = evaluate("--best-of", "my-sweep", "--sweep-storage", tmp_path, "--shards", synth_shards, "--out", tmp_path / "o")
     assert rc == 2
-    assert "tensormask_ray.tune.results.best_checkpoint" in capsys.readouterr().err
+    assert "no sweep 'my-sweep'" in capsys.readouterr().err

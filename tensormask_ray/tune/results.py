@@ -1,0 +1,151 @@
+"""Reading a sweep's results from its folder (no MLflow, no running Ray needed): one row per
+trial with its swept values, status, best metric and the checkpoint that scored it; the table
+`runs compare` prints; the PNG of the metric against each swept parameter; the best checkpoint
+(`runs best`, `evaluate --best-of`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..train import storage
+from .spec import SweepSpec, parse_spec
+from .trainable import TRIALS_DIR, trial_run_name
+
+SWEEP_FILE = "sweep.json"
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def load_sweep(name: str, storage_path: str = "runs") -> tuple[str, dict[str, Any], SweepSpec]:
+    """(sweep dir, sweep.json record, spec) of a sweep; a clear error if there is none."""
+    sweep_dir = storage.join(storage.absolute(storage_path), name)
+    path = storage.join(sweep_dir, SWEEP_FILE)
+    if not storage.exists(path):
+        raise UserError(f"no sweep '{name}' in {storage.absolute(storage_path)} (no {SWEEP_FILE}); pass --storage-path")
+    record = storage.read_json(path)
+    spec = parse_spec({k: v for k, v in record["spec"].items() if k != "source"}, record["spec"].get("source", path))
+    return sweep_dir, record, spec
+
+
+def _history(trial_path: str) -> list[dict[str, Any]]:
+    text = storage.read_text(storage.join(trial_path, "result.json")) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def trial_rows(name: str, storage_path: str = "runs") -> list[dict[str, Any]]:
+    """One dict per trial, best first: trial_id, params, status, stopped_early, iterations,
+    metric (the trial's best), checkpoint (the one that scored it), mlflow_run_id, metrics (the
+    reported metrics at that checkpoint)."""
+    from ray.tune import ExperimentAnalysis
+
+    sweep_dir, record, spec = load_sweep(name, storage_path)
+    max_iter = spec.scheduler.max_t or record["config"]["solver"]["max_iter"]
+    try:
+        analysis = ExperimentAnalysis(sweep_dir)
+    except Exception as e:  # noqa: BLE001 - Tune raises several types for a missing state
+        raise UserError(f"sweep '{name}' in {sweep_dir} has no Tune results yet ({e})") from e
+    sign = 1.0 if spec.mode == "max" else -1.0
+    rows = []
+    for trial in analysis.trials:
+        history = _history(trial.path)
+        scored = [h for h in history if _finite(h.get(spec.metric)) is not None]
+        best = max(scored, key=lambda h: sign * h[spec.metric]) if scored else None
+        last = history[-1] if history else {}
+        iterations = int(last.get("iteration", 0) or 0)
+        run_dir = storage.join(sweep_dir, TRIALS_DIR, trial_run_name(trial.trial_id))
+        run_id = (storage.read_text(storage.join(run_dir, "mlflow_run_id")) or "").strip() or None
+        rows.append(
+            {
+                "trial_id": trial.trial_id,
+                "params": {k: trial.config.get(k) for k in spec.search},
+                "status": trial.status,
+                "stopped_early": trial.status == "TERMINATED" and iterations < max_iter,
+                "iterations": iterations,
+                "metric": best[spec.metric] if best else None,
+                "checkpoint": (best or {}).get("checkpoint_path"),
+                "mlflow_run_id": run_id,
+                "metrics": {k: v for k, v in (best or last).items() if "/" in k and _finite(v) is not None},
+                "run_dir": run_dir,
+            }
+        )
+    rows.sort(key=lambda r: (r["metric"] is None, -sign * (r["metric"] or 0.0)))
+    return rows
+
+
+def best_checkpoint(sweep: str, *, storage_path: str = "runs") -> tuple[str | None, dict[str, Any]]:
+    """(checkpoint path, its metrics + mlflow_run_id + config overrides) of the sweep's best trial."""
+    rows = trial_rows(sweep, storage_path)
+    if not rows or rows[0]["metric"] is None:
+        return None, {}
+    best = rows[0]
+    return best["checkpoint"], {**best["metrics"], "mlflow_run_id": best["mlflow_run_id"], "trial_id": best["trial_id"]}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, dict):  # a variant: its keys, without their section
+        return ",".join(f"{k.rsplit('.', 1)[-1]}={_fmt(x)}" for k, x in v.items())
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ",".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def format_table(rows: list[dict[str, Any]], spec: SweepSpec) -> str:
+    """The trials as a fixed-width table, best first."""
+    keys = list(spec.search)
+    extra = [k for k in ("val/segm/AP", "val/segm/AP50", "val/segm/AP_L", "val/bbox/AP", "train/loss") if k != spec.metric]
+    extra = [k for k in extra if any(k in r["metrics"] for r in rows)]
+    header = ["#", "trial", *keys, spec.metric, *extra, "iters", "status"]
+    table = [header]
+    for i, r in enumerate(rows, 1):
+        status = "stopped early (ASHA)" if r["stopped_early"] else r["status"].lower()
+        metric = "-" if r["metric"] is None else _fmt(r["metric"])
+        table.append([str(i), r["trial_id"], *(_fmt(r["params"].get(k)) for k in keys), metric,
+                      *(_fmt(r["metrics"].get(k, "-")) for k in extra), str(r["iterations"]), status])  # fmt: skip
+    widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return f"sweep '{spec.name}': {len(rows)} trials, {spec.metric} ({spec.mode}), best first\n" + "\n".join(lines)
+
+
+def plot_metric(rows: list[dict[str, Any]], spec: SweepSpec, out: str | Path) -> Path:
+    """PNG: the metric against each swept parameter (one panel per parameter; ASHA-stopped
+    trials drawn hollow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(spec.search)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        values = [r["params"].get(key) for r in rows]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        labels = sorted({_fmt(v) for v in values}) if not numeric else None
+        for r, v in zip(rows, values):
+            if r["metric"] is None:
+                continue
+            x = v if numeric else labels.index(_fmt(v))
+            ax.scatter([x], [r["metric"]], s=46, facecolors="none" if r["stopped_early"] else "tab:blue",
+                       edgecolors="tab:blue")  # fmt: skip
+        if not numeric:
+            ax.set_xticks(range(len(labels)), labels, rotation=20)
+        elif min(values) > 0 and max(values) / min(values) > 50:  # e.g. learning rates
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(spec.metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"sweep '{spec.name}' ({len(rows)} trials; hollow: stopped early by ASHA)")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,276 @@
+"""Running a sweep: the Tuner over `trainable.run_trial`, its MLflow parent run, and resuming.
+
+A sweep lives in `<storage>/<name>/`: Tune's experiment state, `sweep.json` (the spec, the base
+config, the parent MLflow run) and `trials/trial-<id>/` (each trial's training run). After Tune
+returns, each trial's MLflow child run gets its final status: FINISHED, KILLED with the tag
+`tune.stopped_early=true` when ASHA stopped it, or FAILED.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Config
+from ..errors import UserError
+from ..tracking import RunLogger, check_tracking_uri, resolve_tracking_uri, ui_command
+from ..train import storage
+from .spec import SweepSpec, base_config, param_space, parse_spec
+from .trainable import TRIALS_DIR, run_trial, trial_run_name
+
+SWEEP_FILE = "sweep.json"
+TRIAL_CPU = 0.01  # the trial function only drives its TorchTrainer
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: str
+    mlflow_uri: str
+    parent_run_id: str
+    trials: list[dict[str, Any]]  # see results.trial_rows
+    interrupted: bool = False
+
+
+def _planned_trials(spec: SweepSpec) -> int:
+    """Trials the sweep will run: num_samples times the size of the grid."""
+    from .spec import space_of
+
+    n = spec.num_samples
+    for key, space in spec.search.items():
+        kind, values = space_of(key, space, spec.source)
+        if kind == "grid" or (kind == "choice" and spec.search_alg == "grid"):
+            n *= len(values)
+    return n
+
+
+def sweep_dir_of(storage_path: str, name: str) -> str:
+    return storage.join(storage.absolute(storage_path), name)
+
+
+def _context(spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent_run_id: str) -> dict[str, Any]:
+    resources = spec.resources
+    train_overrides: dict[str, Any] = {}
+    if resources.workers is not None:
+        train_overrides["train.num_workers"] = resources.workers
+    if resources.cpus_per_worker is not None:
+        train_overrides["train.cpus_per_worker"] = resources.cpus_per_worker
+    if resources.gpus_per_worker:
+        train_overrides["train.use_gpu"] = True
+    return {
+        "sweep": spec.name,
+        "config": cfg.to_dict(),
+        "sweep_dir": sweep_dir,
+        "mlflow_uri": uri,
+        "parent_run_id": parent_run_id,
+        "metric": spec.metric,
+        "mode": spec.mode,
+        "train_overrides": train_overrides,
+    }
+
+
+def _tuner(spec: SweepSpec, cfg: Config, context: dict[str, Any], restore_path: str | None = None):
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"CPU": TRIAL_CPU})
+    if restore_path:
+        return tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if spec.scheduler.type == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(
+            time_attr="iteration",
+            max_t=spec.scheduler.max_t or cfg.solver.max_iter,
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
+    else:
+        from ray.tune.schedulers import FIFOScheduler
+
+        scheduler = FIFOScheduler()
+    search_alg = None
+    if spec.search_alg == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:
+            raise UserError(f"sweep spec {spec.source}: search_alg optuna needs `pip install optuna` ({e})") from e
+        search_alg = OptunaSearch(seed=spec.seed)
+    elif spec.seed is not None:
+        from ray.tune.search import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=spec.seed)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            scheduler=scheduler,
+            search_alg=search_alg,
+            num_samples=spec.num_samples,
+            max_concurrent_trials=spec.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=os.path.dirname(context["sweep_dir"]),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            verbose=1,
+        ),
+    )
+
+
+def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
+    run_trial(params, context)
+
+
+def _ray_init(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        if address and address != "local":
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # A local Ray: logical CPUs above the physical count leave room for Ray Data beside
+            # the trials' fractional-CPU Train workers on a small machine (../shared/NOTES.md).
+            ray.init(address=address or None, num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
+    if not sys.stdout.isatty():
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def run_sweep(
+    spec: SweepSpec,
+    overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    storage_path: str | None = None,
+    mlflow_uri: str | None = None,
+    address: str | None = None,
+) -> SweepOutcome:
+    """Checks everything, starts the sweep and blocks until every trial has ended."""
+    cfg = base_config(spec, overrides)
+    root = storage_path or cfg.train.storage_path
+    sweep_dir = sweep_dir_of(root, spec.name)
+    if storage.exists(storage.join(sweep_dir, SWEEP_FILE)):
+        raise UserError(
+            f"sweep '{spec.name}' already exists in {storage.absolute(root)}: resume it with "
+            f"`tensormask-ray sweep --resume {spec.name}`, or give the new one another name (--name)"
+        )
+    from ..train.trainer import check_run
+
+    check_run(cfg, resume=False)  # shards, categories: before Ray starts
+    uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
+    check_tracking_uri(uri)
+    parent = RunLogger.create(uri, cfg.tracking.experiment, spec.name, tags={"sweep": spec.name, "sweep_dir": sweep_dir})
+    parent.log_params({f"search.{k}": json.dumps(v) for k, v in spec.search.items()})
+    parent.log_params({"metric": spec.metric, "mode": spec.mode, "scheduler": spec.scheduler.type, "search_alg": spec.search_alg, "num_samples": spec.num_samples})
+    parent.log_text(json.dumps(spec.to_dict(), indent=2, default=str), "sweep_spec.json")
+    parent.log_text(cfg.to_yaml(), "base_config.yaml")
+    record = {"spec": spec.to_dict(), "config": cfg.to_dict(), "mlflow_uri": uri, "parent_run_id": parent.run_id}
+    storage.write_json(storage.join(sweep_dir, SWEEP_FILE), record)
+    print(f"[sweep] '{spec.name}' in {sweep_dir}; MLflow parent run {parent.run_id} ({uri})", flush=True)
+    _ray_init(address)
+    context = _context(spec, cfg, sweep_dir, uri, parent.run_id)
+    return _fit(_tuner(spec, cfg, context), spec, cfg, sweep_dir, uri, parent)
+
+
+def resume_sweep(name: str, *, storage_path: str = "runs", address: str | None = None) -> SweepOutcome:
+    """Continues an interrupted sweep (Tuner.restore): finished trials are kept, unfinished and
+    errored ones run again (their training runs resume from their latest checkpoints)."""
+    from ray import tune
+
+    from ..config import from_dict
+
+    sweep_dir = sweep_dir_of(storage_path, name)
+    record = storage.read_json(storage.join(sweep_dir, SWEEP_FILE)) if storage.exists(storage.join(sweep_dir, SWEEP_FILE)) else None
+    if record is None:
+        raise UserError(f"--resume: no sweep '{name}' in {storage.absolute(storage_path)} (no {SWEEP_FILE})")
+    if not tune.Tuner.can_restore(sweep_dir):
+        raise UserError(f"--resume: sweep '{name}' in {sweep_dir} has no Tune state to restore (it never started)")
+    spec = parse_spec({k: v for k, v in record["spec"].items() if k != "source"}, record["spec"].get("source", SWEEP_FILE))
+    cfg = from_dict(record["config"])
+    uri = record["mlflow_uri"]
+    check_tracking_uri(uri)
+    parent = RunLogger(uri, record["parent_run_id"])
+    parent.reopen()
+    print(f"[sweep] resuming '{name}' in {sweep_dir}; MLflow parent run {parent.run_id}", flush=True)
+    _ray_init(address)
+    context = _context(spec, cfg, sweep_dir, uri, parent.run_id)
+    return _fit(_tuner(spec, cfg, context, restore_path=sweep_dir), spec, cfg, sweep_dir, uri, parent)
+
+
+def _fit(tuner, spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent: RunLogger) -> SweepOutcome:
+    from .results import trial_rows
+
+    t0 = time.time()
+    try:
+        tuner.fit()
+    except BaseException as e:
+        parent.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
+        parent.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    rows = trial_rows(spec.name, storage_path=os.path.dirname(sweep_dir))
+    _finish_trial_runs(rows, uri)
+    from .results import format_table
+
+    unfinished = [r for r in rows if r["status"] not in ("TERMINATED", "ERROR")]
+    if unfinished or len(rows) < _planned_trials(spec):
+        # Interrupted (Ctrl-C, SIGINT, SIGTERM): Tune saved its state; nothing is lost.
+        parent.set_tags({"interrupted": "true"})
+        parent.end("KILLED")
+        print(format_table(rows, spec), flush=True)
+        print(f"[sweep] interrupted with {len(unfinished)} trial(s) unfinished; continue with "
+              f"`tensormask-ray sweep --resume {spec.name} --storage-path {os.path.dirname(sweep_dir)}`", flush=True)  # fmt: skip
+        return SweepOutcome(sweep_dir, uri, parent.run_id, rows, interrupted=True)
+    best = rows[0] if rows and rows[0]["metric"] is not None else None
+    ok = all(r["status"] != "ERROR" for r in rows)
+    parent.set_tags(
+        {
+            "best_trial": best["trial_id"] if best else "",
+            "best_checkpoint": (best or {}).get("checkpoint") or "",
+            "sweep_seconds": f"{time.time() - t0:.1f}",
+        }
+    )
+    if best:
+        parent.log_metrics({f"best/{spec.metric}": best["metric"]}, step=0)
+    parent.end("FINISHED" if ok else "FAILED")
+    print(format_table(rows, spec), flush=True)
+    print(f"[sweep] see the sweep in MLflow: {ui_command(uri)}", flush=True)
+    return SweepOutcome(sweep_dir, uri, parent.run_id, rows)
+
+
+def _finish_trial_runs(rows: list[dict[str, Any]], uri: str) -> None:
+    """Final status of each trial's MLflow child run, as seen from the driver (a trial stopped by
+    ASHA never gets to close its own run)."""
+    from ..tracking import get_run
+
+    for row in rows:
+        run_id = row.get("mlflow_run_id")
+        if not run_id:
+            continue
+        logger = RunLogger(uri, run_id)
+        if row["status"] not in ("TERMINATED", "ERROR"):  # interrupted: reopened on --resume
+            logger.set_tags({"tune.status": row["status"]})
+            logger.end("KILLED")
+            continue
+        if row["status"] == "ERROR":
+            logger.set_tags({"tune.status": "ERROR"})
+            logger.end("FAILED")
+        elif row["stopped_early"]:
+            logger.set_tags({"tune.stopped_early": "true", "tune.status": "STOPPED", "status": "STOPPED_EARLY"})
+            logger.end("KILLED")
+        else:
+            logger.set_tags({"tune.stopped_early": "false", "tune.status": "TERMINATED"})
+            if get_run(uri, run_id).info.status == "RUNNING":
+                logger.end("FINISHED")
+        if row.get("checkpoint"):
+            logger.set_tags({"best_checkpoint": row["checkpoint"]})
+        if row["metric"] is not None and math.isfinite(row["metric"]):
+            logger.set_tags({"tune.metric": f"{row['metric']:.6g}"})
+
+
+__all__ = ["SweepOutcome", "TRIALS_DIR", "resume_sweep", "run_sweep", "sweep_dir_of", "trial_run_name"]

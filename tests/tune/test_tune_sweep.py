@@ -1,0 +1,169 @@
+"""A 4-trial smoke sweep on CPU, run the way a user runs it: `tensormask-ray sweep` is interrupted
+(SIGINT) once its first trial has finished, then `tensormask-ray sweep --resume` completes it.
+The finished sweep is then checked: ASHA stopped trials early, MLflow holds the parent run and 4
+child runs with params, metrics and statuses, `runs compare` prints the table and writes the PNG,
+and the best checkpoint (`runs best`, `evaluate --best-of`) loads and evaluates."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_ITER = 12
+NAME = "smoke-test"
+
+
+def _spec(shards: Path) -> dict:
+    return {
+        "name": NAME,
+        "preset": "cpu-small",
+        "config": {
+            "model": {"num_classes": 4},
+            "data": {"train_shards": str(shards), "batch_size_per_worker": 1},
+            "input": {"min_size_train": [128, 160], "max_size_train": 160, "min_size_test": 160, "max_size_test": 160},
+            "solver": {"optimizer": "adamw", "base_lr": 0.001, "max_iter": MAX_ITER, "warmup_iters": 1, "steps": []},
+            "train": {"checkpoint_period": 4, "log_period": 4, "keep_checkpoints": 1},
+        },
+        # One trial at a time, so ASHA compares each trial at iterations 4 and 8 with those
+        # before it; the first trial has a working learning rate, so a hopeless one (1e-7) is
+        # always below the rung's cut-off.
+        "search": {"loss.mask_fg_weight": {"grid": [1.5, 1.0]}, "solver.base_lr": {"grid": [1e-3, 1e-7]}},
+        "metric": "train/loss",
+        "mode": "min",
+        "scheduler": {"type": "asha", "grace_period": 4, "reduction_factor": 2},
+        "resources": {"workers": 1, "cpus_per_worker": 0.5},
+        "max_concurrent_trials": 1,
+        "max_failures": 1,
+    }
+
+
+def _env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tensormask_ray.cli", *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, synth_shards):
+    work = tmp_path_factory.mktemp("sweep")
+    spec = work / "smoke.yaml"
+    spec.write_text(yaml.safe_dump(_spec(synth_shards)))
+    storage, uri = work / "runs", f"sqlite:///{work / 'mlflow.db'}"
+    common = ["--storage-path", str(storage), "--mlflow-uri", uri, "--address", "local"]
+    trials = storage / NAME / "trials"
+
+    # 1. start, and interrupt once the first trial has finished and the second has begun
+    log = open(work / "first.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tensormask_ray.cli", "sweep", str(spec), *common],
+                            cwd=work, env=_env(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        started = sorted(trials.glob("trial-*")) if trials.is_dir() else []
+        done = [t for t in started if (t / f"checkpoint_{MAX_ITER:07d}").is_dir()]
+        if done and len(started) >= 2:
+            break
+        time.sleep(1)
+    assert proc.poll() is None, (work / "first.log").read_text()[-3000:]
+    proc.send_signal(signal.SIGINT)
+    first_rc = proc.wait(timeout=180)
+    log.close()
+    first_log = (work / "first.log").read_text()
+    first_trial = done[0].name
+
+    # 2. resume
+    resumed = _cli("sweep", "--resume", NAME, "--storage-path", str(storage), "--address", "local", cwd=work)
+    return {"work": work, "storage": storage, "uri": uri, "first_rc": first_rc, "first_log": first_log,
+            "first_trial": first_trial, "resumed": resumed, "trials": trials}  # fmt: skip
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
+    assert sweep["first_rc"] == 130, sweep["first_log"][-3000:]
+    assert f"--resume {NAME}" in sweep["first_log"]
+    r = sweep["resumed"]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = sorted(sweep["trials"].glob("trial-*"))
+    assert len(runs) == 4
+    starts = {p.name: len((p / "trial_starts.log").read_text().split()) for p in runs}
+    assert starts[sweep["first_trial"]] == 1, starts  # the finished trial did not run again
+    assert sum(starts.values()) == 5, starts  # only the interrupted one started twice
+
+
+def test_asha_stops_trials_early_and_the_table_shows_it(sweep):
+    from tensormask_ray.tune.results import trial_rows
+
+    rows = trial_rows(NAME, storage_path=str(sweep["storage"]))
+    assert len(rows) == 4 and all(r["status"] == "TERMINATED" for r in rows)
+    stopped = [r for r in rows if r["stopped_early"]]
+    assert all(r["iterations"] < MAX_ITER for r in stopped)
+    hopeless = [r for r in rows if r["params"]["solver.base_lr"] == 1e-7]
+    assert len(hopeless) == 2 and all(r["stopped_early"] for r in hopeless)
+    full = [r for r in rows if not r["stopped_early"]]
+    assert full and all(r["iterations"] == MAX_ITER and r["params"]["solver.base_lr"] == 1e-3 for r in full)
+    assert rows[0]["params"]["solver.base_lr"] == 1e-3  # best first (train/loss, min)
+    assert [r["metric"] for r in rows] == sorted(r["metric"] for r in rows)
+
+    out = sweep["work"] / "compare.png"
+    r = _cli("runs", "compare", NAME, "--storage-path", str(sweep["storage"]), "--out", str(out), cwd=sweep["work"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("stopped early (ASHA)") == len(stopped)
+    for row in rows:
+        assert row["trial_id"] in r.stdout
+    assert r.stdout.index(rows[0]["trial_id"]) < r.stdout.index(rows[-1]["trial_id"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_mlflow_holds_the_parent_and_four_child_runs(sweep):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=sweep["uri"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=100)
+    parents = [r for r in runs if r.info.run_name == NAME]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert "search.solver.base_lr" in parent.data.params and parent.data.tags["best_checkpoint"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4
+    for child in children:
+        assert child.data.params["sweep.solver.base_lr"] in ("0.001", "1e-07")
+        assert child.data.params["model.mask_head"] == "bipyramid"  # the full config
+        history = client.get_metric_history(child.info.run_id, "train/loss")
+        assert len(history) >= 1
+        early = child.data.tags.get("tune.stopped_early") == "true"
+        assert child.info.status == ("KILLED" if early else "FINISHED")
+        assert child.data.tags["best_checkpoint"].endswith(tuple(f"checkpoint_{i:07d}" for i in range(1, MAX_ITER + 1)))
+    assert sum(c.data.tags.get("tune.stopped_early") == "true" for c in children) >= 1
+
+
+def test_the_best_checkpoint_loads_and_evaluates(sweep, synth_shards):
+    from tensormask_ray.train.checkpoint import load_model_for_inference
+
+    r = _cli("runs", "best", NAME, "--storage-path", str(sweep["storage"]), cwd=sweep["work"])
+    assert r.returncode == 0, r.stderr
+    path = next(line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith("checkpoint: "))
+    assert "solver.base_lr=0.001" in r.stdout and "mask_head: bipyramid" in r.stdout
+    model, cfg, categories = load_model_for_inference(path)
+    assert cfg.solver.base_lr == 1e-3 and len(categories) == 4
+
+    out = sweep["work"] / "eval"
+    r = _cli("evaluate", "--best-of", NAME, "--sweep-storage", str(sweep["storage"]), "--shards", str(synth_shards),
+             "--max-images", "4", "--num-actors", "0", "--out", str(out), "--mlflow-uri", sweep["uri"], cwd=sweep["work"])  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "segm/AP" in json.dumps(metrics) and "bbox/AP" in json.dumps(metrics)
