@@ -55,15 +55,18 @@ def synthetic_batch(n: int, h: int, w: int, seed: int = 0):
     return images, targets
 
 
-def timeit(fn, repeats: int, warmup: int = 1) -> float:
+def timeit_pair(fa, fb, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Medians of fa and fb timed alternately, so that other load on the machine hits both alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        fa()
+        fb()
+    ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, out in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def tensormask(size: int):
@@ -100,9 +103,8 @@ def main() -> None:
     tm.eval()
     mr.eval()
     with torch.inference_mode():
-        tm_inf = timeit(lambda: tm(norm[:1], image_sizes=[(h, w)]), args.repeats)
+        tm_inf, mr_inf = timeit_pair(lambda: tm(norm[:1], image_sizes=[(h, w)]), lambda: mr([images[0]]), args.repeats)
         n_tm = tm(norm[:1], image_sizes=[(h, w)])[0]["scores"].numel()
-        mr_inf = timeit(lambda: mr([images[0]]), args.repeats)
         n_mr = mr([images[0]])[0]["scores"].numel()
 
     tm.train()
@@ -117,8 +119,7 @@ def main() -> None:
         loss = sum(mr(list(images), mr_targets).values())
         loss.backward()
 
-    tm_train = timeit(tm_step, max(2, args.repeats // 2))
-    mr_train = timeit(mr_step, max(2, args.repeats // 2))
+    tm_train, mr_train = timeit_pair(tm_step, mr_step, max(2, args.repeats // 2))
 
     cpu = subprocess.run(["bash", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'"], capture_output=True, text=True).stdout.strip()
     rows = [
@@ -133,7 +134,7 @@ def main() -> None:
     text = "\n".join(
         [
             f"Command: `python benchmarks/model.py --repeats {args.repeats} --size {h} --width {w}` "
-            f"(images {h}x{w}, random weights, median of repeats, one process).",
+            f"(images {h}x{w}, random weights, median of repeats timed alternately, one process).",
             f"Machine: {cpu or platform.processor()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"torch threads {torch.get_num_threads()}.",
             "",

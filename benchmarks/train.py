@@ -97,7 +97,7 @@ def main() -> None:
         coco = make_synthetic_coco(work / "coco", args.num_images, args.image_size, seed=0)
         shards = work / "shards"
         prepare(coco.json, coco.images_dir, shards, shard_size=16, workers=1, progress=False)
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=False)
         results = {w: measure(w, shards, work, args.iterations, args.use_gpu) for w in args.workers}
         ray.shutdown()
 
