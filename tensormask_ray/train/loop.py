@@ -106,6 +106,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     marker = storage.join(loop_config["run_dir"], FAILURE_MARKER)
     last_val: dict[str, float] = {}
     window = {"wait": 0.0, "step": 0.0, "images": 0, "n": 0, "losses": {}}
+    since_report = [0.0, 0]  # summed loss and iterations since the last report
 
     while iteration < max_iter:
         batches = iter(iter_train_batches(shard, batch_size, cfg, epoch=epoch))
@@ -144,6 +145,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window["n"] += 1
             for k, v in losses.items():
                 window["losses"][k] = window["losses"].get(k, 0.0) + float(v.detach())
+            since_report[0] += float(loss.detach())
+            since_report[1] += 1
 
             if rank == 0 and (iteration % cfg.train.log_period == 0 or iteration == max_iter):
                 n = window["n"]
@@ -161,8 +164,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
             if iteration % cfg.train.checkpoint_period == 0 or iteration == max_iter:
                 last_val = _checkpoint_and_report(
-                    cfg, model, optimizer, scaler, iteration, epoch, rank, categories, logger, loop_config, last_val, loss
+                    cfg, model, optimizer, scaler, iteration, epoch, rank, categories, logger, loop_config, last_val, since_report[0] / max(since_report[1], 1)
                 )
+                since_report = [0.0, 0]
         epoch += 1
 
 
@@ -187,11 +191,13 @@ def _peak_memory(cfg: Config) -> dict[str, float]:
     return out
 
 
-def _checkpoint_and_report(cfg, model, optimizer, scaler, iteration, epoch, rank, categories, logger, loop_config, last_val, loss):
-    """Evaluate (rank 0, when due), write a checkpoint (rank 0), and report on every rank."""
+def _checkpoint_and_report(cfg, model, optimizer, scaler, iteration, epoch, rank, categories, logger, loop_config, last_val, mean_loss):
+    """Evaluate (rank 0, when due), write a checkpoint (rank 0), and report on every rank.
+    `mean_loss`: this rank's training loss averaged over the iterations since the last report
+    (what schedulers such as ASHA compare: a single batch's loss is too noisy)."""
     import ray.train
 
-    metrics: dict[str, float] = {"iteration": iteration, "epoch": epoch, "train/loss": float(loss.detach())}
+    metrics: dict[str, float] = {"iteration": iteration, "epoch": epoch, "train/loss": float(mean_loss)}
     memory = _peak_memory(cfg)
     metrics.update(memory)
     if rank == 0 and logger is not None:
