@@ -281,9 +281,8 @@ def run(args) -> str:
         f"- Ray Data path >= 0.8x the DataLoader's rate: {verdict}: {ratio:.2f}x "
         f"({ray_rate:.1f} vs {dl_rate:.1f} img/s; over whole epochs, start-up included: "
         f"{ray_epoch / dl_epoch:.2f}x)",
-        "- Data wait < 5% of step time in a short training run: measured with the training loop "
-        "(`measure_data_wait` in benchmarks/data.py / `DataWaitMeter` in tensormask_ray/data/dataset.py "
-        "is the hook); the figure comes with the training issue, not from this script.",
+        "- Data wait < 5% of step time in a short training run: measured by `benchmarks/train.py` "
+        "in real Ray Train runs (see its \"Training\" section), not by this script.",
     ]
     return "\n".join(lines) + "\n"
 

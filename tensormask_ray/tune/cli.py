@@ -36,14 +36,14 @@ def pin_searched_keys(spec, overrides: list[str]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .spec import load_spec
+    from .spec import load_spec, validate_spec
     from .sweep import resume_sweep, run_sweep
 
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     if args.resume:
         if args.spec or args.overrides:
             raise UserError("--resume NAME takes no spec or overrides: the sweep keeps its own")
-        outcome = resume_sweep(args.resume, storage_path=args.storage_path or "runs", address=address)
+        outcome = resume_sweep(args.resume, storage_path=args.storage_path or "runs", address=address, mlflow_uri=args.mlflow_uri)
     else:
         if not args.spec:
             raise UserError("give a sweep spec (e.g. sweeps/smoke.yaml), or --resume NAME")
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         if args.name:
             spec = dataclasses.replace(spec, name=args.name)
         spec = pin_searched_keys(spec, args.overrides)
+        validate_spec(spec)
         outcome = run_sweep(spec, args.overrides, storage_path=args.storage_path, mlflow_uri=args.mlflow_uri, address=address)
     if outcome.interrupted:
         return 130

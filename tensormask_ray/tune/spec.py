@@ -25,6 +25,8 @@ value the config rejects is an error naming the key.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,27 +132,60 @@ def load_spec(path: str | Path) -> SweepSpec:
     return spec
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_types(spec: SweepSpec) -> None:
+    """Each field's type, named: a string where a number belongs fails here, not inside Ray."""
+    src = spec.source
+    checks = [
+        ("preset", spec.preset, lambda v: v is None or (isinstance(v, str) and v), "a preset name such as cpu-small"),
+        ("base", spec.base, lambda v: v is None or (isinstance(v, str) and v), "the path of a config YAML file"),
+        ("config", spec.config, lambda v: isinstance(v, dict), "a mapping of config sections"),
+        ("metric", spec.metric, lambda v: isinstance(v, str) and v, "a metric name such as val/segm/AP"),
+        ("search_alg", spec.search_alg, lambda v: isinstance(v, str), "random, grid or optuna"),
+        ("num_samples", spec.num_samples, lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+        ("max_concurrent_trials", spec.max_concurrent_trials, lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+        ("max_failures", spec.max_failures, lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+        ("seed", spec.seed, lambda v: v is None or _integer(v), "an integer"),
+        ("scheduler.type", spec.scheduler.type, lambda v: v in ("asha", "fifo"), "asha or fifo"),
+        ("scheduler.grace_period", spec.scheduler.grace_period, lambda v: _integer(v) and v >= 1, "an integer >= 1 (iterations)"),
+        ("scheduler.reduction_factor", spec.scheduler.reduction_factor, lambda v: _number(v) and v > 1, "a number > 1"),
+        ("scheduler.max_t", spec.scheduler.max_t, lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1 (iterations)"),
+        ("resources.workers", spec.resources.workers, lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
+        ("resources.cpus_per_worker", spec.resources.cpus_per_worker, lambda v: v is None or (_number(v) and v > 0), "a number > 0"),
+        ("resources.gpus_per_worker", spec.resources.gpus_per_worker, lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ]  # fmt: skip
+    for key, value, ok, expected in checks:
+        if not ok(value):
+            raise SpecError(f"sweep spec {src}: '{key}' must be {expected}, got {value!r}")
+    if spec.scheduler.max_t is not None and spec.scheduler.max_t < spec.scheduler.grace_period:
+        raise SpecError(f"sweep spec {src}: 'scheduler.max_t' ({spec.scheduler.max_t}) is below 'scheduler.grace_period'")
+
+
+def validate_spec(spec: SweepSpec) -> None:
+    """Every check that needs neither Ray nor the data (parse_spec runs it; run it again after
+    changing a spec, e.g. its name)."""
+    _check(spec)
+
+
 def _check(spec: SweepSpec) -> None:
     src = spec.source
     if not isinstance(spec.name, str) or not spec.name or "/" in spec.name or spec.name.startswith("."):
         raise SpecError(f"sweep spec {src}: 'name' must be a plain folder name, got {spec.name!r}")
+    _check_types(spec)
     if spec.mode not in ("max", "min"):
         raise SpecError(f"sweep spec {src}: 'mode' must be max or min, got {spec.mode!r}")
-    if not isinstance(spec.metric, str) or not spec.metric:
-        raise SpecError(f"sweep spec {src}: 'metric' must be a metric name such as val/segm/AP")
-    if spec.scheduler.type not in ("asha", "fifo"):
-        raise SpecError(f"sweep spec {src}: 'scheduler.type' must be asha or fifo, got {spec.scheduler.type!r}")
-    if spec.scheduler.grace_period < 1 or spec.scheduler.reduction_factor <= 1:
-        raise SpecError(f"sweep spec {src}: 'scheduler.grace_period' must be >= 1 and 'scheduler.reduction_factor' > 1")
     if spec.search_alg not in ("random", "grid", "optuna"):
         raise SpecError(f"sweep spec {src}: 'search_alg' must be random, grid or optuna, got {spec.search_alg!r}")
-    for key in ("num_samples", "max_concurrent_trials"):
-        if not isinstance(getattr(spec, key), int) or getattr(spec, key) < 1:
-            raise SpecError(f"sweep spec {src}: '{key}' must be an integer >= 1")
-    if not isinstance(spec.max_failures, int) or spec.max_failures < 0:
-        raise SpecError(f"sweep spec {src}: 'max_failures' must be an integer >= 0")
-    if spec.resources.workers is not None and spec.resources.workers < 1:
-        raise SpecError(f"sweep spec {src}: 'resources.workers' must be >= 1")
+    if spec.search_alg == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise SpecError(f"sweep spec {src}: 'search_alg' optuna needs the optuna package (`pip install optuna`), "
+                        "which is not installed; use random or grid")  # fmt: skip
     if not isinstance(spec.search, dict) or not spec.search:
         raise SpecError(f"sweep spec {src}: 'search' must map config keys to spaces, and not be empty")
     keys = set(known_keys())
@@ -221,7 +256,31 @@ def base_config(spec: SweepSpec, overrides: list[str] | dict[str, Any] | None = 
                 apply_overrides(cfg, trial_overrides({key: value})).validate()
             except ConfigError as e:
                 raise SpecError(f"sweep spec {spec.source}: 'search.{key}' value {value!r}: {e}") from e
+    _check_combinations(spec, cfg)
     return cfg
+
+
+MAX_PROBED_COMBINATIONS = 256
+
+
+def _check_combinations(spec: SweepSpec, cfg: Config) -> None:
+    """Values that pass alone can clash together (a natural head at lambda 5 needs windows that
+    5 divides): when the listed values make at most MAX_PROBED_COMBINATIONS trials, each
+    combination (ranges at their low end) is applied to the config."""
+    keys, choices = [], []
+    for key, space in spec.search.items():
+        kind, values = space_of(key, space, spec.source)
+        keys.append(key)
+        choices.append(values if kind in ("choice", "grid") else [values[0]])
+    if math.prod(len(c) for c in choices) > MAX_PROBED_COMBINATIONS:
+        return
+    for combo in itertools.product(*choices):
+        params = dict(zip(keys, combo))
+        try:
+            apply_overrides(cfg, trial_overrides(params)).validate()
+        except ConfigError as e:
+            named = ", ".join(f"search.{k}={v!r}" for k, v in params.items())
+            raise SpecError(f"sweep spec {spec.source}: the trial {named} is not a valid config: {e}") from e
 
 
 def trial_overrides(params: dict[str, Any]) -> dict[str, Any]:

@@ -18,12 +18,12 @@ from typing import Any
 
 from ..config import Config
 from ..errors import UserError
-from ..tracking import RunLogger, check_tracking_uri, resolve_tracking_uri, ui_command
+from ..tracking import RunLogger, check_tracking_uri, get_run, resolve_tracking_uri, ui_command
 from ..train import storage
+from .results import SWEEP_FILE
 from .spec import SweepSpec, base_config, param_space, parse_spec
 from .trainable import TRIALS_DIR, run_trial, trial_run_name
 
-SWEEP_FILE = "sweep.json"
 TRIAL_CPU = 0.01  # the trial function only drives its TorchTrainer
 
 
@@ -80,9 +80,9 @@ def _tuner(spec: SweepSpec, cfg: Config, context: dict[str, Any], restore_path: 
     if restore_path:
         return tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     if spec.scheduler.type == "asha":
-        from ray.tune.schedulers import ASHAScheduler
+        from .scheduler import ResumableASHA
 
-        scheduler = ASHAScheduler(
+        scheduler = ResumableASHA(
             time_attr="iteration",
             max_t=spec.scheduler.max_t or cfg.solver.max_iter,
             grace_period=spec.scheduler.grace_period,
@@ -160,13 +160,20 @@ def run_sweep(
             f"sweep '{spec.name}' already exists in {storage.absolute(root)}: resume it with "
             f"`tensormask-ray sweep --resume {spec.name}`, or give the new one another name (--name)"
         )
+    if spec.metric.startswith("val/") and not cfg.data.val_shards:
+        raise UserError(
+            f"sweep spec {spec.source}: 'metric' {spec.metric} needs validation data: give "
+            "data.val_shards=DIR (on the command line or in the spec's config), or use metric: train/loss"
+        )
     from ..train.trainer import check_run
 
     check_run(cfg, resume=False)  # shards, categories: before Ray starts
     uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
     check_tracking_uri(uri)
     parent = RunLogger.create(uri, cfg.tracking.experiment, spec.name, tags={"sweep": spec.name, "sweep_dir": sweep_dir})
+    # Params: the search space (`search.<key>`, as JSON) and the base config (its dotted keys).
     parent.log_params({f"search.{k}": json.dumps(v) for k, v in spec.search.items()})
+    parent.log_params(cfg.flat())
     parent.log_params({"metric": spec.metric, "mode": spec.mode, "scheduler": spec.scheduler.type, "search_alg": spec.search_alg, "num_samples": spec.num_samples})
     parent.log_text(json.dumps(spec.to_dict(), indent=2, default=str), "sweep_spec.json")
     parent.log_text(cfg.to_yaml(), "base_config.yaml")
@@ -178,7 +185,9 @@ def run_sweep(
     return _fit(_tuner(spec, cfg, context), spec, cfg, sweep_dir, uri, parent)
 
 
-def resume_sweep(name: str, *, storage_path: str = "runs", address: str | None = None) -> SweepOutcome:
+def resume_sweep(
+    name: str, *, storage_path: str = "runs", address: str | None = None, mlflow_uri: str | None = None
+) -> SweepOutcome:
     """Continues an interrupted sweep (Tuner.restore): finished trials are kept, unfinished and
     errored ones run again (their training runs resume from their latest checkpoints)."""
     from ray import tune
@@ -194,9 +203,13 @@ def resume_sweep(name: str, *, storage_path: str = "runs", address: str | None =
     spec = parse_spec({k: v for k, v in record["spec"].items() if k != "source"}, record["spec"].get("source", SWEEP_FILE))
     cfg = from_dict(record["config"])
     uri = record["mlflow_uri"]
+    if mlflow_uri and resolve_tracking_uri(mlflow_uri) != uri:
+        raise UserError(f"--resume {name}: the sweep logs to {uri} (its parent run is there), not {mlflow_uri}")
     check_tracking_uri(uri)
     parent = RunLogger(uri, record["parent_run_id"])
     parent.reopen()
+    resumes = int(get_run(uri, parent.run_id).data.tags.get("resumes", "0")) + 1
+    parent.set_tags({"interrupted": "resumed", "resumes": resumes})
     print(f"[sweep] resuming '{name}' in {sweep_dir}; MLflow parent run {parent.run_id}", flush=True)
     _ray_init(address)
     context = _context(spec, cfg, sweep_dir, uri, parent.run_id)
@@ -246,8 +259,6 @@ def _fit(tuner, spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent: 
 def _finish_trial_runs(rows: list[dict[str, Any]], uri: str) -> None:
     """Final status of each trial's MLflow child run, as seen from the driver (a trial stopped by
     ASHA never gets to close its own run)."""
-    from ..tracking import get_run
-
     for row in rows:
         run_id = row.get("mlflow_run_id")
         if not run_id:

@@ -35,10 +35,13 @@ def _spec(shards: Path) -> dict:
             "solver": {"optimizer": "adamw", "base_lr": 0.001, "max_iter": MAX_ITER, "warmup_iters": 1, "steps": []},
             "train": {"checkpoint_period": 4, "log_period": 4, "keep_checkpoints": 1},
         },
-        # One trial at a time, so ASHA compares each trial at iterations 4 and 8 with those
-        # before it; the first trial has a working learning rate, so a hopeless one (1e-7) is
-        # always below the rung's cut-off.
-        "search": {"loss.mask_fg_weight": {"grid": [1.5, 1.0]}, "solver.base_lr": {"grid": [1e-3, 1e-7]}},
+        # One trial at a time, in grid order (the last key varies fastest): box weight 1, 20, 1,
+        # 20. ASHA compares each trial at iterations 4 and 8 with those before it. A box weight
+        # of 20 multiplies the box term of the loss (about 2.4 of 5 here) by 20, so those trials
+        # are far above the first rung's cut-off whatever a few iterations do: both stop at 4,
+        # deterministically. The second trial is the one interrupted: stopping it after the
+        # resume needs the first rung rebuilt from the first trial's results (ResumableASHA).
+        "search": {"loss.mask_fg_weight": {"grid": [1.5, 1.0]}, "loss.box_weight": {"grid": [1.0, 20.0]}},
         "metric": "train/loss",
         "mode": "min",
         "scheduler": {"type": "asha", "grace_period": 4, "reduction_factor": 2},
@@ -97,6 +100,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
     assert f"--resume {NAME}" in sweep["first_log"]
     r = sweep["resumed"]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[sweep] resuming" in r.stdout and r.stdout.count("stopped early (ASHA)") == 2  # the final table
     runs = sorted(sweep["trials"].glob("trial-*"))
     assert len(runs) == 4
     starts = {p.name: len((p / "trial_starts.log").read_text().split()) for p in runs}
@@ -111,11 +115,17 @@ def test_asha_stops_trials_early_and_the_table_shows_it(sweep):
     assert len(rows) == 4 and all(r["status"] == "TERMINATED" for r in rows)
     stopped = [r for r in rows if r["stopped_early"]]
     assert all(r["iterations"] < MAX_ITER for r in stopped)
-    hopeless = [r for r in rows if r["params"]["solver.base_lr"] == 1e-7]
-    assert len(hopeless) == 2 and all(r["stopped_early"] for r in hopeless)
-    full = [r for r in rows if not r["stopped_early"]]
-    assert full and all(r["iterations"] == MAX_ITER and r["params"]["solver.base_lr"] == 1e-3 for r in full)
-    assert rows[0]["params"]["solver.base_lr"] == 1e-3  # best first (train/loss, min)
+    # ... and their training runs were torn down: they never trained to the end. (Not exactly at
+    # the stop: the worker keeps training for the second or two Tune takes to end the trial.)
+    for r in stopped:
+        assert r["iterations"] == 4  # the first rung: 8 iterations left, far more than that second
+        assert not (Path(r["run_dir"]) / f"checkpoint_{MAX_ITER:07d}").exists()
+    # Both heavy trials stop at the first rung, the one resumed after the interruption too: its
+    # rung holds the first trial's value again (ResumableASHA replays it on restore).
+    assert len(stopped) == 2 and all(r["params"]["loss.box_weight"] == 20.0 for r in stopped)
+    light = [r for r in rows if r["params"]["loss.box_weight"] == 1.0]
+    assert len(light) == 2 and all(r["iterations"] == MAX_ITER and not r["stopped_early"] for r in light)
+    assert rows[0]["params"]["loss.box_weight"] == 1.0  # best first (train/loss, min)
     assert [r["metric"] for r in rows] == sorted(r["metric"] for r in rows)
 
     out = sweep["work"] / "compare.png"
@@ -137,16 +147,21 @@ def test_mlflow_holds_the_parent_and_four_child_runs(sweep):
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert "search.solver.base_lr" in parent.data.params and parent.data.tags["best_checkpoint"]
+    assert parent.data.tags["interrupted"] == "resumed" and parent.data.tags["resumes"] == "1"
+    assert "search.loss.box_weight" in parent.data.params and parent.data.tags["best_checkpoint"]
+    assert parent.data.params["model.mask_head"] == "bipyramid"  # the base config
+    assert parent.data.tags["sweep"] == NAME and parent.data.tags["sweep_dir"] == str(sweep["storage"] / NAME)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4
     for child in children:
-        assert child.data.params["sweep.solver.base_lr"] in ("0.001", "1e-07")
+        assert child.data.params["sweep.loss.box_weight"] in ("1.0", "20.0")
         assert child.data.params["model.mask_head"] == "bipyramid"  # the full config
         history = client.get_metric_history(child.info.run_id, "train/loss")
         assert len(history) >= 1
         early = child.data.tags.get("tune.stopped_early") == "true"
         assert child.info.status == ("KILLED" if early else "FINISHED")
+        # Stopping the Tune trial tore its training down before the end.
+        assert max(m.step for m in history) < MAX_ITER if early else max(m.step for m in history) == MAX_ITER
         assert child.data.tags["best_checkpoint"].endswith(tuple(f"checkpoint_{i:07d}" for i in range(1, MAX_ITER + 1)))
     assert sum(c.data.tags.get("tune.stopped_early") == "true" for c in children) >= 1
 
@@ -157,9 +172,9 @@ def test_the_best_checkpoint_loads_and_evaluates(sweep, synth_shards):
     r = _cli("runs", "best", NAME, "--storage-path", str(sweep["storage"]), cwd=sweep["work"])
     assert r.returncode == 0, r.stderr
     path = next(line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith("checkpoint: "))
-    assert "solver.base_lr=0.001" in r.stdout and "mask_head: bipyramid" in r.stdout
+    assert "loss.box_weight=1.0" in r.stdout and "mask_head: bipyramid" in r.stdout
     model, cfg, categories = load_model_for_inference(path)
-    assert cfg.solver.base_lr == 1e-3 and len(categories) == 4
+    assert cfg.loss.box_weight == 1.0 and len(categories) == 4
 
     out = sweep["work"] / "eval"
     r = _cli("evaluate", "--best-of", NAME, "--sweep-storage", str(sweep["storage"]), "--shards", str(synth_shards),
