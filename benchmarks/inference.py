@@ -66,7 +66,7 @@ def staged_inference(model, cfg, image: np.ndarray) -> tuple[dict[str, float], i
     batch = torch.zeros((1, 3, -(-h // d) * d, -(-w // d) * d))
     batch[0, :, :h, :w] = tensor
     t.append(time.perf_counter())
-    cls, box, masks = model.head_outputs(batch)
+    cls, box, masks = model.head_outputs(batch, lazy_masks=True)
     t.append(time.perf_counter())
     cls_flat, box_flat, grids = model._flatten(cls, box)
     det = select_detections(

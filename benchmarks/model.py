@@ -106,6 +106,14 @@ def main() -> None:
         tm_inf, mr_inf = timeit_pair(lambda: tm(norm[:1], image_sizes=[(h, w)]), lambda: mr([images[0]]), args.repeats)
         n_tm = tm(norm[:1], image_sizes=[(h, w)])[0]["scores"].numel()
         n_mr = mr([images[0]])[0]["scores"].numel()
+    # The same with both models and inputs in channels_last (NHWC), oneDNN's preferred CPU layout
+    # (converted outside inference mode: the parameters must stay trainable for the step below).
+    cl = torch.channels_last
+    tm, mr = tm.to(memory_format=cl), mr.to(memory_format=cl)
+    norm_cl, image_cl = norm[:1].contiguous(memory_format=cl), images[:1].contiguous(memory_format=cl)
+    with torch.inference_mode():
+        tm_inf_cl, mr_inf_cl = timeit_pair(lambda: tm(norm_cl, image_sizes=[(h, w)]), lambda: mr([image_cl[0]]), args.repeats)
+    tm, mr = tm.to(memory_format=torch.contiguous_format), mr.to(memory_format=torch.contiguous_format)
 
     tm.train()
     mr.train()
@@ -124,12 +132,13 @@ def main() -> None:
     cpu = subprocess.run(["bash", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'"], capture_output=True, text=True).stdout.strip()
     rows = [
         ("inference, s/image (100 detections)", tm_inf, mr_inf, f"{n_tm} / {n_mr} detections"),
+        ("inference, s/image, both in channels_last", tm_inf_cl, mr_inf_cl, "models and input NHWC"),
         ("training step, s (batch 2, fwd+bwd)", tm_train, mr_train, ""),
     ]
     table = ["| measure | TensorMask (bipyramid R-50-FPN) | Mask R-CNN (torchvision R-50-FPN) | ratio TM / MR | note |", "|---|---|---|---|---|"]
     for name, a, b, note in rows:
         table.append(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {note} |")
-    ratio = tm_inf / mr_inf
+    ratio, ratio_cl = tm_inf / mr_inf, tm_inf_cl / mr_inf_cl
     verdict = "met" if ratio <= 1.5 else "NOT met"
     text = "\n".join(
         [
@@ -140,8 +149,13 @@ def main() -> None:
             "",
             *table,
             "",
-            f"Goal (TensorMask inference at most 1.5x Mask R-CNN's): **{verdict}** ({ratio:.2f}x). "
+            f"Goal (TensorMask inference at most 1.5x Mask R-CNN's): **{verdict}** ({ratio:.2f}x in the "
+            f"default memory format; {ratio_cl:.2f}x with both models in channels_last). "
             "The paper measured 0.38 vs 0.09 s/image on a V100 (4.2x).",
+            "TensorMask's inference computes the bipyramid's fusion and mask conv+reshape only on "
+            "crops around the windows that survive NMS (`LazyBipyramidMasks`), not on six full "
+            "finest-resolution maps; its class tower on P2 (4 x 256-channel 3x3 convs at stride 4) "
+            "is the largest cost left, as in the paper.",
             "",
         ]
     )

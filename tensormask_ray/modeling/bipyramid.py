@@ -32,3 +32,73 @@ class BipyramidFusion(nn.Module):
         finest = mask_feats[0]
         size = finest.shape[-2:]
         return [self.fuse(self.upsample(f, k, size) + finest) for k, f in enumerate(mask_feats)]
+
+
+class LazyBipyramidMasks:
+    """The bipyramid's mask output at inference, computed only where surviving windows read it.
+
+    Dense, every level's head tensor is (N, V*U, H_0, W_0) at the finest resolution: six levels of
+    fusion conv and conv+reshape over the whole P2 grid, although fewer than 100 windows are
+    decoded. Here the mask-tower features are kept, and for each level that has detections the
+    fusion (upsample + finest + 3x3 conv + ReLU) and the 1x1 conv+reshape run on a crop: the union
+    of the decoded windows' footprints, or one crop per window when those are smaller in total.
+    The masks equal the dense ones at those windows (tests/modeling/test_heads.py).
+    """
+
+    def __init__(
+        self, fusion: BipyramidFusion, mask_preds: nn.ModuleList, coarse_sizes: list[int], mask_feats: list[torch.Tensor]
+    ):
+        self.fusion, self.mask_preds, self.coarse_sizes = fusion, mask_preds, list(coarse_sizes)
+        self.mask_feats = mask_feats  # per level (N, C, H_k, W_k), the mask tower's output
+        self._up: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.mask_feats[0].shape[-2:])  # (H_0, W_0)
+
+    def dense(self, k: int, size_index: int) -> torch.Tensor:
+        """The full head tensor of level k and one window size (N, V, U, H_0, W_0), as the dense head gives it."""
+        finest = self.mask_feats[0]
+        fused = self.fusion.fuse(self.fusion.upsample(self.mask_feats[k], k, self.size) + finest)
+        N, _, H, W = fused.shape
+        c = self.coarse_sizes[size_index]
+        return self.mask_preds[size_index](fused).view(N, c, c, H, W)
+
+    def _fusion_input(self, k: int, image: int) -> torch.Tensor:
+        """upsample(level k) + finest of one image, (1, C, H_0, W_0); cached per (level, image)."""
+        key = (k, image)
+        if key not in self._up:
+            finest = self.mask_feats[0][image : image + 1]
+            self._up[key] = self.fusion.upsample(self.mask_feats[k][image : image + 1], k, self.size) + finest
+        return self._up[key]
+
+    def fused_crop(self, k: int, image: int, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+        """The fusion's output (1, C, r1 - r0, c1 - c0) on rows [r0, r1) x cols [c0, c1) of the finest
+        grid: the 3x3 conv reads a one-pixel halo, zeros outside the map (its padding)."""
+        (r0, r1), (c0, c1) = rows, cols
+        H, W = self.size
+        x = self._fusion_input(k, image)
+        a0, a1, b0, b1 = max(r0 - 1, 0), min(r1 + 1, H), max(c0 - 1, 0), min(c1 + 1, W)
+        x = F.pad(x[:, :, a0:a1, b0:b1], (b0 - (c0 - 1), (c1 + 1) - b1, a0 - (r0 - 1), (r1 + 1) - a1))
+        conv = self.fusion.fuse[0]
+        return F.relu(F.conv2d(x, conv.weight, conv.bias))
+
+    def head_crop(self, fused: torch.Tensor, size_index: int) -> torch.Tensor:
+        """(1, C, h, w) fused crop -> the head tensor (1, V, U, h, w) of one window size on it."""
+        _, _, h, w = fused.shape
+        c = self.coarse_sizes[size_index]
+        return self.mask_preds[size_index](fused).view(1, c, c, h, w)
+
+
+def window_footprints(
+    ys: torch.Tensor, xs: torch.Tensor, lam: int, out_size: tuple[int, int], bounds: tuple[int, int]
+) -> torch.Tensor:
+    """Rows and columns of the finest grid that swap_align2nat reads for windows (ys, xs) of a level
+    with lam = 2^k and natural masks out_size = (Vo, Uo): (K, 4) [r0, r1, c0, c1), clipped to bounds."""
+    Vo, Uo = out_size
+    H, W = bounds
+    r0 = (lam * ys - Vo // 2).clamp(0, H)
+    r1 = (lam * ys + Vo - Vo // 2).clamp(0, H)
+    c0 = (lam * xs - Uo // 2).clamp(0, W)
+    c1 = (lam * xs + Uo - Uo // 2).clamp(0, W)
+    return torch.stack([r0, r1, c0, c1], dim=1)

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .bipyramid import BipyramidFusion
+from .bipyramid import BipyramidFusion, LazyBipyramidMasks
 
 
 def conv_tower(in_channels: int, channels: int, depth: int) -> nn.Sequential:
@@ -60,15 +60,19 @@ class TensorMaskHead(nn.Module):
         nn.init.constant_(self.cls_pred.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(
-        self, features: list[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]]]:
+        self, features: list[torch.Tensor], lazy_masks: bool = False
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]] | LazyBipyramidMasks]:
         """features: per level (N, C, H_l, W_l). Returns, per level:
         cls (N, A*K, H_l, W_l), box (N, A*4, H_l, W_l), and per window size the mask head tensor
         (N, V', U', H_m, W_m): (H_m, W_m) = (H_l, W_l), or the finest level's size for the bipyramid.
+        lazy_masks (inference): the bipyramid's mask output is returned as LazyBipyramidMasks, to be
+        computed only around the windows that get decoded.
         """
         cls = [self.cls_pred(self.cls_tower(f)) for f in features]
         box = [self.box_pred(self.box_tower(f)) for f in features]
         mask_feats = [self.mask_tower(f) for f in features]
+        if self.bipyramid is not None and lazy_masks:
+            return cls, box, LazyBipyramidMasks(self.bipyramid, self.mask_preds, self.coarse_sizes, mask_feats)
         if self.bipyramid is not None:
             mask_feats = self.bipyramid(mask_feats)  # every level at the finest resolution
         masks = []

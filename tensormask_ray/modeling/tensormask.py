@@ -13,6 +13,7 @@ from torch import nn
 from ..config import Config
 from ..ops.sparse import decode_windows
 from .backbone import ResNetBackbone
+from .bipyramid import LazyBipyramidMasks, window_footprints
 from .fpn import FPN
 from .heads import TensorMaskHead
 from .losses import box_l1_loss, focal_loss_star, mask_bce_loss
@@ -53,11 +54,12 @@ class TensorMask(nn.Module):
         self.detections_per_image, self.mask_threshold = detections_per_image, mask_threshold
 
     # ------------------------------------------------------------------ shared stages
-    def head_outputs(self, images: torch.Tensor):
+    def head_outputs(self, images: torch.Tensor, lazy_masks: bool = False):
         """images (N, 3, H, W), H and W multiples of 32 -> per level cls (N, A*K, H_l, W_l),
-        box (N, A*4, H_l, W_l) and per level and window size the mask head tensor (N, V', U', H_m, W_m)."""
+        box (N, A*4, H_l, W_l) and per level and window size the mask head tensor (N, V', U', H_m, W_m)
+        (lazy_masks: for the bipyramid, a LazyBipyramidMasks that decode_masks computes on demand)."""
         feats = self.fpn(self.backbone(images))
-        return self.head(feats)
+        return self.head(feats, lazy_masks=lazy_masks)
 
     def _flatten(self, cls: list[torch.Tensor], box: list[torch.Tensor]):
         """-> cls (N, M, K), box (N, M, 4), grids [(Hg, Wg)] in group order."""
@@ -121,7 +123,7 @@ class TensorMask(nn.Module):
         N = images.shape[0]
         image_sizes = image_sizes or [tuple(images.shape[-2:])] * N
         output_sizes = output_sizes or image_sizes
-        cls, box, masks = self.head_outputs(images)
+        cls, box, masks = self.head_outputs(images, lazy_masks=True)
         cls_flat, box_flat, grids = self._flatten(cls, box)
         results = []
         for i in range(N):
@@ -145,6 +147,10 @@ class TensorMask(nn.Module):
         """Soft natural masks (Vo, Uo) of the given windows of one image, computed sparsely from the
         head tensors: never the dense >100k-window output. dense=True decodes every window with the
         dense op and then picks the same ones (for validation only)."""
+        if isinstance(masks, LazyBipyramidMasks):
+            if not dense:
+                return self._decode_lazy(masks, group, ys, xs, image)
+            masks = [[masks.dense(k, a) for a in range(len(self.window_sizes))] for k in range(len(masks.mask_feats))]
         out: list[torch.Tensor | None] = [None] * group.numel()
         for gi in group.unique().tolist():
             g = self.groups[gi]
@@ -156,6 +162,42 @@ class TensorMask(nn.Module):
                 logits = decode_windows(x, g.op, torch.zeros_like(sel), ys[sel], xs[sel], self.pad_value)
             for j, m in zip(sel.tolist(), logits.sigmoid()):
                 out[j] = m
+        return out  # type: ignore[return-value]
+
+    def _decode_lazy(
+        self, masks: LazyBipyramidMasks, group: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, image: int
+    ) -> list[torch.Tensor]:
+        """decode_masks for the bipyramid's lazy output: per level with detections, the fused
+        features on one crop (the union of the windows' footprints) or on one crop per window,
+        whichever covers fewer positions; then each window size's conv+reshape and swap_align2nat
+        at those windows (decode_windows on the crop)."""
+        out: list[torch.Tensor | None] = [None] * group.numel()
+        H, W = masks.size
+        zero = torch.zeros((), dtype=torch.long, device=ys.device)
+        level_of = torch.tensor([g.k for g in self.groups], device=group.device)[group]  # (D,)
+        for k in level_of.unique().tolist():
+            at_level = (level_of == k).nonzero(as_tuple=True)[0]
+            foot = torch.cat(
+                [window_footprints(ys[i : i + 1], xs[i : i + 1], 2**k, self.groups[gi].op.out_size, (H, W))
+                 for i, gi in zip(at_level.tolist(), group[at_level].tolist())]
+            )  # (D_k, 4) [r0, r1, c0, c1)  # fmt: skip
+            halo = lambda r0, r1, c0, c1: (min(r1 + 1, H) - max(r0 - 1, 0)) * (min(c1 + 1, W) - max(c0 - 1, 0))  # noqa: E731
+            union = (int(foot[:, 0].min()), int(foot[:, 1].max()), int(foot[:, 2].min()), int(foot[:, 3].max()))
+            separate = sum(halo(*f) for f in foot.tolist())
+            crops = [(at_level, union)] if halo(*union) <= separate else [
+                (at_level[j : j + 1], tuple(f)) for j, f in enumerate(foot.tolist())
+            ]  # fmt: skip
+            for members, (r0, r1, c0, c1) in crops:
+                fused = masks.fused_crop(k, image, (r0, r1), (c0, c1))  # (1, C, r1 - r0, c1 - c0)
+                for gi in group[members].unique().tolist():
+                    g = self.groups[gi]
+                    sel = members[group[members] == gi]
+                    x = masks.head_crop(fused, g.size_index)  # (1, V, U, r1 - r0, c1 - c0)
+                    logits = decode_windows(
+                        x, g.op, zero.expand(sel.numel()), ys[sel], xs[sel], self.pad_value, origin=(r0, c0), bounds=(H, W)
+                    )  # (K, Vo, Uo)
+                    for j, m in zip(sel.tolist(), logits.sigmoid()):
+                        out[j] = m
         return out  # type: ignore[return-value]
 
 

@@ -83,11 +83,19 @@ def decode_windows(
     ys: torch.Tensor,
     xs: torch.Tensor,
     pad_value: float = -6.0,
+    origin: tuple[int, int] = (0, 0),
+    bounds: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Natural masks of K windows. x: (N, V, U, H, W); batch_idx, ys, xs: (K,) positions on the
     OUTPUT grid (ceil(H/stride), ceil(W/stride)). Returns (K, Vo, Uo), equal to
-    op.dense(x)[batch_idx, :, :, ys, xs]."""
-    N, V, U, H, W = x.shape
+    op.dense(x)[batch_idx, :, :, ys, xs].
+
+    x may also be a crop of the full head tensor: `origin` = (row, col) of x[..., 0, 0] in the full
+    tensor, `bounds` = the full tensor's (H, W) (what counts as outside, i.e. pad_value). The crop
+    must hold every in-bounds position the K windows read."""
+    N, V, U, h, w = x.shape
+    H, W = bounds if bounds is not None else (h, w)
+    oy, ox = origin
     Vo, Uo = op.out_size
     K = batch_idx.numel()
     dev = x.device
@@ -100,8 +108,8 @@ def decode_windows(
     Y = (op.stride * ys.long())[:, None] + dv[None, :]  # (K, Vo)
     X = (op.stride * xs.long())[:, None] + du[None, :]  # (K, Uo)
     valid = ((Y >= 0) & (Y < H))[:, :, None] & ((X >= 0) & (X < W))[:, None, :]  # (K, Vo, Uo)
-    Yc = Y.clamp(0, H - 1)[:, :, None]
-    Xc = X.clamp(0, W - 1)[:, None, :]
+    Yc = (Y.clamp(0, H - 1) - oy).clamp(0, h - 1)[:, :, None]
+    Xc = (X.clamp(0, W - 1) - ox).clamp(0, w - 1)[:, None, :]
     n = batch_idx.long()[:, None, None]
 
     def tap(iv: torch.Tensor, iu: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import torch
 
 from tensormask_ray.config import load_config
 from tensormask_ray.modeling import build_model
+from tensormask_ray.modeling.bipyramid import LazyBipyramidMasks
 
 HEADS = [
     ("simple_natural", [9, 5], 1.0, "bilinear"),
@@ -64,12 +65,14 @@ def test_sparse_decoding_equals_dense_decoding(head, sizes, lam, mode):
     model, _ = small_model(head, sizes, lam, mode, **{"inference.score_thresh": 0.0})
     images = torch.randn(1, 3, 128, 160)
     cls, box, masks = model.head_outputs(images)
+    _, _, lazy = model.head_outputs(images, lazy_masks=True)  # what inference uses
+    assert isinstance(lazy, LazyBipyramidMasks) == (head == "bipyramid")
     cls_flat, box_flat, grids = model._flatten(cls, box)
     from tensormask_ray.modeling.postprocess import paste_masks, select_detections
 
     det = select_detections(model.groups, grids, cls_flat[0], box_flat[0], (128, 160), 0.0, 6000, 0.5, 100)
     assert det.group.numel() == 100 and det.group.unique().numel() > 1
-    sparse = model.decode_masks(masks, det.group, det.ys, det.xs, 0)
+    sparse = model.decode_masks(lazy, det.group, det.ys, det.xs, 0)
     dense = model.decode_masks(masks, det.group, det.ys, det.xs, 0, dense=True)
     for s, d in zip(sparse, dense):
         assert s.shape == d.shape
@@ -77,6 +80,47 @@ def test_sparse_decoding_equals_dense_decoding(head, sizes, lam, mode):
     ps = paste_masks(sparse, det.windows, 128, 160)
     pd = paste_masks(dense, det.windows, 128, 160)
     assert torch.equal(ps, pd)
+
+
+@pytest.mark.parametrize("image, layout", [(0, "clustered"), (1, "clustered"), (0, "corners"), (1, "corners")])
+def test_lazy_bipyramid_masks_equal_the_dense_head_at_any_windows(image, layout, monkeypatch):
+    """Inference computes the bipyramid's fusion and conv+reshape only on crops around the decoded
+    windows: per level one crop for clustered windows, one per window for spread ones, windows at
+    the borders (reads outside the map) included. The masks are the dense head's."""
+    model, _ = small_model("bipyramid", [9, 5], 1.0, "bilinear")
+    images = torch.randn(2, 3, 128, 160)
+    with torch.no_grad():
+        cls, _, masks = model.head_outputs(images)
+        _, _, lazy = model.head_outputs(images, lazy_masks=True)
+    groups, ys, xs = [], [], []
+    for gi, g in enumerate(model.groups):
+        h, w = cls[g.k].shape[-2:]
+        clustered = [(h // 2, w // 2), (h // 2, min(w // 2 + 1, w - 1)), (min(h // 2 + 1, h - 1), w // 2)]
+        corners = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1)]
+        for y, x in clustered if layout == "clustered" else corners:
+            groups.append(gi)
+            ys.append(y)
+            xs.append(x)
+    group, ys, xs = torch.tensor(groups), torch.tensor(ys), torch.tensor(xs)
+    crops = []
+    fused_crop = LazyBipyramidMasks.fused_crop
+    monkeypatch.setattr(LazyBipyramidMasks, "fused_crop", lambda self, *a: crops.append(a) or fused_crop(self, *a))
+    with torch.no_grad():
+        sparse = model.decode_masks(lazy, group, ys, xs, image)
+        dense = model.decode_masks(masks, group, ys, xs, image, dense=True)
+    for s, d in zip(sparse, dense):
+        assert s.shape == d.shape
+        torch.testing.assert_close(s, d, rtol=0, atol=1e-6)
+    assert any((d > 0.01).any() and (d < 0.99).any() for d in dense)  # not a constant mask
+    levels = len(lazy.mask_feats)
+    # clustered: one crop per level, smaller than the map; corners: at the finest level (small
+    # footprints far apart) one crop per window
+    H, W = lazy.size
+    finest = [c for c in crops if c[0] == 0]
+    if layout == "clustered":
+        assert len(crops) == levels and all((r1 - r0) * (c1 - c0) < H * W for _, _, (r0, r1), (c0, c1) in finest)
+    else:
+        assert len(finest) == int((group < 2).sum()) == 8  # groups 0 and 1: level 0's two window sizes
 
 
 def test_inference_returns_coco_style_instances_at_output_size():
