@@ -47,7 +47,7 @@ DEMO_MODEL = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="demo-output", metavar="DIR", help="where everything is written (default ./demo-output)")
-    p.add_argument("--iterations", type=int, default=240, metavar="N", help="training iterations (default 240)")
+    p.add_argument("--iterations", type=int, default=220, metavar="N", help="training iterations (default 220)")
     p.add_argument("--num-workers", type=int, default=2, metavar="N", help="Ray Train workers (default 2)")
     p.add_argument("--skip-sweep", action="store_true", help="leave out the Ray Tune smoke sweep")
 
@@ -107,7 +107,7 @@ def _train_overrides(train_shards: Path, val_shards: Path, iterations: int) -> l
         "solver.base_lr=0.001",
         f"solver.max_iter={iterations}",
         f"solver.steps=[{int(iterations * 0.8)}]",
-        f"train.checkpoint_period={max(iterations // 3, 1)}",
+        f"train.checkpoint_period={max(iterations // 2, 1)}",  # and validation
         *DEMO_MODEL,
     ]
 
