@@ -27,11 +27,13 @@ class BipyramidFusion(nn.Module):
         up = F.interpolate(feat, scale_factor=2.0**k, mode="bilinear", align_corners=False, recompute_scale_factor=False)
         return up[:, :, : size[0], : size[1]]
 
+    def fusion_input(self, feat: torch.Tensor, k: int, finest: torch.Tensor) -> torch.Tensor:
+        """Level k's (N, C, h, w) upsampled to the finest level's (N, C, H, W), plus the finest."""
+        return self.upsample(feat, k, finest.shape[-2:]) + finest
+
     def forward(self, mask_feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """per level (N, C, H_k, W_k) -> per level (N, C, H_0, W_0)."""
-        finest = mask_feats[0]
-        size = finest.shape[-2:]
-        return [self.fuse(self.upsample(f, k, size) + finest) for k, f in enumerate(mask_feats)]
+        return [self.fuse(self.fusion_input(f, k, mask_feats[0])) for k, f in enumerate(mask_feats)]
 
 
 class LazyBipyramidMasks:
@@ -58,18 +60,15 @@ class LazyBipyramidMasks:
 
     def dense(self, k: int, size_index: int) -> torch.Tensor:
         """The full head tensor of level k and one window size (N, V, U, H_0, W_0), as the dense head gives it."""
-        finest = self.mask_feats[0]
-        fused = self.fusion.fuse(self.fusion.upsample(self.mask_feats[k], k, self.size) + finest)
-        N, _, H, W = fused.shape
-        c = self.coarse_sizes[size_index]
-        return self.mask_preds[size_index](fused).view(N, c, c, H, W)
+        fused = self.fusion.fuse(self.fusion.fusion_input(self.mask_feats[k], k, self.mask_feats[0]))
+        return self.head_crop(fused, size_index)
 
     def _fusion_input(self, k: int, image: int) -> torch.Tensor:
         """upsample(level k) + finest of one image, (1, C, H_0, W_0); cached per (level, image)."""
         key = (k, image)
         if key not in self._up:
-            finest = self.mask_feats[0][image : image + 1]
-            self._up[key] = self.fusion.upsample(self.mask_feats[k][image : image + 1], k, self.size) + finest
+            one = slice(image, image + 1)
+            self._up[key] = self.fusion.fusion_input(self.mask_feats[k][one], k, self.mask_feats[0][one])
         return self._up[key]
 
     def fused_crop(self, k: int, image: int, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
@@ -84,18 +83,18 @@ class LazyBipyramidMasks:
         return F.relu(F.conv2d(x, conv.weight, conv.bias))
 
     def head_crop(self, fused: torch.Tensor, size_index: int) -> torch.Tensor:
-        """(1, C, h, w) fused crop -> the head tensor (1, V, U, h, w) of one window size on it."""
-        _, _, h, w = fused.shape
+        """(N, C, h, w) fused features (a crop or the whole map) -> the head tensor (N, V, U, h, w)
+        of one window size on them."""
+        N, _, h, w = fused.shape
         c = self.coarse_sizes[size_index]
-        return self.mask_preds[size_index](fused).view(1, c, c, h, w)
+        return self.mask_preds[size_index](fused).view(N, c, c, h, w)
 
 
 def window_footprints(
-    ys: torch.Tensor, xs: torch.Tensor, lam: int, out_size: tuple[int, int], bounds: tuple[int, int]
+    ys: torch.Tensor, xs: torch.Tensor, lam: int, Vo: torch.Tensor, Uo: torch.Tensor, bounds: tuple[int, int]
 ) -> torch.Tensor:
-    """Rows and columns of the finest grid that swap_align2nat reads for windows (ys, xs) of a level
-    with lam = 2^k and natural masks out_size = (Vo, Uo): (K, 4) [r0, r1, c0, c1), clipped to bounds."""
-    Vo, Uo = out_size
+    """Rows and columns of the finest grid that swap_align2nat reads for windows (ys, xs) (K,) of a
+    level with lam = 2^k and natural masks of Vo x Uo (K,) each: (K, 4) [r0, r1, c0, c1), clipped to bounds."""
     H, W = bounds
     r0 = (lam * ys - Vo // 2).clamp(0, H)
     r1 = (lam * ys + Vo - Vo // 2).clamp(0, H)

@@ -175,12 +175,11 @@ class TensorMask(nn.Module):
         H, W = masks.size
         zero = torch.zeros((), dtype=torch.long, device=ys.device)
         level_of = torch.tensor([g.k for g in self.groups], device=group.device)[group]  # (D,)
+        out_size = torch.tensor([g.op.out_size for g in self.groups], device=group.device)[group]  # (D, 2)
         for k in level_of.unique().tolist():
             at_level = (level_of == k).nonzero(as_tuple=True)[0]
-            foot = torch.cat(
-                [window_footprints(ys[i : i + 1], xs[i : i + 1], 2**k, self.groups[gi].op.out_size, (H, W))
-                 for i, gi in zip(at_level.tolist(), group[at_level].tolist())]
-            )  # (D_k, 4) [r0, r1, c0, c1)  # fmt: skip
+            Vo, Uo = out_size[at_level].unbind(1)
+            foot = window_footprints(ys[at_level], xs[at_level], 2**k, Vo, Uo, (H, W))  # (D_k, 4) [r0, r1, c0, c1)
             halo = lambda r0, r1, c0, c1: (min(r1 + 1, H) - max(r0 - 1, 0)) * (min(c1 + 1, W) - max(c0 - 1, 0))  # noqa: E731
             union = (int(foot[:, 0].min()), int(foot[:, 1].max()), int(foot[:, 2].min()), int(foot[:, 3].max()))
             separate = sum(halo(*f) for f in foot.tolist())

@@ -12,17 +12,14 @@ uninterrupted sweep recorded (replayed results only fill the rungs; they stop no
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
+from .spec import is_number
+
 RESULT_FILE = "result.json"  # Tune's JSON lines of a trial's reported results
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def reported_results(trial) -> list[dict[str, Any]]:
@@ -61,7 +58,7 @@ class ResumableASHA(ASHAScheduler):
         bracket = self._trial_info[trial.trial_id]
         for result in reported_results(trial):
             t, value = result.get(self._time_attr), result.get(self._metric)
-            if _number(t) and _number(value):
+            if is_number(t) and is_number(value):
                 bracket.on_result(trial, t, self._metric_op * value)  # records; the decision is moot
 
     def rungs(self) -> list[tuple[float, dict[str, float]]]:

@@ -132,7 +132,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     return spec
 
 
-def _number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
+    """A finite int or float (not a bool)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -155,11 +156,11 @@ def _check_types(spec: SweepSpec) -> None:
         ("seed", spec.seed, lambda v: v is None or _integer(v), "an integer"),
         ("scheduler.type", spec.scheduler.type, lambda v: v in ("asha", "fifo"), "asha or fifo"),
         ("scheduler.grace_period", spec.scheduler.grace_period, lambda v: _integer(v) and v >= 1, "an integer >= 1 (iterations)"),
-        ("scheduler.reduction_factor", spec.scheduler.reduction_factor, lambda v: _number(v) and v > 1, "a number > 1"),
+        ("scheduler.reduction_factor", spec.scheduler.reduction_factor, lambda v: is_number(v) and v > 1, "a number > 1"),
         ("scheduler.max_t", spec.scheduler.max_t, lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1 (iterations)"),
         ("resources.workers", spec.resources.workers, lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
-        ("resources.cpus_per_worker", spec.resources.cpus_per_worker, lambda v: v is None or (_number(v) and v > 0), "a number > 0"),
-        ("resources.gpus_per_worker", spec.resources.gpus_per_worker, lambda v: _number(v) and v >= 0, "a number >= 0"),
+        ("resources.cpus_per_worker", spec.resources.cpus_per_worker, lambda v: v is None or (is_number(v) and v > 0), "a number > 0"),
+        ("resources.gpus_per_worker", spec.resources.gpus_per_worker, lambda v: is_number(v) and v >= 0, "a number >= 0"),
     ]  # fmt: skip
     for key, value, ok, expected in checks:
         if not ok(value):
