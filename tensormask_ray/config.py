@@ -34,6 +34,8 @@ class BackboneConfig:
     weights: str | None = None
     # 0: train everything; 1: freeze the stem; 2: stem + res2 (Detectron2's default); up to 5.
     freeze_at: int = 2
+    # "FrozenBN" (the paper's, with pretrained weights) or "GN" (group norm: from random init).
+    norm: Literal["FrozenBN", "GN"] = "FrozenBN"
 
 
 @dataclass

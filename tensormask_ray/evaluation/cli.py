@@ -74,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     o.add_argument("--no-mlflow", action="store_true", help="do not log the metrics to MLflow")
     o.add_argument(
+        "--window-masks",
+        action="store_true",
+        help="also score the mask head alone: the IoU of the masks it predicts at each "
+        "instance's positive windows (evaluation/window_masks.py; needs --shards)",
+    )
+    o.add_argument(
         "--metric-prefix", default="eval", help="MLflow metric names: <prefix>/segm/AP, ..."
     )
 
@@ -90,6 +96,8 @@ def _check_data_arguments(args: argparse.Namespace) -> None:
             raise UserError(
                 "--split test-dev takes no --coco-json or --max-images: every image counts"
             )
+        if args.window_masks:
+            raise UserError("--window-masks needs ground truth: not with --split test-dev")
     else:
         if args.image_info:
             raise UserError(
@@ -105,6 +113,8 @@ def _check_data_arguments(args: argparse.Namespace) -> None:
             raise UserError("give the images as --shards or as --images-dir, not both")
         if args.max_images < 0:
             raise UserError(f"--max-images {args.max_images}: must be 0 (all) or more")
+        if args.window_masks and not args.shards:
+            raise UserError("--window-masks needs --shards DIR (the ground-truth masks at the model's input)")
     if args.metric_prefix.strip("/") != args.metric_prefix or not args.metric_prefix:
         raise UserError(
             f"--metric-prefix {args.metric_prefix!r}: a non-empty name without leading or trailing '/'"
@@ -209,6 +219,11 @@ def run(args: argparse.Namespace) -> int:
             address=args.address, on_record=Progress("evaluate", len(image_ids), done_before),
             loaded=(model, cfg) if local else None,
         )  # fmt: skip
+        window_masks = None
+        if args.window_masks:
+            from .window_masks import evaluate_window_masks, format_window_mask_table
+
+            window_masks = evaluate_window_masks(model, args.shards, cfg, args.max_images)
         del model
         report_failures("evaluate", outcome.failures)
         if not outcome.done_ids:
@@ -258,16 +273,24 @@ def run(args: argparse.Namespace) -> int:
         "images_per_second": round(outcome.images_per_second, 3),
         "mlflow_run_id": None,
     }
+    if window_masks is not None:
+        summary["window_masks"] = window_masks
     metrics_path = out / "metrics.json"
     _write_json(metrics_path, summary)
     print(f"COCO AP (%) on {len(done)} images of {source.describe()}:")
     print(table)
+    if window_masks is not None:
+        print("mask IoU (%) at the ground-truth instances' positive windows (the mask head alone):")
+        print(format_window_mask_table(window_masks))
     print(f"wrote {detections_path} ({len(results)} detections) and {metrics_path}")
     if not args.no_mlflow:
         logged = {
             f"{args.metric_prefix}/{key}": value for key, value in metrics.items() if value >= 0
         }  # -1 (no ground truth of that size) is not a score
         logged[f"{args.metric_prefix}/num_images"] = len(done)
+        for key, value in (window_masks or {}).items():
+            if value >= 0:
+                logged[f"{args.metric_prefix}/window_masks/{key}"] = value
         run_id = log_to_run(ref, uri, logged, iteration or 0, tags, [metrics_path])
         if run_id:
             summary["mlflow_run_id"] = run_id

@@ -1,4 +1,10 @@
-"""ResNet bottom-up pathway (torchvision ResNet-18/34/50/101) with frozen batch norm.
+"""ResNet bottom-up pathway (torchvision ResNet-18/34/50/101).
+
+Normalisation (`norm`): "FrozenBN" (default; the paper's, for a pretrained backbone: batch norm
+with the checkpoint's statistics, frozen) or "GN" (group norm, 32 groups, trained: for training
+from random init, where frozen batch norm is the identity and the backbone trains unnormalised;
+Wu & He 2018, He et al. 2019 "Rethinking ImageNet pre-training"). Both load a torchvision
+checkpoint: GN takes its affine weights and drops its running statistics.
 
 Random init by default. `weights` may name a local torchvision ResNet checkpoint (a state_dict
 saved with torch.save, e.g. resnet50-0676ba61.pth copied from a machine that has it); nothing is
@@ -24,14 +30,24 @@ _RESNETS = {
 }
 
 
+NORMS = ("FrozenBN", "GN")
+GN_GROUPS = 32
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(GN_GROUPS, channels)
+
+
 class ResNetBackbone(nn.Module):
     """Returns the C2..C5 feature maps (strides 4, 8, 16, 32) that the FPN needs."""
 
-    def __init__(self, depth: int = 50, weights: str | None = None, freeze_at: int = 2):
+    def __init__(self, depth: int = 50, weights: str | None = None, freeze_at: int = 2, norm: str = "FrozenBN"):
         super().__init__()
         if depth not in _RESNETS:
             raise ValueError(f"ResNet depth must be one of {sorted(_RESNETS)}, got {depth}")
-        net = _RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d)
+        if norm not in NORMS:
+            raise ValueError(f"ResNet norm must be one of {NORMS}, got {norm!r}")
+        net = _RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d if norm == "FrozenBN" else _group_norm)
         if weights:
             load_torchvision_weights(net, weights)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
@@ -67,6 +83,10 @@ def load_torchvision_weights(net: nn.Module, path: str) -> None:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
+    # Batch-norm statistics have no place in a group-normalised net; the step counter in none.
+    stats = ("num_batches_tracked",) if any(isinstance(m, FrozenBatchNorm2d) for m in net.modules()) else (
+        "running_mean", "running_var", "num_batches_tracked")  # fmt: skip
+    state = {k: v for k, v in state.items() if not k.endswith(stats)}
     expected = {k for k in net.state_dict() if not k.startswith("fc.")}
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)

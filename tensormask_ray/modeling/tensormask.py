@@ -202,7 +202,7 @@ class TensorMask(nn.Module):
 
 def build_model(cfg: Config) -> TensorMask:
     m = cfg.model
-    backbone = ResNetBackbone(m.backbone.depth, m.backbone.weights, m.backbone.freeze_at)
+    backbone = ResNetBackbone(m.backbone.depth, m.backbone.weights, m.backbone.freeze_at, m.backbone.norm)
     fpn = FPN(backbone.out_channels, m.fpn_channels, m.min_level, m.max_level, m.fpn_fuse)
     coarse = [coarse_size(m.mask_head, v, m.upscale_factor) for v in m.window_sizes]
     head = TensorMaskHead(

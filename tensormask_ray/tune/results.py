@@ -100,7 +100,7 @@ def _fmt(v: Any) -> str:
 def format_table(rows: list[dict[str, Any]], spec: SweepSpec) -> str:
     """The trials as a fixed-width table, best first."""
     keys = list(spec.search)
-    extra = [k for k in ("val/segm/AP", "val/segm/AP50", "val/segm/AP_L", "val/bbox/AP", "train/loss") if k != spec.metric]
+    extra = [k for k in ("val/segm/AP", "val/segm/AP50", "val/segm/AP75", "val/segm/AP_L", "val/bbox/AP", "train/loss") if k != spec.metric]
     extra = [k for k in extra if any(k in r["metrics"] for r in rows)]
     header = ["#", "trial", *keys, spec.metric, *extra, "iters", "status"]
     table = [header]

@@ -124,6 +124,30 @@ def test_synth_is_deterministic(tmp_path, synth_coco):
     assert json.loads(other.json.read_text())["annotations"] != copy["annotations"]
 
 
+def test_simple_style_is_what_it_says(tmp_path):
+    files = make_synthetic_coco(tmp_path / "simple", 20, 128, seed=0, style="simple")
+    coco = _coco(files.json)
+    per_image = [len(coco.getAnnIds(imgIds=i)) for i in coco.getImgIds()]
+    assert min(per_image) >= 1 and max(per_image) <= 4  # no empty image, 1-4 shapes
+    anns = coco.dataset["annotations"]
+    assert not any(a["iscrowd"] for a in anns)
+    assert {a["category_id"] for a in anns} == {1, 3, 7, 12}
+    # shapes are at least 16 px across (a visible part may be smaller: occlusion, the border)
+    assert sorted(max(a["bbox"][2:]) for a in anns)[len(anns) // 4] >= 16
+    # smooth backgrounds: far less high-frequency energy than the cluttered style's
+    from PIL import Image
+
+    def roughness(f):
+        im = np.asarray(Image.open(f.images_dir / coco.imgs[1]["file_name"]), dtype=np.float32)
+        return float(np.abs(np.diff(im, axis=1)).mean())
+
+    cluttered = make_synthetic_coco(tmp_path / "cluttered", 2, 128, seed=0)
+    assert roughness(files) < 0.5 * roughness(cluttered)
+    with pytest.raises(ValueError, match="unknown synthetic style 'plain'"):
+        make_synthetic_coco(tmp_path / "bad", 1, 128, style="plain")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_crowd_annotations_are_kept_and_marked(synth_shards):
     crowd = [
         (r["image_id"], a)
