@@ -72,7 +72,9 @@ def assert_same_detections(got: dict[int, list[dict]], want: dict[int, list[dict
         for a, b in zip(got[image_id], results):
             assert a["category_id"] == b["category_id"]
             assert a["segmentation"] == b["segmentation"]  # identical RLEs
-            np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-5)
+            # float32 boxes of ~100 px: another thread count sums the convolutions in another
+            # order, a few ulps (~5e-5 px seen on AMD EPYC); a thousandth of a pixel is the same box
+            np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-3)
             assert abs(a["score"] - b["score"]) <= 1e-5
 
 

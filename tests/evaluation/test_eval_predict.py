@@ -117,9 +117,9 @@ def test_ray_actors_write_the_same_detections(tmp_path, ray_local, checkpoint, i
         assert len(got or ()) == len(want or ())
         for a, b in zip(got or (), want or ()):
             assert (a["category_id"], a["segmentation"]) == (b["category_id"], b["segmentation"])
-            np.testing.assert_allclose(
-                [a["score"], *a["bbox"]], [b["score"], *b["bbox"]], atol=1e-5
-            )
+            assert abs(a["score"] - b["score"]) <= 1e-5
+            # float32 px: the actor's one thread sums the convolutions in another order (a few ulps)
+            np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-3)
     for name in ("field.png", "street.png", "single.png"):
         a = np.asarray(Image.open(tmp_path / "local" / name))
         b = np.asarray(Image.open(tmp_path / "ray" / name))
