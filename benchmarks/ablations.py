@@ -29,7 +29,7 @@ from results_md import write_section  # noqa: E402
 
 from tensormask_ray import cli  # noqa: E402
 from tensormask_ray.train.checkpoint import read_state  # noqa: E402
-from tensormask_ray.tune.results import load_sweep, trial_rows  # noqa: E402
+from tensormask_ray.tune.results import trial_rows  # noqa: E402
 
 
 def _head(cfg: dict) -> str:
@@ -42,17 +42,13 @@ def _head(cfg: dict) -> str:
 
 
 def _evaluate(checkpoint: str, shards: str, out: Path) -> dict:
+    """`evaluate --window-masks` on one checkpoint -> {"segm/AP": %, ..., "bbox/AP": %, "IoU": %, ...}."""
     rc = cli.main(["evaluate", "--checkpoint", checkpoint, "--shards", shards, "--out", str(out),
                    "--num-actors", "0", "--no-mlflow", "--window-masks", "--overwrite"])  # fmt: skip
     if rc != 0:
         raise SystemExit(f"evaluate {checkpoint} on {shards} failed (exit {rc})")
     summary = json.loads((out / "metrics.json").read_text())
-    return {**{f"segm/{k}": v for k, v in _pct(summary["metrics"], "segm").items()},
-            "bbox/AP": 100 * summary["metrics"]["bbox/AP"], **summary["window_masks"]}  # fmt: skip
-
-
-def _pct(metrics: dict, kind: str) -> dict:
-    return {k.split("/", 1)[1]: 100 * v for k, v in metrics.items() if k.startswith(kind + "/")}
+    return {**{k: 100 * v for k, v in summary["metrics"].items()}, **summary["window_masks"]}
 
 
 def _fmt(v: float) -> str:
@@ -75,7 +71,6 @@ def main() -> None:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     with tempfile.TemporaryDirectory() as tmp:
         for sweep in args.sweeps:
-            load_sweep(sweep, args.storage_path)  # a clear error for a wrong name
             rows = sorted(trial_rows(sweep, args.storage_path), key=lambda r: r["trial_id"])  # grid order
             for r in rows:
                 if not r["checkpoint"]:

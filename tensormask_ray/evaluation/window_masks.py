@@ -31,6 +31,7 @@ from ..config import Config
 from ..data.manifest import CategoryMap, read_manifest, shard_paths
 from ..modeling.assignment import assign_windows
 from ..modeling.postprocess import paste_masks
+from ..modeling.windows import locate_windows
 
 SMALL, LARGE = 32**2, 96**2  # COCO's area ranges
 PASTE_CHUNK = 64  # windows pasted at once (bounds memory at COCO image sizes)
@@ -56,15 +57,7 @@ def window_mask_ious(
         a = assign_windows(model.groups, grids, boxes, crowd, **model.assign_kwargs)
         flat = (a.labels >= 0).nonzero(as_tuple=True)[0]  # (P,) positive windows
         if flat.numel():
-            offsets = torch.tensor(a.offsets, device=flat.device)
-            group = torch.bucketize(flat, offsets[1:], right=True)  # (P,)
-            widths = torch.tensor([w for _, w in grids], device=flat.device)[group]
-            local = flat - offsets[group]
-            ys, xs = local // widths, local % widths
-            windows = torch.empty((flat.numel(), 4), device=flat.device)  # (P, 4) xyxy
-            for gi in group.unique().tolist():
-                g, sel = model.groups[gi], group == gi
-                windows[sel] = g.boxes_at(torch.stack([xs[sel], ys[sel]], 1).float() * g.stride + g.center_offset)
+            group, ys, xs, windows = locate_windows(model.groups, grids, flat)  # windows (P, 4) xyxy
             probs = model.decode_masks(masks, group, ys, xs, i)  # P soft masks (Vo, Uo)
             h, w = image_sizes[i]
             gt_index = a.labels[flat]  # (P,)

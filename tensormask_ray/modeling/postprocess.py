@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
-from .windows import WindowGroup, decode_boxes
+from .windows import WindowGroup, decode_boxes, locate_windows
 
 
 @dataclass
@@ -39,24 +39,12 @@ def select_detections(
 ) -> Detections:
     """cls_logits (M, K), box_deltas (M, 4) for the M windows of one image (flattened over groups)."""
     M, K = cls_logits.shape
-    device = cls_logits.device
     scores = cls_logits.float().sigmoid().flatten()  # (M*K,)
     keep = (scores > score_thresh).nonzero(as_tuple=True)[0]
     top = scores[keep].topk(min(topk, keep.numel())) if keep.numel() else (scores[:0], keep[:0])
     top_scores, top_idx = top[0], keep[top[1]]
     window, label = top_idx // K, top_idx % K
-    sizes = torch.tensor([h * w for h, w in grids], device=device)
-    starts = torch.cumsum(sizes, 0) - sizes
-    group = torch.bucketize(window, torch.cumsum(sizes, 0), right=True)
-    local = window - starts[group]
-    widths = torch.tensor([w for _, w in grids], device=device)[group]
-    ys, xs = local // widths, local % widths
-    stride = torch.tensor([g.stride for g in groups], device=device, dtype=torch.float32)[group]
-    offset = torch.tensor([g.center_offset for g in groups], device=device, dtype=torch.float32)[group]
-    before = torch.tensor([g.extent()[0] for g in groups], device=device, dtype=torch.float32)[group]
-    after = torch.tensor([g.extent()[1] for g in groups], device=device, dtype=torch.float32)[group]
-    cx, cy = xs.float() * stride + offset, ys.float() * stride + offset
-    windows = torch.stack([cx - before, cy - before, cx + after, cy + after], dim=1)
+    group, ys, xs, windows = locate_windows(groups, grids, window)
     boxes = decode_boxes(windows, box_deltas[window])
     h, w = image_size
     boxes = torch.stack(

@@ -100,6 +100,27 @@ def build_window_groups(
     return groups
 
 
+def locate_windows(
+    groups: list[WindowGroup], grids: list[tuple[int, int]], window: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """window (D,) indices into the flat window list of one image (group order, row-major grids)
+    -> group (D,), grid row ys (D,), grid column xs (D,), and the windows' boxes (D, 4) xyxy."""
+    device = window.device
+    sizes = torch.tensor([h * w for h, w in grids], device=device)
+    starts = torch.cumsum(sizes, 0) - sizes
+    group = torch.bucketize(window, torch.cumsum(sizes, 0), right=True)
+    local = window - starts[group]
+    widths = torch.tensor([w for _, w in grids], device=device)[group]
+    ys, xs = local // widths, local % widths
+    stride = torch.tensor([g.stride for g in groups], device=device, dtype=torch.float32)[group]
+    offset = torch.tensor([g.center_offset for g in groups], device=device, dtype=torch.float32)[group]
+    before = torch.tensor([g.extent()[0] for g in groups], device=device, dtype=torch.float32)[group]
+    after = torch.tensor([g.extent()[1] for g in groups], device=device, dtype=torch.float32)[group]
+    cx, cy = xs.float() * stride + offset, ys.float() * stride + offset
+    boxes = torch.stack([cx - before, cy - before, cx + after, cy + after], dim=1)
+    return group, ys, xs, boxes
+
+
 def coarse_size(mask_head: str, window_size: int, upscale_factor: float) -> int:
     """(V, U) size of the tensor the head's conv+reshape produces for one window size."""
     if mask_head.startswith("upscale_"):
