@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "runs": ("tensormask_ray.tune.runs_cli", "compare the trials of a sweep, find the best"),
     "evaluate": ("tensormask_ray.evaluation.cli", "COCO mask/box AP, test-dev result files"),
     "predict": ("tensormask_ray.evaluation.predict_cli", "masks drawn over images, detections as JSON"),
+    "convert": ("tensormask_ray.convert.cli", "checkpoints of other codebases (Detectron2) -> ours"),
     "submit": ("tensormask_ray.cluster.cli", "submit train/sweep/evaluate to a Ray cluster"),
     "jobs": ("tensormask_ray.cluster.jobs_cli", "list, follow and stop Ray jobs"),
 }

@@ -25,6 +25,12 @@ class ConfigError(UserError, ValueError):
 
 
 MaskHead = Literal["simple_natural", "simple_aligned", "upscale_natural", "upscale_aligned", "bipyramid"]
+# "paper": the geometry this project derives from the paper (window centres at grid-cell centres,
+# swap_align2nat reading integer rows, edge-replicating interpolation of the window grid).
+# "detectron2": Detectron2's TensorMask exactly (docs/detectron2.md): window centres at stride * x,
+# windows = its anchors, its SwapAlign2Nat (half-pixel sampling, pad_value past the window grid's
+# rim), its candidate order, NMS on unclipped boxes, and its training-side rules.
+Geometry = Literal["paper", "detectron2"]
 
 
 @dataclass
@@ -36,6 +42,10 @@ class BackboneConfig:
     freeze_at: int = 2
     # "FrozenBN" (the paper's, with pretrained weights) or "GN" (group norm: from random init).
     norm: Literal["FrozenBN", "GN"] = "FrozenBN"
+    # The MSRA ResNet of Detectron2 (RESNETS.STRIDE_IN_1X1): the stride of res3-res5 in the first
+    # 1x1 conv of the block, not in the 3x3 as torchvision's. Same shapes, other network: weights
+    # of one are garbage in the other (ResNet-50/101 only).
+    stride_in_1x1: bool = False
 
 
 @dataclass
@@ -56,6 +66,13 @@ class ModelConfig:
     tower_depth: int = 4
     pad_value: float = -6.0  # logit for reads outside the image in the tensor ops
     prior_prob: float = 0.01  # class-logit bias init, as RetinaNet
+    geometry: Geometry = "paper"
+    # Box-delta weights (wx, wy, ww, wh): targets are (wx*dx, wy*dy, ww*dw, wh*dh); Detectron2's
+    # TensorMask uses (1.5, 1.5, 0.75, 0.75) (BBOX_REG_WEIGHTS).
+    box_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    # A checkpoint of this project (folder or state.pt, e.g. one `tensormask-ray convert` wrote)
+    # whose model weights initialise the model: fine-tuning. Optimiser and iteration start afresh.
+    weights: str | None = None
 
 
 @dataclass
@@ -99,7 +116,11 @@ class InputConfig:
     min_size_test: int = 800
     max_size_test: int = 1333
     size_divisibility: int = 32
-    pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB in [0, 1]
+    # What the network sees: "RGB" = channels R, G, B with values pixel / 255 (torchvision's
+    # convention); "BGR255" = channels B, G, R with values 0-255 (Detectron2's, and the MSRA /
+    # Caffe2 models'). pixel_mean / pixel_std are in the format's channel order and range.
+    format: Literal["RGB", "BGR255"] = "RGB"
+    pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
@@ -259,6 +280,68 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.log_period": 10,
     },
 }
+
+
+# Detectron2's TensorMask (projects/TensorMask/configs/tensormask_R_50_FPN_{1x,6x}.yaml on top of
+# Detectron2's defaults), so that `tensormask-ray convert detectron2` checkpoints compute exactly
+# what Detectron2 computes (docs/detectron2.md). ANCHOR_GENERATOR.SIZES [[44, 60], [88, 120], ...]
+# at stride 4 are windows of 11 and 15 cells, in that order (the head's mask_pred_11, mask_pred_15).
+DETECTRON2_TENSORMASK: dict[str, Any] = {
+    "model.geometry": "detectron2",
+    "model.backbone.depth": 50,
+    "model.backbone.stride_in_1x1": True,
+    "model.backbone.norm": "FrozenBN",
+    "model.backbone.freeze_at": 2,
+    "model.num_classes": 80,
+    "model.fpn_channels": 256,
+    "model.min_level": 2,
+    "model.max_level": 7,
+    "model.fpn_fuse": "avg",
+    "model.mask_head": "bipyramid",
+    "model.window_sizes": [11, 15],
+    "model.cls_channels": 256,
+    "model.box_channels": 128,
+    "model.mask_channels": 128,
+    "model.tower_depth": 4,
+    "model.pad_value": -6.0,
+    "model.prior_prob": 0.01,
+    "model.box_weights": [1.5, 1.5, 0.75, 0.75],
+    "assign.scale_ratio": 0.5,
+    "assign.center_radius": 1.0,
+    "assign.uniqueness": True,
+    "assign.small_object_fallback": True,
+    "loss.cls_weight": 1.0,
+    "loss.box_weight": 1.0,
+    "loss.mask_weight": 2.0,
+    "loss.focal_gamma": 3.0,
+    "loss.focal_alpha": 0.3,
+    "loss.mask_fg_weight": 1.5,
+    "inference.score_thresh": 0.05,
+    "inference.topk_candidates": 6000,
+    "inference.nms_thresh": 0.5,
+    "inference.detections_per_image": 100,
+    "inference.mask_threshold": 0.5,
+    "input.format": "BGR255",
+    "input.pixel_mean": [103.530, 116.280, 123.675],
+    "input.pixel_std": [1.0, 1.0, 1.0],
+    "input.min_size_train": [800, 800],
+    "input.max_size_train": 1333,
+    "input.flip_prob": 0.5,
+    "input.min_size_test": 800,
+    "input.max_size_test": 1333,
+    "input.size_divisibility": 32,
+    "solver.optimizer": "sgd",
+    "solver.base_lr": 0.02,
+    "solver.reference_batch_size": 16,
+    "solver.momentum": 0.9,
+    "solver.weight_decay": 1e-4,
+    "solver.warmup_iters": 1000,
+    "solver.warmup_factor": 0.001,
+    "solver.gamma": 0.1,
+    **SCHEDULES["1x"],
+}
+PRESETS["d2-tensormask-r50-1x"] = DETECTRON2_TENSORMASK
+PRESETS["d2-tensormask-r50-6x"] = {**DETECTRON2_TENSORMASK, **SCHEDULES["6x"], "input.min_size_train": [640, 800]}
 
 
 # ----------------------------------------------------------------------------- dict <-> dataclass
@@ -443,6 +526,28 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'model.{name}': must be >= 1")
     if m.tower_depth < 0:
         raise ConfigError("config key 'model.tower_depth': must be >= 0")
+    if m.backbone.stride_in_1x1 and m.backbone.depth < 50:
+        raise ConfigError(
+            "config key 'model.backbone.stride_in_1x1': only ResNet-50/101 (bottleneck blocks) "
+            f"have a 1x1 conv to put the stride in, not depth {m.backbone.depth}"
+        )
+    if m.backbone.stride_in_1x1 and m.backbone.weights:
+        raise ConfigError(
+            "config key 'model.backbone.weights': a torchvision checkpoint has its stride in the 3x3 "
+            "convs and does not fit model.backbone.stride_in_1x1=true (it would load and compute garbage)"
+        )
+    if m.weights and m.backbone.weights:
+        raise ConfigError(
+            "config keys 'model.weights'/'model.backbone.weights': give one; model.weights holds the "
+            "backbone's weights too"
+        )
+    if len(m.box_weights) != 4 or any(w <= 0 for w in m.box_weights):
+        raise ConfigError("config key 'model.box_weights': four positive numbers (wx, wy, ww, wh)")
+    if m.geometry == "detectron2" and m.mask_head.startswith("upscale_"):
+        raise ConfigError(
+            f"config key 'model.mask_head': {m.mask_head} has no Detectron2 counterpart; with "
+            "model.geometry=detectron2 use simple_natural, simple_aligned or bipyramid"
+        )
     if m.mask_head.startswith("upscale_"):
         lam = m.upscale_factor
         if lam < 1:
@@ -465,7 +570,15 @@ def validate(cfg: Config) -> None:
     if len(i.min_size_train) != 2 or i.min_size_train[0] > i.min_size_train[1]:
         raise ConfigError("config key 'input.min_size_train': [low, high] with low <= high")
     if len(i.pixel_mean) != 3 or len(i.pixel_std) != 3:
-        raise ConfigError("config keys 'input.pixel_mean'/'input.pixel_std': three values (RGB)")
+        raise ConfigError("config keys 'input.pixel_mean'/'input.pixel_std': three values, one per channel")
+    if any(s <= 0 for s in i.pixel_std):
+        raise ConfigError("config key 'input.pixel_std': must be > 0")
+    top = 1.0 if i.format == "RGB" else 255.0
+    if any(not 0 <= v <= top for v in i.pixel_mean) or (i.format == "BGR255" and max(i.pixel_mean) <= 1):
+        raise ConfigError(
+            f"config key 'input.pixel_mean': {i.pixel_mean} does not fit input.format={i.format} "
+            f"(pixel values in [0, {top:g}]{'; these look like means of 0-1 pixels' if top > 1 else ''})"
+        )
     if cfg.data.batch_size_per_worker < 1:
         raise ConfigError("config key 'data.batch_size_per_worker': must be >= 1")
     if cfg.train.num_workers < 1:

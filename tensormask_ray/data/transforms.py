@@ -5,7 +5,9 @@ Conventions (Detectron2's): images are RGB uint8 (H, W, 3) as PIL decodes them (
 is not applied, so pixels match the stored width/height that COCO records); a resize maps pixel
 centres to pixel centres (PIL bilinear for images, nearest for masks); boxes are xyxy in pixel
 edges, so a mask covering columns 3..5 has x0 = 3, x1 = 6 (COCO's `toBbox` convention).
-Normalised images are float32 (3, H, W): (pixel / 255 - pixel_mean) / pixel_std.
+Normalised images are float32 (3, H, W) in the model's `input.format`: "RGB" is
+(pixel / 255 - pixel_mean) / pixel_std over channels R, G, B; "BGR255" (Detectron2's) is
+(pixel - pixel_mean) / pixel_std over channels B, G, R.
 """
 
 from __future__ import annotations
@@ -50,13 +52,19 @@ def decode_masks(rle_counts: Sequence[str | bytes], height: int, width: int) -> 
 
 
 def resized_shape(height: int, width: int, short: int, max_size: int) -> tuple[int, int, float]:
-    """Shorter side to `short`, longer side capped at `max_size` -> (new_h, new_w, scale)."""
-    scale = short / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    new_h = max(1, int(height * scale + 0.5))
-    new_w = max(1, int(width * scale + 0.5))
-    return new_h, new_w, scale
+    """Shorter side to `short`, longer side capped at `max_size` -> (new_h, new_w, scale).
+
+    The float arithmetic is Detectron2's (ResizeShortestEdge.get_output_shape), step for step:
+    where the exact size is k + 1/2 (e.g. 11 x 22 at 800/1333: 666.5) float rounding decides, and
+    a model evaluated at another size by one pixel is not the model Detectron2 evaluated."""
+    size = float(short)
+    scale = size / min(height, width)
+    new_h, new_w = (size, scale * width) if height < width else (scale * height, size)
+    if max(new_h, new_w) > max_size:
+        cap = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * cap, new_w * cap
+        scale *= cap
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5)), scale
 
 
 def resize_image(image: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
@@ -129,14 +137,25 @@ def masks_to_boxes(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- normalisation
 
 
+FORMATS = ("RGB", "BGR255")
+
+
 def normalize(
-    image: np.ndarray, pixel_mean: Sequence[float], pixel_std: Sequence[float]
+    image: np.ndarray, pixel_mean: Sequence[float], pixel_std: Sequence[float], format: str = "RGB"
 ) -> np.ndarray:
-    """uint8 (H, W, 3) RGB -> float32 (3, H, W): (pixel / 255 - mean) / std. Accepts strided
-    views (a flip), writing one contiguous output."""
+    """uint8 (H, W, 3) RGB -> float32 (3, H, W) in `format` (see the module docstring). Accepts
+    strided views (a flip), writing one contiguous output. BGR255 computes (pixel - mean) / std
+    in float32, as Detectron2's preprocess_image does."""
+    if format not in FORMATS:
+        raise ValueError(f"input format must be one of {FORMATS}, got {format!r}")
     h, w, _ = image.shape
     out = np.empty((3, h, w), dtype=np.float32)
     for c in range(3):
+        if format == "BGR255":
+            out[c] = image[:, :, 2 - c]
+            out[c] -= np.float32(pixel_mean[c])
+            out[c] /= np.float32(pixel_std[c])
+            continue
         a = np.float32(1.0 / (255.0 * pixel_std[c]))
         b = np.float32(-pixel_mean[c] / pixel_std[c])
         np.multiply(image[:, :, c], a, out=out[c], dtype=np.float32)
@@ -144,12 +163,16 @@ def normalize(
     return out
 
 
-def denormalize(image: np.ndarray | torch.Tensor, pixel_mean, pixel_std) -> np.ndarray:
-    """float (3, H, W) normalised -> uint8 (H, W, 3), for drawing and tests."""
+def denormalize(image: np.ndarray | torch.Tensor, pixel_mean, pixel_std, format: str = "RGB") -> np.ndarray:
+    """float (3, H, W) normalised in `format` -> uint8 RGB (H, W, 3), for drawing and tests."""
     x = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     mean = np.asarray(pixel_mean, dtype=np.float32)[:, None, None]
     std = np.asarray(pixel_std, dtype=np.float32)[:, None, None]
-    x = (x * std + mean) * 255.0
+    x = x * std + mean
+    if format == "BGR255":
+        x = x[::-1]
+    else:
+        x = x * 255.0
     return np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(1, 2, 0)
 
 
@@ -165,7 +188,7 @@ def preprocess_for_test(
     h, w = image_uint8_hwc.shape[:2]
     new_h, new_w, scale = resized_shape(h, w, input_cfg.min_size_test, input_cfg.max_size_test)
     image = resize_image(np.ascontiguousarray(image_uint8_hwc), new_h, new_w)
-    return torch.from_numpy(normalize(image, input_cfg.pixel_mean, input_cfg.pixel_std)), scale
+    return torch.from_numpy(normalize(image, input_cfg.pixel_mean, input_cfg.pixel_std, input_cfg.format)), scale
 
 
 # ----------------------------------------------------------------------------- train time
@@ -243,7 +266,7 @@ def train_sample(
     image, masks, boxes = augment(image, masks, boxes, new_h, new_w, flip)
     return {
         "image_id": image_id,
-        "image": normalize(image, input_cfg.pixel_mean, input_cfg.pixel_std),
+        "image": normalize(image, input_cfg.pixel_mean, input_cfg.pixel_std, input_cfg.format),
         "masks": masks,
         "boxes": boxes,
         "labels": labels,

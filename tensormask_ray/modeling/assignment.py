@@ -16,6 +16,14 @@ For the tensor bipyramid the paper's sigma_VU is the finest stride at every leve
 coarse levels (spacing 2^k times larger) with almost no window in reach of a mask centre; like
 Detectron2's reference implementation we measure centrality in units of the window grid's spacing.
 
+Detectron2's rules (geometry "detectron2", its `_assignment_rule` and DatasetMapper), where they
+differ: the size part of (i) is relaxed by one stride, since windows sit only every stride pixels:
+2 m_long >= S - stride (S the window side; 2 = 1 / scale_ratio), with the fallback
+max(2 m_long, S_min - stride_min) where S_min - stride_min is the smallest such bound over the
+groups; (ii) is computed as their ((c_gt - c_win) / stride)^2 summed; crowd regions and boxes with
+an empty side take no part at all (their mapper drops them, so crowd windows are negatives, not
+ignored); without uniqueness, a window several masks satisfy is ignored.
+
 Cost: only windows within `center_radius` of a mask centre can be positive, so candidates are the
 (2r+1)^2 grid positions around each centre, per group: O(G * groups * (2r+1)^2), no loop over
 windows and no (G x all windows) matrix.
@@ -48,9 +56,11 @@ def assign_windows(
     center_radius: float = 1.0,
     uniqueness: bool = True,
     small_object_fallback: bool = True,
+    geometry: str = "paper",
 ) -> Assignment:
     """groups/grids: the window groups and their (Hg, Wg); gt_boxes (G, 4) xyxy image pixels;
     gt_crowd (G,) bool. Returns each window's matched gt (>= 0), negative (-1) or ignored (-2)."""
+    d2 = geometry == "detectron2"
     device = gt_boxes.device
     sizes = [h * w for h, w in grids]
     offsets = [0]
@@ -69,6 +79,14 @@ def assign_windows(
     gt_ctr = (boxes[:, :2] + boxes[:, 2:]) / 2  # (G, 2) x, y
     min_side = min(g.side for g in groups)
     too_small = gt_long < scale_ratio * min_side  # fallback candidates
+    if d2:
+        # Detectron2 sees neither crowd regions nor boxes with an empty side (its mapper drops them).
+        taking_part = ~gt_crowd & (boxes[:, 2] - boxes[:, 0] > 1e-5) & (boxes[:, 3] - boxes[:, 1] > 1e-5)
+        gt_crowd = torch.zeros_like(gt_crowd)
+        min_need = min(g.side - g.stride for g in groups)  # its min_anchor_size
+        gt_upper = gt_long * (1.0 / scale_ratio)  # (G,) the largest window side (less a stride) allowed
+        if small_object_fallback:
+            gt_upper = torch.where(gt_upper < min_need, torch.full_like(gt_upper, min_need), gt_upper)
 
     R = int(math.ceil(center_radius))
     offs = torch.arange(-R, R + 1, device=device)
@@ -85,7 +103,6 @@ def assign_windows(
         inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
         cx = px.float() * g.stride + g.center_offset  # window centres (G, P)
         cy = py.float() * g.stride + g.center_offset
-        central = ((cx - gt_ctr[:, :1]) ** 2 + (cy - gt_ctr[:, 1:]) ** 2) <= (center_radius * g.stride) ** 2
         before, after = g.extent()
         contains = (
             (cx - before <= boxes[:, 0:1])
@@ -93,9 +110,15 @@ def assign_windows(
             & (cx + after >= boxes[:, 2:3])
             & (cy + after >= boxes[:, 3:4])
         )
-        big_enough = gt_long >= scale_ratio * g.side  # (G,)
-        if small_object_fallback and g.side == min_side:
-            big_enough = big_enough | too_small
+        if d2:
+            ox, oy = (gt_ctr[:, :1] - cx) / g.stride, (gt_ctr[:, 1:] - cy) / g.stride
+            central = ox * ox + oy * oy <= center_radius * center_radius
+            big_enough = (gt_upper - (g.side - g.stride) >= 0) & taking_part  # (G,)
+        else:
+            central = ((cx - gt_ctr[:, :1]) ** 2 + (cy - gt_ctr[:, 1:]) ** 2) <= (center_radius * g.stride) ** 2
+            big_enough = gt_long >= scale_ratio * g.side  # (G,)
+            if small_object_fallback and g.side == min_side:
+                big_enough = big_enough | too_small
         ok = inside & central & contains & big_enough[:, None]  # (G, P)
         gi, pi = ok.nonzero(as_tuple=True)
         cand_window.append(start + py[gi, pi] * w + px[gi, pi])
@@ -108,6 +131,9 @@ def assign_windows(
     count = torch.zeros(M, dtype=torch.int64, device=device).index_add_(0, real_win, torch.ones_like(real_win))
     if uniqueness:
         labels[real_win[count[real_win] == 1]] = real_gt[count[real_win] == 1]
+    elif d2:
+        labels[real_win[count[real_win] == 1]] = real_gt[count[real_win] == 1]
+        labels[real_win[count[real_win] > 1]] = -2
     else:
         # Several masks qualify: take the one with the smallest box (a deterministic choice).
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])

@@ -9,6 +9,12 @@ checkpoint: GN takes its affine weights and drops its running statistics.
 Random init by default. `weights` may name a local torchvision ResNet checkpoint (a state_dict
 saved with torch.save, e.g. resnet50-0676ba61.pth copied from a machine that has it); nothing is
 ever downloaded.
+
+`stride_in_1x1` gives the MSRA ResNet that Detectron2's models use (RESNETS.STRIDE_IN_1X1): the
+first block of res3-res5 strides in its first 1x1 conv instead of its 3x3 conv. The shapes are the
+same as torchvision's, so weights of one load silently into the other and compute garbage; the
+converter (convert/detectron2.py) builds this variant. Its frozen batch norm computes as
+Detectron2's FrozenBatchNorm2d does (`DetectronFrozenBatchNorm2d`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -38,16 +45,49 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(GN_GROUPS, channels)
 
 
+class DetectronFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d (same buffers, same state_dict) with Detectron2's arithmetic:
+    one fused `F.batch_norm` when no gradient flows to the input (inference, frozen stages), the
+    affine form `x * scale + bias` otherwise. The two differ in the last bit of ~1/3 of the values,
+    which decides near-ties among 100k candidate scores; this is what Detectron2's checkpoints were
+    evaluated with, and it is the faster of the two at inference."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            return super().forward(x)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def _stride_in_1x1(net: torchvision.models.ResNet) -> None:
+    """Moves the stride of each strided bottleneck from its 3x3 conv (conv2) to its first 1x1 (conv1)."""
+    for stage in (net.layer2, net.layer3, net.layer4):
+        block = stage[0]
+        stride = block.conv2.stride
+        block.conv1.stride, block.conv2.stride = stride, (1, 1)
+
+
 class ResNetBackbone(nn.Module):
     """Returns the C2..C5 feature maps (strides 4, 8, 16, 32) that the FPN needs."""
 
-    def __init__(self, depth: int = 50, weights: str | None = None, freeze_at: int = 2, norm: str = "FrozenBN"):
+    def __init__(
+        self,
+        depth: int = 50,
+        weights: str | None = None,
+        freeze_at: int = 2,
+        norm: str = "FrozenBN",
+        stride_in_1x1: bool = False,
+    ):
         super().__init__()
         if depth not in _RESNETS:
             raise ValueError(f"ResNet depth must be one of {sorted(_RESNETS)}, got {depth}")
         if norm not in NORMS:
             raise ValueError(f"ResNet norm must be one of {NORMS}, got {norm!r}")
-        net = _RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d if norm == "FrozenBN" else _group_norm)
+        if stride_in_1x1 and depth < 50:
+            raise ValueError(f"stride_in_1x1 needs bottleneck blocks (ResNet-50/101), not ResNet-{depth}")
+        frozen = DetectronFrozenBatchNorm2d if stride_in_1x1 else FrozenBatchNorm2d
+        net = _RESNETS[depth](weights=None, norm_layer=frozen if norm == "FrozenBN" else _group_norm)
+        if stride_in_1x1:
+            _stride_in_1x1(net)
         if weights:
             load_torchvision_weights(net, weights)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)

@@ -89,15 +89,3 @@ class LazyBipyramidMasks:
         c = self.coarse_sizes[size_index]
         return self.mask_preds[size_index](fused).view(N, c, c, h, w)
 
-
-def window_footprints(
-    ys: torch.Tensor, xs: torch.Tensor, lam: int, Vo: torch.Tensor, Uo: torch.Tensor, bounds: tuple[int, int]
-) -> torch.Tensor:
-    """Rows and columns of the finest grid that swap_align2nat reads for windows (ys, xs) (K,) of a
-    level with lam = 2^k and natural masks of Vo x Uo (K,) each: (K, 4) [r0, r1, c0, c1), clipped to bounds."""
-    H, W = bounds
-    r0 = (lam * ys - Vo // 2).clamp(0, H)
-    r1 = (lam * ys + Vo - Vo // 2).clamp(0, H)
-    c0 = (lam * xs - Uo // 2).clamp(0, W)
-    c1 = (lam * xs + Uo - Uo // 2).clamp(0, W)
-    return torch.stack([r0, r1, c0, c1], dim=1)

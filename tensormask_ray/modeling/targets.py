@@ -9,7 +9,7 @@ import torch
 from torchvision.ops import roi_align
 
 from .assignment import assign_windows
-from .windows import WindowGroup, encode_boxes
+from .windows import UNIT_WEIGHTS, WindowGroup, encode_boxes
 
 
 @dataclass
@@ -32,14 +32,15 @@ class BatchTargets:
 
 
 def mask_targets(
-    gt_masks: torch.Tensor, gt_index: torch.Tensor, windows: torch.Tensor, mask_size: int
+    gt_masks: torch.Tensor, gt_index: torch.Tensor, windows: torch.Tensor, mask_size: int, sampling_ratio: int = 2
 ) -> torch.Tensor:
     """Resamples gt_masks (G, h, w) {0,1} onto windows (P, 4) xyxy as (P, Vo, Vo) {0,1} targets:
-    each cell takes the mean of 2x2 samples of its image area, thresholded at 0.5."""
+    each cell takes the mean of sampling_ratio^2 samples of its image area (0: ceil(cell size)
+    per axis, as Detectron2's BitMasks.crop_and_resize), thresholded at 0.5."""
     if windows.shape[0] == 0:
         return gt_masks.new_zeros((0, mask_size, mask_size), dtype=torch.float32)
     rois = torch.cat([gt_index[:, None].to(windows.dtype), windows], dim=1)
-    soft = roi_align(gt_masks[:, None].float(), rois, (mask_size, mask_size), 1.0, 2, aligned=True)
+    soft = roi_align(gt_masks[:, None].float(), rois, (mask_size, mask_size), 1.0, sampling_ratio, aligned=True)
     return (soft[:, 0] >= 0.5).float()  # (P, Vo, Vo)
 
 
@@ -53,15 +54,22 @@ def build_targets(
     center_radius: float = 1.0,
     uniqueness: bool = True,
     small_object_fallback: bool = True,
+    geometry: str = "paper",
+    box_weights: tuple[float, float, float, float] = UNIT_WEIGHTS,
 ) -> BatchTargets:
-    """targets: per image {"boxes" (G, 4) xyxy, "labels" (G,), "masks" (G, h, w), "iscrowd" (G,)}."""
+    """targets: per image {"boxes" (G, 4) xyxy, "labels" (G,), "masks" (G, h, w), "iscrowd" (G,)}.
+    geometry "detectron2": its assignment rules (assignment.py) and its mask crops (BitMasks
+    crop_and_resize: ROIAlign with adaptive sampling at the windows = its anchors)."""
+    sampling_ratio = 0 if geometry == "detectron2" else 2
     cls_rows, fg_rows, deltas = [], [], []
     pos_parts: list[list[tuple]] = [[] for _ in groups]
     for i, t in enumerate(targets):
         boxes = t["boxes"].float()
         crowd = t.get("iscrowd")
         crowd = crowd.bool() if crowd is not None else torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
-        a = assign_windows(groups, grids, boxes, crowd, scale_ratio, center_radius, uniqueness, small_object_fallback)
+        a = assign_windows(
+            groups, grids, boxes, crowd, scale_ratio, center_radius, uniqueness, small_object_fallback, geometry
+        )
         labels = t["labels"].long()
         cls_i = torch.full_like(a.labels, num_classes)
         pos = a.labels >= 0
@@ -80,14 +88,14 @@ def build_targets(
             boxes_g = g.boxes_at(centers)
             gt_idx = a.labels[start:end][local]
             win_boxes.append((start + local, boxes_g, gt_idx))
-            m = mask_targets(t["masks"], gt_idx, boxes_g, g.mask_size)
+            m = mask_targets(t["masks"], gt_idx, boxes_g, g.mask_size, sampling_ratio)
             pos_parts[gi].append((torch.full_like(ys, i), ys, xs, m))
         if win_boxes:
             # deltas in flat window order, to line up with fg.nonzero()
             order = torch.argsort(torch.cat([wb[0] for wb in win_boxes]))
             wins = torch.cat([wb[1] for wb in win_boxes])[order]
             gts = torch.cat([wb[2] for wb in win_boxes])[order]
-            deltas.append(encode_boxes(wins, boxes[gts]))
+            deltas.append(encode_boxes(wins, boxes[gts], box_weights))
     cls = torch.stack(cls_rows)
     fg = torch.stack(fg_rows)
     device = cls.device

@@ -3,6 +3,9 @@ mask-driven assignment and FL*/l1/weighted-BCE losses, decoded sparsely at infer
 
     forward_training : images -> features -> head tensors -> targets -> losses
     forward_inference: images -> features -> head tensors -> top-k + NMS -> masks of the survivors
+
+`geometry` "detectron2" makes the same model compute what Detectron2's TensorMask computes
+(windows.py, assignment.py, postprocess.py say where and how; docs/detectron2.md lists it all).
 """
 
 from __future__ import annotations
@@ -13,13 +16,19 @@ from torch import nn
 from ..config import Config
 from ..ops.sparse import decode_windows
 from .backbone import ResNetBackbone
-from .bipyramid import LazyBipyramidMasks, window_footprints
+from .bipyramid import LazyBipyramidMasks
 from .fpn import FPN
 from .heads import TensorMaskHead
 from .losses import box_l1_loss, focal_loss_star, mask_bce_loss
-from .postprocess import paste_masks, select_detections
+from .postprocess import (
+    Detections,
+    clip_and_drop_empty,
+    paste_masks,
+    select_detections,
+    select_detections_detectron2,
+)
 from .targets import build_targets
-from .windows import WindowGroup, build_window_groups, coarse_size
+from .windows import UNIT_WEIGHTS, WindowGroup, build_window_groups, coarse_size
 
 
 class TensorMask(nn.Module):
@@ -42,8 +51,11 @@ class TensorMask(nn.Module):
         nms_thresh: float = 0.5,
         detections_per_image: int = 100,
         mask_threshold: float = 0.5,
+        geometry: str = "paper",
+        box_weights: tuple[float, float, float, float] = UNIT_WEIGHTS,
     ):
         super().__init__()
+        self.geometry, self.box_weights = geometry, tuple(box_weights)
         self.backbone, self.fpn, self.head = backbone, fpn, head
         self.groups = groups
         self.num_classes, self.window_sizes, self.pad_value = num_classes, list(window_sizes), pad_value
@@ -88,7 +100,7 @@ class TensorMask(nn.Module):
         iscrowd (G,). Returns the weighted losses {"loss_cls", "loss_box", "loss_mask"}."""
         cls, box, masks = self.head_outputs(images)
         cls_flat, box_flat, grids = self._flatten(cls, box)
-        t = build_targets(self.groups, grids, targets, self.num_classes, **self.assign_kwargs)
+        t = build_targets(self.groups, grids, targets, self.num_classes, **self.assign_kwargs, box_weights=self.box_weights)
         normalizer = max(1.0, float(t.num_fg))
 
         valid = t.cls >= 0  # (N, M)
@@ -127,19 +139,30 @@ class TensorMask(nn.Module):
         cls_flat, box_flat, grids = self._flatten(cls, box)
         results = []
         for i in range(N):
-            det = select_detections(
-                self.groups, grids, cls_flat[i], box_flat[i], image_sizes[i],
-                self.score_thresh, self.topk_candidates, self.nms_thresh, self.detections_per_image,
-            )  # fmt: skip
-            probs = self.decode_masks(masks, det.group, det.ys, det.xs, i)
             (h, w), (oh, ow) = image_sizes[i], output_sizes[i]
+            det = self.select_detections(cls, box, cls_flat, box_flat, grids, i, (h, w))
             scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=det.boxes.device)
-            boxes = det.boxes * scale
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
+            boxes, nonempty = clip_and_drop_empty(det.boxes * scale, oh, ow)
+            if self.geometry == "detectron2":  # its _postprocess: empty boxes go after NMS
+                det = Detections(*(getattr(det, f)[nonempty] for f in Detections.__dataclass_fields__))
+                boxes = boxes[nonempty]
+            probs = self.decode_masks(masks, det.group, det.ys, det.xs, i)
             pasted = paste_masks(probs, det.windows * scale, oh, ow, self.mask_threshold)
             results.append({"boxes": boxes, "scores": det.scores, "labels": det.labels, "masks": pasted})
         return results
+
+    def select_detections(self, cls, box, cls_flat, box_flat, grids, image: int, image_size: tuple[int, int]) -> Detections:
+        """Top-k + NMS for one image, as the geometry does it (postprocess.py). cls/box: the head's
+        per-level outputs; cls_flat/box_flat/grids: the same flattened in window-group order."""
+        if self.geometry == "detectron2":
+            return select_detections_detectron2(
+                self.groups, cls, box, image, self.score_thresh, self.topk_candidates, self.nms_thresh,
+                self.detections_per_image, self.box_weights,
+            )  # fmt: skip
+        return select_detections(
+            self.groups, grids, cls_flat[image], box_flat[image], image_size, self.score_thresh,
+            self.topk_candidates, self.nms_thresh, self.detections_per_image, self.box_weights,
+        )  # fmt: skip
 
     def decode_masks(
         self, masks, group: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, image: int, dense: bool = False
@@ -175,11 +198,12 @@ class TensorMask(nn.Module):
         H, W = masks.size
         zero = torch.zeros((), dtype=torch.long, device=ys.device)
         level_of = torch.tensor([g.k for g in self.groups], device=group.device)[group]  # (D,)
-        out_size = torch.tensor([g.op.out_size for g in self.groups], device=group.device)[group]  # (D, 2)
         for k in level_of.unique().tolist():
             at_level = (level_of == k).nonzero(as_tuple=True)[0]
-            Vo, Uo = out_size[at_level].unbind(1)
-            foot = window_footprints(ys[at_level], xs[at_level], 2**k, Vo, Uo, (H, W))  # (D_k, 4) [r0, r1, c0, c1)
+            foot = torch.empty((at_level.numel(), 4), dtype=torch.long, device=ys.device)  # (D_k, 4) [r0, r1, c0, c1)
+            for gi in group[at_level].unique().tolist():
+                mine = group[at_level] == gi
+                foot[mine] = self.groups[gi].op.footprints(ys[at_level][mine], xs[at_level][mine], (H, W)).long()
             halo = lambda r0, r1, c0, c1: (min(r1 + 1, H) - max(r0 - 1, 0)) * (min(c1 + 1, W) - max(c0 - 1, 0))  # noqa: E731
             union = (int(foot[:, 0].min()), int(foot[:, 1].max()), int(foot[:, 2].min()), int(foot[:, 3].max()))
             separate = sum(halo(*f) for f in foot.tolist())
@@ -202,21 +226,30 @@ class TensorMask(nn.Module):
 
 def build_model(cfg: Config) -> TensorMask:
     m = cfg.model
-    backbone = ResNetBackbone(m.backbone.depth, m.backbone.weights, m.backbone.freeze_at, m.backbone.norm)
+    b = m.backbone
+    backbone = ResNetBackbone(b.depth, b.weights, b.freeze_at, b.norm, b.stride_in_1x1)
     fpn = FPN(backbone.out_channels, m.fpn_channels, m.min_level, m.max_level, m.fpn_fuse)
     coarse = [coarse_size(m.mask_head, v, m.upscale_factor) for v in m.window_sizes]
     head = TensorMaskHead(
         m.fpn_channels, m.num_classes, m.window_sizes, coarse, m.mask_head == "bipyramid",
         m.cls_channels, m.box_channels, m.mask_channels, m.tower_depth, m.prior_prob,
     )  # fmt: skip
-    groups = build_window_groups(m.mask_head, m.window_sizes, m.min_level, m.max_level, m.upscale_factor, m.upscale_mode)
+    groups = build_window_groups(
+        m.mask_head, m.window_sizes, m.min_level, m.max_level, m.upscale_factor, m.upscale_mode, m.geometry
+    )
     a, lo, inf = cfg.assign, cfg.loss, cfg.inference
-    return TensorMask(
+    model = TensorMask(
         backbone, fpn, head, groups, m.num_classes, m.window_sizes, m.pad_value,
         loss_weights=(lo.cls_weight, lo.box_weight, lo.mask_weight),
         focal_gamma=lo.focal_gamma, focal_alpha=lo.focal_alpha, mask_fg_weight=lo.mask_fg_weight,
-        assign_kwargs=dict(scale_ratio=a.scale_ratio, center_radius=a.center_radius,
-                           uniqueness=a.uniqueness, small_object_fallback=a.small_object_fallback),
+        assign_kwargs=dict(scale_ratio=a.scale_ratio, center_radius=a.center_radius, uniqueness=a.uniqueness,
+                           small_object_fallback=a.small_object_fallback, geometry=m.geometry),
         score_thresh=inf.score_thresh, topk_candidates=inf.topk_candidates, nms_thresh=inf.nms_thresh,
         detections_per_image=inf.detections_per_image, mask_threshold=inf.mask_threshold,
+        geometry=m.geometry, box_weights=tuple(m.box_weights),
     )  # fmt: skip
+    if m.weights:  # fine-tuning: every weight from a checkpoint of ours (e.g. a converted one)
+        from ..train.checkpoint import load_weights, read_state
+
+        load_weights(model, read_state(m.weights)["model"], m.weights)
+    return model

@@ -11,9 +11,15 @@ V (= U). Its output masks are natural-representation tensors (N, Vo, Uo, Hg, Wg)
   subsampled by 2^k (swap_align2nat), i.e. every 2^l pixels.
 In both cases the window spans V * 2^l image pixels.
 
-Coordinates are continuous image pixels (pixel i covers [i, i+1)); grid position y of a map with
-stride s has its centre at y*s + s/2 (the convention that bilinear resizing with
-align_corners=False preserves, which the bipyramid relies on).
+Coordinates are continuous image pixels (pixel i covers [i, i+1)). Two geometries:
+
+- "paper": grid position y of a map with stride s has its centre at y*s + s/2 (the convention that
+  bilinear resizing with align_corners=False preserves, which the bipyramid relies on); a window of
+  Vo cells spans [c - (Vo//2 + 1/2) cell, c + (Vo - Vo//2 - 1/2) cell] around it, so that cell
+  Vo//2 is centred on it.
+- "detectron2": Detectron2's TensorMask. Window centres at y*s (TensorMaskAnchorGenerator shifts
+  by 0, not by s/2), and the window is its anchor [c - S/2, c + S/2] with S = Vo*cell, symmetric
+  for even Vo too; the aligned ops are its SwapAlign2Nat (ops.sparse.WindowOp geometry).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class WindowGroup:
     mask_size: int  # Vo (= Uo): mask cells per side
     center_offset: float  # image-pixel centre of grid position 0
     op: WindowOp  # head tensor -> natural masks
+    geometry: str = "paper"  # "paper" | "detectron2" (module docstring)
 
     @property
     def side(self) -> float:
@@ -54,7 +61,10 @@ class WindowGroup:
         return torch.stack([cx.reshape(-1), cy.reshape(-1)], dim=1)
 
     def extent(self) -> tuple[float, float]:
-        """(before, after): the window spans [c - before, c + after] on each axis (odd Vo: symmetric)."""
+        """(before, after): the window spans [c - before, c + after] on each axis (odd Vo, or the
+        detectron2 geometry: symmetric)."""
+        if self.geometry == "detectron2":
+            return self.side / 2, self.side / 2
         half = self.mask_size // 2
         return (half + 0.5) * self.cell, (self.mask_size - half - 0.5) * self.cell
 
@@ -67,6 +77,9 @@ class WindowGroup:
         return self.boxes_at(self.centers(grid, device))  # (Hg*Wg, 4)
 
 
+GEOMETRIES = ("paper", "detectron2")
+
+
 def build_window_groups(
     mask_head: str,
     window_sizes: list[int],
@@ -74,29 +87,37 @@ def build_window_groups(
     max_level: int,
     upscale_factor: float = 1.0,
     upscale_mode: str = "bilinear",
+    geometry: str = "paper",
 ) -> list[WindowGroup]:
     """All (level, window size) groups, level-major: the order of every flattened window list."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+    d2 = geometry == "detectron2"
+    if d2 and mask_head.startswith("upscale_"):
+        raise ValueError(f"{mask_head} has no Detectron2 counterpart (geometry 'detectron2')")
+    aligned = {"geometry": geometry} if d2 else {}  # Detectron2's SwapAlign2Nat for the aligned ops
     groups = []
     for level in range(min_level, max_level + 1):
         k = level - min_level
         stride = 2**level
         for a, V in enumerate(window_sizes):
             if mask_head == "bipyramid":
-                lam = 2**k
-                op = WindowOp((lam * V, lam * V), alpha=1, stride=lam, mode="bilinear")
-                groups.append(WindowGroup(level, k, a, V, stride, 2**min_level, lam * V, 0.5 * 2**min_level, op))
+                lam, cell = 2**k, 2**min_level
+                op = WindowOp((lam * V, lam * V), alpha=1, stride=lam, mode="bilinear", **aligned)
+                offset = 0.0 if d2 else 0.5 * cell
+                groups.append(WindowGroup(level, k, a, V, stride, cell, lam * V, offset, op, geometry))
                 continue
             if mask_head == "simple_natural":
                 op = WindowOp((V, V), alpha=0)
             elif mask_head == "simple_aligned":
-                op = WindowOp((V, V), alpha=1)
+                op = WindowOp((V, V), alpha=1, **aligned)
             elif mask_head == "upscale_natural":
                 op = WindowOp((V, V), alpha=0, mode=upscale_mode)
             elif mask_head == "upscale_aligned":
                 op = WindowOp((V, V), alpha=1, mode=upscale_mode)
             else:
                 raise ValueError(f"unknown mask head {mask_head!r}")
-            groups.append(WindowGroup(level, k, a, V, stride, stride, V, 0.5 * stride, op))
+            groups.append(WindowGroup(level, k, a, V, stride, stride, V, 0.0 if d2 else 0.5 * stride, op, geometry))
     return groups
 
 
@@ -112,13 +133,19 @@ def locate_windows(
     local = window - starts[group]
     widths = torch.tensor([w for _, w in grids], device=device)[group]
     ys, xs = local // widths, local % widths
+    return group, ys, xs, window_boxes(groups, group, ys, xs)
+
+
+def window_boxes(groups: list[WindowGroup], group: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """The boxes (D, 4) xyxy of the windows at grid positions (ys, xs) (D,) of groups `group` (D,):
+    WindowGroup.boxes_at, vectorised over groups (in the detectron2 geometry: its anchors, to the bit)."""
+    device = group.device
     stride = torch.tensor([g.stride for g in groups], device=device, dtype=torch.float32)[group]
     offset = torch.tensor([g.center_offset for g in groups], device=device, dtype=torch.float32)[group]
     before = torch.tensor([g.extent()[0] for g in groups], device=device, dtype=torch.float32)[group]
     after = torch.tensor([g.extent()[1] for g in groups], device=device, dtype=torch.float32)[group]
     cx, cy = xs.float() * stride + offset, ys.float() * stride + offset
-    boxes = torch.stack([cx - before, cy - before, cx + after, cy + after], dim=1)
-    return group, ys, xs, boxes
+    return torch.stack([cx - before, cy - before, cx + after, cy + after], dim=1)
 
 
 def coarse_size(mask_head: str, window_size: int, upscale_factor: float) -> int:
@@ -129,22 +156,32 @@ def coarse_size(mask_head: str, window_size: int, upscale_factor: float) -> int:
 
 
 # ----------------------------------------------------------------------------- box coder
-def encode_boxes(windows: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+# R-CNN's box coder relative to the window. `weights` (wx, wy, ww, wh) scale the deltas, as
+# Detectron2's Box2BoxTransform(weights) does: TensorMask's (1.5, 1.5, 0.75, 0.75); the paper's
+# plain coder is (1, 1, 1, 1), whose products and divisions are exact.
+UNIT_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+
+
+def encode_boxes(windows: torch.Tensor, boxes: torch.Tensor, weights=UNIT_WEIGHTS) -> torch.Tensor:
     """(M, 4) windows, (M, 4) target boxes, both xyxy -> (M, 4) deltas (dx, dy, dw, dh)."""
     ww, wh = windows[:, 2] - windows[:, 0], windows[:, 3] - windows[:, 1]
     wx, wy = windows[:, 0] + 0.5 * ww, windows[:, 1] + 0.5 * wh
     bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     bx, by = boxes[:, 0] + 0.5 * bw, boxes[:, 1] + 0.5 * bh
-    return torch.stack([(bx - wx) / ww, (by - wy) / wh, torch.log(bw / ww), torch.log(bh / wh)], dim=1)
+    kx, ky, kw, kh = weights
+    return torch.stack(
+        [kx * (bx - wx) / ww, ky * (by - wy) / wh, kw * torch.log(bw / ww), kh * torch.log(bh / wh)], dim=1
+    )
 
 
-def decode_boxes(windows: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+def decode_boxes(windows: torch.Tensor, deltas: torch.Tensor, weights=UNIT_WEIGHTS) -> torch.Tensor:
     """Inverse of encode_boxes: (M, 4) windows, (M, 4) deltas -> (M, 4) boxes xyxy."""
     deltas = deltas.float()
     ww, wh = windows[:, 2] - windows[:, 0], windows[:, 3] - windows[:, 1]
     wx, wy = windows[:, 0] + 0.5 * ww, windows[:, 1] + 0.5 * wh
-    dx, dy = deltas[:, 0], deltas[:, 1]
-    dw, dh = deltas[:, 2].clamp(max=BOX_CLAMP), deltas[:, 3].clamp(max=BOX_CLAMP)
+    kx, ky, kw, kh = weights
+    dx, dy = deltas[:, 0] / kx, deltas[:, 1] / ky
+    dw, dh = (deltas[:, 2] / kw).clamp(max=BOX_CLAMP), (deltas[:, 3] / kh).clamp(max=BOX_CLAMP)
     cx, cy = dx * ww + wx, dy * wh + wy
     w, h = torch.exp(dw) * ww, torch.exp(dh) * wh
     return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=1)

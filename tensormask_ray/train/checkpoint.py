@@ -129,6 +129,7 @@ def load_model_for_inference(path: str | Path, overrides: dict[str, Any] | None 
     if overrides:
         cfg = apply_overrides(cfg, overrides).validate()
     cfg.model.backbone.weights = None  # the checkpoint holds every weight
+    cfg.model.weights = None
     model = build_model(cfg)
     load_weights(model, state["model"], path)
     return model.to(device).eval(), cfg, list(state.get("categories") or [])

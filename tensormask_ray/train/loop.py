@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from ..config import Config, from_dict
+from ..config import Config, apply_overrides, from_dict
 from . import storage
 from .checkpoint import load_training_state, save_training_state
 from .schedule import LRSchedule, build_optimizer, set_lr
@@ -76,7 +76,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _seed_everything(cfg.seed + 1000 * rank)
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
 
-    model = build_model(cfg)
+    checkpoint = ray.train.get_checkpoint()
+    # model.weights (fine-tuning) initialises a fresh run only; a resumed one has its own weights.
+    model = build_model(cfg if checkpoint is None else apply_overrides(cfg, {"model.weights": None}))
     model = ray.train.torch.prepare_model(model)
     batch_size = cfg.data.batch_size_per_worker
     schedule = LRSchedule.from_config(cfg.solver, batch_size * world)
@@ -86,7 +88,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.solver.amp == "fp16")
 
     iteration, epoch = 0, 0
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_training_state(folder, model, optimizer)

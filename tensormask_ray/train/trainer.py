@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError
@@ -52,6 +53,10 @@ def check_run(cfg: Config, resume: bool) -> tuple[str, str, list[dict]]:
             f"config key 'model.num_classes' is {cfg.model.num_classes} but the training shards "
             f"{cfg.data.train_shards} have {len(categories)} categories"
         )
+    if cfg.model.weights:
+        weights = Path(cfg.model.weights)
+        if not (weights / "state.pt").is_file() and not weights.is_file():
+            raise ConfigError(f"config key 'model.weights': no checkpoint at {weights} (a folder holding state.pt, or the file)")
     if cfg.data.val_shards:
         val = load_categories(cfg.data.val_shards)
         if [c["id"] for c in val] != [c["id"] for c in categories]:
@@ -100,8 +105,11 @@ def build_trainer(
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
+    config = cfg.to_dict()
+    if cfg.model.weights:  # the workers may not run in this directory
+        config["model"]["weights"] = os.path.abspath(cfg.model.weights)
     loop_config = {
-        "config": cfg.to_dict(),
+        "config": config,
         "categories": categories,
         "mlflow_uri": mlflow_uri,
         "mlflow_run_id": mlflow_run_id,

@@ -40,7 +40,7 @@ from ..errors import UserError
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 VARIANT = "variant"  # a search entry whose values are mappings of config overrides, applied together
 # Paths in the config that the trials (other processes, maybe other machines) must see absolute.
-PATH_KEYS = ("data.train_shards", "data.val_shards", "model.backbone.weights", "train.storage_path")
+PATH_KEYS = ("data.train_shards", "data.val_shards", "model.backbone.weights", "model.weights", "train.storage_path")
 
 
 class SpecError(UserError):

@@ -1,0 +1,1 @@
+"""Checkpoints of other codebases -> checkpoints of this project (`tensormask-ray convert`)."""
