@@ -17,7 +17,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx_flags = ["-O3"]
+    # -ffp-contract=off: a*b + c stays a rounded product and a rounded sum (GCC contracts it to
+    # an fma by default when the target has one). The kernels write every fma they want
+    # explicitly; the Detectron2 variant's sums must not be fused (csrc/window_math.h).
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     with_cuda = CUDA_HOME is not None and os.environ.get("TENSORMASK_NO_CUDA", "0") != "1"
     if with_cuda:
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]

@@ -35,6 +35,7 @@ WindowGeometry base_geometry(at::IntArrayRef in) {
   g.s = 1;
   g.mode = kIdentity;
   g.order = kSeparable;
+  g.sampling = kPaperSampling;
   return g;
 }
 
@@ -101,6 +102,22 @@ WindowGeometry swap_align2nat_geometry(at::IntArrayRef in, int64_t lam, const ch
   return same_size_is_identity(g);
 }
 
+// Detectron2's swap_align2nat (window_math.h): the output shape of swap_align2nat, its own
+// sampling. Never an identity (with lam = 1 and even V the rows and columns are averaged).
+WindowGeometry swap_align2nat_detectron2_geometry(at::IntArrayRef in, int64_t lam, const char* op) {
+  check_shape(in, op);
+  TORCH_CHECK(lam >= 1, op, ": lam must be >= 1, got ", lam);
+  WindowGeometry g = base_geometry(in);
+  g.Vo = lam * g.V;
+  g.Uo = lam * g.U;
+  g.Ho = (g.H + lam - 1) / lam;
+  g.Wo = (g.W + lam - 1) / lam;
+  g.s = lam;
+  g.mode = kBilinear;
+  g.sampling = kDetectron2Sampling;
+  return g;
+}
+
 void check_input(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.defined(), op, ": got an undefined tensor");
   TORCH_CHECK(x.dim() == 5, op, ": expected a 5-D (N, V, U, H, W) tensor, got shape ", x.sizes());
@@ -116,6 +133,13 @@ void check_geometry(const WindowGeometry& g, const char* op) {
       g.mode == kIdentity || g.mode == kBilinear || g.mode == kNearest, op, ": bad mode ", g.mode);
   TORCH_CHECK(
       g.mode != kIdentity || (g.Vo == g.V && g.Uo == g.U), op, ": identity needs Vo == V, Uo == U");
+  TORCH_CHECK(
+      g.sampling == kPaperSampling || g.sampling == kDetectron2Sampling, op, ": bad sampling ",
+      g.sampling);
+  TORCH_CHECK(
+      g.sampling == kPaperSampling ||
+          (g.a == 1 && g.mode == kBilinear && g.Vo == g.s * g.V && g.Uo == g.s * g.U),
+      op, ": Detectron2 sampling is swap_align2nat's geometry (a = 1, bilinear, lam x size)");
 }
 
 void check_grad(const at::Tensor& grad, const WindowGeometry& g, const char* op) {
@@ -138,11 +162,14 @@ TORCH_LIBRARY(tensormask, m) {
   m.def("nat2align(Tensor x, int alpha, float pad_value) -> Tensor");
   m.def("up_align2nat(Tensor x, int out_v, int out_u, str mode, float pad_value) -> Tensor");
   m.def("swap_align2nat(Tensor x, int lam, float pad_value) -> Tensor");
+  m.def("swap_align2nat_detectron2(Tensor x, int lam, float pad_value) -> Tensor");
   // Their backward ops: grad is the forward's output gradient, the result the input's.
   m.def("align2nat_backward(Tensor grad, int alpha) -> Tensor");
   m.def("nat2align_backward(Tensor grad, int alpha) -> Tensor");
   m.def("up_align2nat_backward(Tensor grad, SymInt[] input_shape, str mode) -> Tensor");
   m.def("swap_align2nat_backward(Tensor grad, SymInt[] input_shape, int lam) -> Tensor");
+  m.def(
+      "swap_align2nat_detectron2_backward(Tensor grad, SymInt[] input_shape, int lam) -> Tensor");
 }
 
 // `import tensormask_ray._C` loads this library, which runs the registrations above. The module

@@ -12,6 +12,9 @@
 //   up_align2nat:      a = 1,      s = 1, bilinear or nearest resize (any ratio)
 //   swap_align2nat(lam): a = 1,    s = lam, bilinear resize by lam, Ho = ceil(H/lam)
 //
+// (swap_align2nat_detectron2, Detectron2's variant of swap_align2nat, samples differently: see
+// the section at the end of this file.)
+//
 // Arithmetic. The pure-PyTorch references resize with F.interpolate(align_corners=False), and the
 // float64 forward must equal them bit for bit. ATen's CPU kernels (UpSample.h, UpSampleKernel.cpp)
 // are compiled with FMA contraction (the AVX2/AVX512 builds), so the exact sequence is (measured;
@@ -55,6 +58,10 @@ enum InterpMode : int32_t { kIdentity = 0, kBilinear = 1, kNearest = 2 };
 // Which of ATen's two bilinear evaluation orders to reproduce (see above).
 enum BilinearOrder : int32_t { kSeparable = 0, kFourWeight = 1 };
 
+// Which sampling of (Y, X) and of the window grid: the paper's (all ops above), or Detectron2's
+// swap_align2nat (half-pixel rows and columns, no clamping at the window-grid rim; see below).
+enum Sampling : int32_t { kPaperSampling = 0, kDetectron2Sampling = 1 };
+
 // Everything a kernel needs, passed by value (also to CUDA kernels).
 struct WindowGeometry {
   int64_t N, V, U, H, W;  // input  (N, V, U, H, W)
@@ -63,6 +70,7 @@ struct WindowGeometry {
   int64_t s;  // spatial stride of the output grid: 1, or lam (swap_align2nat; needs a == 1)
   int32_t mode;  // InterpMode
   int32_t order;  // BilinearOrder
+  int32_t sampling;  // Sampling
 };
 
 // ---- scalar helpers ------------------------------------------------------------------------
@@ -88,6 +96,47 @@ C10_HOST_DEVICE inline float tm_floorf(float v) {
   return floorf(v);
 #else
   return std::floor(v);
+#endif
+}
+
+C10_HOST_DEVICE inline float tm_floor(float v) { return tm_floorf(v); }
+C10_HOST_DEVICE inline double tm_floor(double v) {
+#if defined(__CUDA_ARCH__)
+  return ::floor(v);
+#else
+  return std::floor(v);
+#endif
+}
+
+// A product and a sum rounded once each, never contracted to an fma (the Detectron2 variant's
+// arithmetic is the reference's: separate multiplies and adds). On the device the _rn intrinsics
+// are never contracted; on the host setup.py compiles with -ffp-contract=off.
+C10_HOST_DEVICE inline float tm_mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+C10_HOST_DEVICE inline double tm_mul(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+C10_HOST_DEVICE inline float tm_add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+C10_HOST_DEVICE inline double tm_add(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
 #endif
 }
 
@@ -290,6 +339,158 @@ C10_HOST_DEVICE inline opmath_t backward_element(
       opmath_t wu;
       if (xp < 0 || !axis_weight<opmath_t>(up, u, g.U, g.Uo, g.mode, &wu)) continue;
       acc = tm_fma(wv * wu, static_cast<opmath_t>(row[up * plane + xp]), acc);
+    }
+  }
+  return acc;
+}
+
+// ---- swap_align2nat in Detectron2's geometry (swap_align2nat_detectron2) ----------------------
+//
+// Detectron2's TensorMask (projects/TensorMask, SwapAlign2Nat) samples, for lam >= 1,
+// Vo = lam*V, Uo = lam*U, Ho = ceil(H/lam), Wo = ceil(W/lam):
+//
+//   oy = lam*y' + v' - Vo/2 + 1/2  (Vo/2 a real division),   ox likewise with x', u', Uo
+//   ov = (v' + 1/2)/lam - 1/2,                                ou likewise with u'
+//
+// and adds, over the 16 (floor|ceil) combinations of (oy, ox, ov, ou) (y outermost, then x, v,
+// u; floor before ceil), weight * x[n, v*, u*, y*, x*], the weight being
+// ((wy * wx) * wv) * wu with w_ceil = o - floor(o), w_floor = 1 - w_ceil. A tap with any index
+// outside its axis ([0,H), [0,W), [0,V), [0,U)) reads pad_value: unlike the paper op, the window
+// grid is not clamped at its rim, and when Vo is even oy is half-integral (two rows, weights 1/2).
+// With Vo odd, oy is integral: rows y* = lam*y' + v' - Vo//2 (weight 1; the ceil row is the same
+// row with weight 0). Either way the rows are Y0 = lam*y' + v' - Vo//2 and Y0 + 1 (integer math).
+//
+// Arithmetic (opmath: float for float/half/bfloat16, double for double): the weights as above,
+// then acc = 0; acc = acc + w * t for each term in that order, every product and sum rounded once
+// (tm_mul / tm_add): the literal order of ops.reference.swap_align2nat_detectron2, so the kernels
+// equal it bit for bit. Terms of weight 0 are skipped: adding +-0 to acc (never -0: it starts at
+// +0 and x + (-x) = +0) changes nothing, for finite inputs.
+//
+// Backward (a gather, no atomics): grad_x[n, v, u, Y, X] adds, in the order y tap (floor, ceil),
+// v' ascending, x tap, u' ascending, acc = fma(((sy*sx) * wv) * wu, g, acc), where wv is the
+// total weight with which v' reads v (both taps when floor == ceil == v) and sy = 1/2 (Vo even) or
+// 1 (Vo odd). For a row tap iy, y' is integral only for v' = Y - iy + Vo//2 (mod lam): the scan
+// steps by lam over a conservative candidate range of about 3*lam.
+
+template <typename opmath_t>
+struct D2Tap {
+  int64_t f, c;  // floor and ceil indices (possibly outside [0, in))
+  opmath_t wf, wc;  // their weights
+};
+
+// Window axis: o = (d + 1/2)/lam - 1/2.
+template <typename opmath_t>
+C10_HOST_DEVICE inline D2Tap<opmath_t> d2_window_tap(int64_t d, int64_t lam) {
+  const opmath_t o =
+      (static_cast<opmath_t>(d) + opmath_t(0.5)) / static_cast<opmath_t>(lam) - opmath_t(0.5);
+  const opmath_t f = tm_floor(o);
+  D2Tap<opmath_t> t;
+  t.f = static_cast<int64_t>(f);
+  t.c = o == f ? t.f : t.f + 1;  // ceil(o)
+  t.wc = o - f;
+  t.wf = opmath_t(1) - t.wc;
+  return t;
+}
+
+// Spatial axis of output length `out` (Vo or Uo): rows lam*y' + d - out//2 + {0, 1} with weights
+// (1/2, 1/2) when out is even, (1, 0) when odd.
+template <typename opmath_t>
+C10_HOST_DEVICE inline opmath_t d2_spatial_weight(int64_t out, int64_t i) {
+  if (out % 2 == 0) return opmath_t(0.5);
+  return i == 0 ? opmath_t(1) : opmath_t(0);
+}
+
+// out[n, vp, up, yp, xp] (the CUDA forward evaluates this once per output element; the CPU
+// forward does it at the rim and adds the same terms row by row inside).
+template <typename scalar_t, typename opmath_t>
+C10_HOST_DEVICE inline scalar_t d2_forward_element(
+    const scalar_t* x, const WindowGeometry& g, int64_t n, int64_t vp, int64_t up, int64_t yp,
+    int64_t xp, opmath_t pad) {
+  const int64_t lam = g.s;
+  const D2Tap<opmath_t> tv = d2_window_tap<opmath_t>(vp, lam);
+  const D2Tap<opmath_t> tu = d2_window_tap<opmath_t>(up, lam);
+  const int64_t vi[2] = {tv.f, tv.c}, ui[2] = {tu.f, tu.c};
+  const opmath_t wv[2] = {tv.wf, tv.wc}, wu[2] = {tu.wf, tu.wc};
+  const int64_t Y0 = lam * yp + vp - g.Vo / 2;
+  const int64_t X0 = lam * xp + up - g.Uo / 2;
+  const scalar_t* xn = x + n * g.V * g.U * g.H * g.W;
+  opmath_t acc = opmath_t(0);
+  for (int iy = 0; iy < 2; ++iy) {
+    const int64_t Y = Y0 + iy;
+    const opmath_t wy = d2_spatial_weight<opmath_t>(g.Vo, iy);
+    for (int ix = 0; ix < 2; ++ix) {
+      const int64_t X = X0 + ix;
+      const opmath_t wyx = tm_mul(wy, d2_spatial_weight<opmath_t>(g.Uo, ix));
+      const bool yx_in = Y >= 0 && Y < g.H && X >= 0 && X < g.W;
+      for (int iv = 0; iv < 2; ++iv) {
+        const opmath_t wyxv = tm_mul(wyx, wv[iv]);
+        for (int iu = 0; iu < 2; ++iu) {
+          const opmath_t w = tm_mul(wyxv, wu[iu]);
+          if (w == opmath_t(0)) continue;
+          const bool in = yx_in && vi[iv] >= 0 && vi[iv] < g.V && ui[iu] >= 0 && ui[iu] < g.U;
+          const opmath_t t =
+              in ? static_cast<opmath_t>(xn[((vi[iv] * g.U + ui[iu]) * g.H + Y) * g.W + X]) : pad;
+          acc = tm_add(acc, tm_mul(w, t));
+        }
+      }
+    }
+  }
+  return static_cast<scalar_t>(acc);
+}
+
+// Whether window index dp reads input index d, and with which total weight.
+template <typename opmath_t>
+C10_HOST_DEVICE inline bool d2_window_weight(int64_t dp, int64_t d, int64_t lam, opmath_t* w) {
+  const D2Tap<opmath_t> t = d2_window_tap<opmath_t>(dp, lam);
+  if (t.f != d && t.c != d) return false;
+  *w = (t.f == d ? t.wf : opmath_t(0)) + (t.c == d ? t.wc : opmath_t(0));
+  return true;
+}
+
+// A conservative inclusive range [lo, hi] of the window indices dp that may read input index d
+// ((dp + 1/2)/lam - 1/2 in (d - 1, d + 1) needs dp in (lam*(d - 1/2) - 1/2, lam*(d + 3/2) - 1/2)).
+C10_HOST_DEVICE inline void d2_window_candidates(
+    int64_t d, int64_t lam, int64_t out, int64_t* lo, int64_t* hi) {
+  const int64_t l = lam * (d - 1) - 1;
+  const int64_t h = lam * (d + 2) + 1;
+  *lo = l > 0 ? l : 0;
+  *hi = h < out - 1 ? h : out - 1;
+}
+
+// grad_x[n, v, u, Y, X] (the CUDA backward evaluates this once per input element; the CPU
+// backward adds the same terms, in the same order, row by row).
+template <typename scalar_t, typename opmath_t>
+C10_HOST_DEVICE inline opmath_t d2_backward_element(
+    const scalar_t* grad_out, const WindowGeometry& g, int64_t n, int64_t v, int64_t u, int64_t Y,
+    int64_t X) {
+  const int64_t lam = g.s;
+  const int ny = g.Vo % 2 == 0 ? 2 : 1;
+  const int nx = g.Uo % 2 == 0 ? 2 : 1;
+  const opmath_t syx =
+      tm_mul(d2_spatial_weight<opmath_t>(g.Vo, 0), d2_spatial_weight<opmath_t>(g.Uo, 0));
+  int64_t v_lo, v_hi, u_lo, u_hi;
+  d2_window_candidates(v, lam, g.Vo, &v_lo, &v_hi);
+  d2_window_candidates(u, lam, g.Uo, &u_lo, &u_hi);
+  const int64_t plane = g.Ho * g.Wo;
+  const scalar_t* go_n = grad_out + n * g.Vo * g.Uo * plane;
+  opmath_t acc = opmath_t(0);
+  for (int iy = 0; iy < ny; ++iy) {
+    const int64_t rv = Y - iy + g.Vo / 2;  // = lam*y' + v'
+    for (int64_t vp = v_lo + pos_mod(rv - v_lo, lam); vp <= v_hi; vp += lam) {
+      const int64_t yp = (rv - vp) / lam;
+      opmath_t wv;
+      if (yp < 0 || yp >= g.Ho || !d2_window_weight<opmath_t>(vp, v, lam, &wv)) continue;
+      const opmath_t wyxv = tm_mul(syx, wv);
+      const scalar_t* row = go_n + vp * g.Uo * plane + yp * g.Wo;
+      for (int ix = 0; ix < nx; ++ix) {
+        const int64_t ru = X - ix + g.Uo / 2;  // = lam*x' + u'
+        for (int64_t up = u_lo + pos_mod(ru - u_lo, lam); up <= u_hi; up += lam) {
+          const int64_t xp = (ru - up) / lam;
+          opmath_t wu;
+          if (xp < 0 || xp >= g.Wo || !d2_window_weight<opmath_t>(up, u, lam, &wu)) continue;
+          acc = tm_fma(tm_mul(wyxv, wu), static_cast<opmath_t>(row[up * plane + xp]), acc);
+        }
+      }
     }
   }
   return acc;

@@ -1,5 +1,5 @@
 // Host-side glue shared by the CPU and CUDA registrations: argument checks, the WindowGeometry of
-// each op, and the eight operator entry points written once over a backend's two generic kernels.
+// each op, and the ten operator entry points written once over a backend's two generic kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,6 +17,7 @@ WindowGeometry nat2align_geometry(at::IntArrayRef in, int64_t alpha, const char*
 WindowGeometry up_align2nat_geometry(
     at::IntArrayRef in, int64_t out_v, int64_t out_u, const std::string& mode, const char* op);
 WindowGeometry swap_align2nat_geometry(at::IntArrayRef in, int64_t lam, const char* op);
+WindowGeometry swap_align2nat_detectron2_geometry(at::IntArrayRef in, int64_t lam, const char* op);
 
 // Checks a forward input (5-D floating point) and a backward's grad (its shape must be the output
 // shape of `g`) and input_shape argument.
@@ -26,7 +27,7 @@ void check_geometry(const WindowGeometry& g, const char* op);
 void check_grad(const at::Tensor& grad, const WindowGeometry& g, const char* op);
 at::IntArrayRef check_input_shape(at::IntArrayRef input_shape, const char* op);
 
-// The eight operators over a backend's generic kernels:
+// The ten operators over a backend's generic kernels:
 //   Forward(x, g, pad_value) -> out (g's output shape)
 //   Backward(grad, g) -> grad_x (g's input shape)
 template <
@@ -90,19 +91,35 @@ struct WindowOps {
     const WindowGeometry g = swap_align2nat_geometry(in, lam, "swap_align2nat_backward");
     return backward(grad, g, "swap_align2nat_backward");
   }
+  static at::Tensor swap_align2nat_detectron2(const at::Tensor& x, int64_t lam, double pad_value) {
+    constexpr const char* op = "swap_align2nat_detectron2";
+    check_input(x, op);
+    return forward(x, swap_align2nat_detectron2_geometry(x.sizes(), lam, op), pad_value, op);
+  }
+  static at::Tensor swap_align2nat_detectron2_backward(
+      const at::Tensor& grad, at::IntArrayRef input_shape, int64_t lam) {
+    constexpr const char* op = "swap_align2nat_detectron2_backward";
+    check_input(grad, op);
+    const at::IntArrayRef in = check_input_shape(input_shape, op);
+    return backward(grad, swap_align2nat_detectron2_geometry(in, lam, op), op);
+  }
 };
 
 }  // namespace tensormask
 
-// Registers the eight operators of `Ops` (a WindowOps<...>) on the library handle `m`.
-#define TENSORMASK_IMPL_WINDOW_OPS(m, Ops)                                     \
-  do {                                                                         \
-    m.impl("align2nat", TORCH_FN(Ops::align2nat));                             \
-    m.impl("align2nat_backward", TORCH_FN(Ops::align2nat_backward));           \
-    m.impl("nat2align", TORCH_FN(Ops::nat2align));                             \
-    m.impl("nat2align_backward", TORCH_FN(Ops::nat2align_backward));           \
-    m.impl("up_align2nat", TORCH_FN(Ops::up_align2nat));                       \
-    m.impl("up_align2nat_backward", TORCH_FN(Ops::up_align2nat_backward));     \
-    m.impl("swap_align2nat", TORCH_FN(Ops::swap_align2nat));                   \
-    m.impl("swap_align2nat_backward", TORCH_FN(Ops::swap_align2nat_backward)); \
+// Registers the ten operators of `Ops` (a WindowOps<...>) on the library handle `m`.
+#define TENSORMASK_IMPL_WINDOW_OPS(m, Ops)                                         \
+  do {                                                                             \
+    m.impl("align2nat", TORCH_FN(Ops::align2nat));                                 \
+    m.impl("align2nat_backward", TORCH_FN(Ops::align2nat_backward));               \
+    m.impl("nat2align", TORCH_FN(Ops::nat2align));                                 \
+    m.impl("nat2align_backward", TORCH_FN(Ops::nat2align_backward));               \
+    m.impl("up_align2nat", TORCH_FN(Ops::up_align2nat));                           \
+    m.impl("up_align2nat_backward", TORCH_FN(Ops::up_align2nat_backward));         \
+    m.impl("swap_align2nat", TORCH_FN(Ops::swap_align2nat));                       \
+    m.impl("swap_align2nat_backward", TORCH_FN(Ops::swap_align2nat_backward));     \
+    m.impl("swap_align2nat_detectron2", TORCH_FN(Ops::swap_align2nat_detectron2)); \
+    m.impl(                                                                        \
+        "swap_align2nat_detectron2_backward",                                      \
+        TORCH_FN(Ops::swap_align2nat_detectron2_backward));                        \
   } while (0)

@@ -1,9 +1,11 @@
 // CUDA kernels of the TensorMask window ops (csrc/window_math.h has the shared math).
 //
-// Forward: one thread per output element (grid-stride loop), forward_element().
-// Backward: one thread per input element (a gather, no atomics), backward_element(): each thread
-// adds its terms in a fixed order (v' ascending, then u' ascending), so the result is
-// deterministic, and equal to the CPU kernel's (which adds the same terms in the same order).
+// Forward: one thread per output element (grid-stride loop), forward_element() (d2_forward_element()
+// for swap_align2nat_detectron2).
+// Backward: one thread per input element (a gather, no atomics), backward_element()
+// (d2_backward_element()): each thread adds its terms in a fixed order (window_math.h), so the
+// result is deterministic, and equal to the CPU kernel's (which adds the same terms in the same
+// order).
 // 32-bit indexing when the tensors allow it, 64-bit otherwise. half/bfloat16 compute in float.
 // Launched on the current stream (c10::cuda::getCurrentCUDAStream, which at::cuda re-exports); no
 // synchronisation. Only c10 CUDA headers are used: ATen/cuda/CUDAContext.h would also need the
@@ -39,10 +41,12 @@ inline int64_t num_blocks(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks));
 }
 
-template <typename scalar_t, typename index_t>
+// kDetectron2: swap_align2nat_detectron2 (d2_forward_element, whose pad enters the weighted sum in
+// opmath); otherwise forward_element (pad written as scalar_t).
+template <typename scalar_t, typename index_t, bool kDetectron2>
 __global__ void window_forward_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ out, const WindowGeometry g,
-    const scalar_t pad, const index_t numel) {
+    const at::opmath_type<scalar_t> pad_value, const index_t numel) {
   using opmath_t = at::opmath_type<scalar_t>;
   const index_t stride = static_cast<index_t>(blockDim.x) * gridDim.x;
   for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
@@ -56,11 +60,16 @@ __global__ void window_forward_kernel(
     r /= static_cast<index_t>(g.Uo);
     const index_t vp = r % static_cast<index_t>(g.Vo);
     const index_t n = r / static_cast<index_t>(g.Vo);
-    out[i] = forward_element<scalar_t, opmath_t>(x, g, n, vp, up, yp, xp, pad);
+    if (kDetectron2) {
+      out[i] = d2_forward_element<scalar_t, opmath_t>(x, g, n, vp, up, yp, xp, pad_value);
+    } else {
+      out[i] = forward_element<scalar_t, opmath_t>(
+          x, g, n, vp, up, yp, xp, static_cast<scalar_t>(pad_value));
+    }
   }
 }
 
-template <typename scalar_t, typename index_t>
+template <typename scalar_t, typename index_t, bool kDetectron2>
 __global__ void window_backward_kernel(
     const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_x, const WindowGeometry g,
     const index_t numel) {
@@ -77,8 +86,9 @@ __global__ void window_backward_kernel(
     r /= static_cast<index_t>(g.U);
     const index_t v = r % static_cast<index_t>(g.V);
     const index_t n = r / static_cast<index_t>(g.V);
-    grad_x[i] =
-        static_cast<scalar_t>(backward_element<scalar_t, opmath_t>(grad_out, g, n, v, u, Y, X));
+    grad_x[i] = static_cast<scalar_t>(
+        kDetectron2 ? d2_backward_element<scalar_t, opmath_t>(grad_out, g, n, v, u, Y, X)
+                    : backward_element<scalar_t, opmath_t>(grad_out, g, n, v, u, Y, X));
   }
 }
 
@@ -99,14 +109,29 @@ at::Tensor window_forward_cuda(const at::Tensor& input, const WindowGeometry& g,
   const bool small = fits_int32(x, out);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "tensormask_window_forward_cuda", [&] {
-        const scalar_t pad = static_cast<scalar_t>(pad_value);
-        if (small) {
-          window_forward_kernel<scalar_t, int32_t><<<num_blocks(numel), kThreads, 0, stream>>>(
-              x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g, pad,
-              static_cast<int32_t>(numel));
+        using opmath_t = at::opmath_type<scalar_t>;
+        // The paper ops write pad as scalar_t (rounded from opmath, the same value); Detectron2's
+        // sums it in opmath.
+        const opmath_t pad = g.sampling == kDetectron2Sampling
+                                 ? static_cast<opmath_t>(pad_value)
+                                 : static_cast<opmath_t>(static_cast<scalar_t>(pad_value));
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        scalar_t* op = out.mutable_data_ptr<scalar_t>();
+        const int64_t blocks = num_blocks(numel);
+        if (g.sampling == kDetectron2Sampling) {
+          if (small) {
+            window_forward_kernel<scalar_t, int32_t, true>
+                <<<blocks, kThreads, 0, stream>>>(xp, op, g, pad, static_cast<int32_t>(numel));
+          } else {
+            window_forward_kernel<scalar_t, int64_t, true>
+                <<<blocks, kThreads, 0, stream>>>(xp, op, g, pad, numel);
+          }
+        } else if (small) {
+          window_forward_kernel<scalar_t, int32_t, false>
+              <<<blocks, kThreads, 0, stream>>>(xp, op, g, pad, static_cast<int32_t>(numel));
         } else {
-          window_forward_kernel<scalar_t, int64_t><<<num_blocks(numel), kThreads, 0, stream>>>(
-              x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g, pad, numel);
+          window_forward_kernel<scalar_t, int64_t, false>
+              <<<blocks, kThreads, 0, stream>>>(xp, op, g, pad, numel);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -125,13 +150,23 @@ at::Tensor window_backward_cuda(const at::Tensor& grad, const WindowGeometry& g)
   const bool small = fits_int32(go, gx);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, go.scalar_type(), "tensormask_window_backward_cuda", [&] {
-        if (small) {
-          window_backward_kernel<scalar_t, int32_t><<<num_blocks(numel), kThreads, 0, stream>>>(
-              go.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), g,
-              static_cast<int32_t>(numel));
+        const scalar_t* gop = go.const_data_ptr<scalar_t>();
+        scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+        const int64_t blocks = num_blocks(numel);
+        if (g.sampling == kDetectron2Sampling) {
+          if (small) {
+            window_backward_kernel<scalar_t, int32_t, true>
+                <<<blocks, kThreads, 0, stream>>>(gop, gxp, g, static_cast<int32_t>(numel));
+          } else {
+            window_backward_kernel<scalar_t, int64_t, true>
+                <<<blocks, kThreads, 0, stream>>>(gop, gxp, g, numel);
+          }
+        } else if (small) {
+          window_backward_kernel<scalar_t, int32_t, false>
+              <<<blocks, kThreads, 0, stream>>>(gop, gxp, g, static_cast<int32_t>(numel));
         } else {
-          window_backward_kernel<scalar_t, int64_t><<<num_blocks(numel), kThreads, 0, stream>>>(
-              go.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), g, numel);
+          window_backward_kernel<scalar_t, int64_t, false>
+              <<<blocks, kThreads, 0, stream>>>(gop, gxp, g, numel);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

@@ -99,14 +99,36 @@ def up_align2nat(
     return reference.up_align2nat(x, (out_v, out_u), mode, pad_value)
 
 
-def swap_align2nat(x: torch.Tensor, lam: int, pad_value: float = -6.0) -> torch.Tensor:
+GEOMETRIES = ("paper", "detectron2")
+
+
+def check_geometry(geometry: str, where: str) -> str:
+    """`geometry` if it names a swap_align2nat geometry, else ValueError naming it and `where`."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"{where}: geometry must be one of {list(GEOMETRIES)}, got {geometry!r}")
+    return geometry
+
+
+def swap_align2nat(
+    x: torch.Tensor, lam: int, pad_value: float = -6.0, geometry: str = "paper"
+) -> torch.Tensor:
     """Tensor-bipyramid op (§3.6). (N, V, U, H, W) -> (N, lam*V, lam*U, ceil(H/lam), ceil(W/lam)).
 
-    Equal to up_align2nat(x, (lam*V, lam*U), 'bilinear')[..., ::lam, ::lam], computed by one op in
-    O(N*V*U*H*W) time and memory whatever lam (the intermediate is never materialised).
+    geometry="paper": equal to up_align2nat(x, (lam*V, lam*U), 'bilinear')[..., ::lam, ::lam],
+    computed by one op in O(N*V*U*H*W) time and memory whatever lam (the intermediate is never
+    materialised).
+    geometry="detectron2": Detectron2's SwapAlign2Nat (reference.swap_align2nat_detectron2):
+    half-pixel spatial sampling (rows/columns averaged in pairs when lam*V / lam*U is even) and
+    pad_value, not clamping, for taps beyond the window grid's rim. Equal to the paper geometry
+    when lam = 1 and V, U are odd.
     """
     _check_5d(x, "swap_align2nat")
     lam = _check_pos_int(lam, "lam", "swap_align2nat")
+    check_geometry(geometry, "swap_align2nat")
+    if geometry == "detectron2":
+        if _use_fused():
+            return torch.ops.tensormask.swap_align2nat_detectron2(x, lam, float(pad_value))
+        return reference.swap_align2nat_detectron2(x, lam, pad_value)
     if _use_fused():
         return torch.ops.tensormask.swap_align2nat(x, lam, float(pad_value))
     return reference.swap_align2nat(x, lam, pad_value)

@@ -3,7 +3,7 @@ at to the `tensormask::*` operators declared in csrc/tensormask_ops.cpp:
 
 - `torch.library.register_fake` for every op (forward and backward): output shapes for FakeTensor,
   torch.compile and torch.export;
-- `torch.library.register_autograd` for the four forward ops, whose backward is the matching
+- `torch.library.register_autograd` for the five forward ops, whose backward is the matching
   registered `*_backward` op (a deterministic gather kernel). The backward ops themselves are not
   differentiable (first derivatives only).
 
@@ -19,7 +19,7 @@ import torch
 _LOCK = threading.Lock()
 _LOADED = False
 
-OPS = ("align2nat", "nat2align", "up_align2nat", "swap_align2nat")
+OPS = ("align2nat", "nat2align", "up_align2nat", "swap_align2nat", "swap_align2nat_detectron2")
 BACKWARD_OPS = tuple(f"{name}_backward" for name in OPS)
 
 _BUILD_HINT = (
@@ -111,16 +111,19 @@ def _register_fakes() -> None:
         _check_5d(grad, "up_align2nat_backward")
         return grad.new_empty(input_shape)
 
-    @torch.library.register_fake("tensormask::swap_align2nat")
-    def _(x, lam, pad_value):
-        _check_5d(x, "swap_align2nat")
-        torch._check(lam >= 1, lambda: f"swap_align2nat: lam must be >= 1, got {lam}")
-        return x.new_empty(_swap_shape(x.shape, lam))
+    for name in ("swap_align2nat", "swap_align2nat_detectron2"):
 
-    @torch.library.register_fake("tensormask::swap_align2nat_backward")
-    def _(grad, input_shape, lam):
-        _check_5d(grad, "swap_align2nat_backward")
-        return grad.new_empty(input_shape)
+        def fake_swap(x, lam, pad_value, op=name):
+            _check_5d(x, op)
+            torch._check(lam >= 1, lambda: f"{op}: lam must be >= 1, got {lam}")
+            return x.new_empty(_swap_shape(x.shape, lam))
+
+        def fake_swap_backward(grad, input_shape, lam, op=f"{name}_backward"):
+            _check_5d(grad, op)
+            return grad.new_empty(input_shape)
+
+        torch.library.register_fake(f"tensormask::{name}", fake_swap)
+        torch.library.register_fake(f"tensormask::{name}_backward", fake_swap_backward)
 
 
 def _register_autograd() -> None:
@@ -163,6 +166,15 @@ def _register_autograd() -> None:
     def _swap_backward(ctx, grad):
         return ops.swap_align2nat_backward(grad, ctx.input_shape, ctx.lam), None, None
 
+    def _swap_detectron2_backward(ctx, grad):
+        grad_x = ops.swap_align2nat_detectron2_backward(grad, ctx.input_shape, ctx.lam)
+        return grad_x, None, None
+
     torch.library.register_autograd(
         "tensormask::swap_align2nat", _swap_backward, setup_context=_setup_swap
+    )
+    torch.library.register_autograd(
+        "tensormask::swap_align2nat_detectron2",
+        _swap_detectron2_backward,
+        setup_context=_setup_swap,
     )

@@ -67,3 +67,52 @@ def swap_align2nat(x: torch.Tensor, lam: int, pad_value: float = -6.0) -> torch.
     N, V, U, H, W = x.shape
     full = up_align2nat(x, (lam * V, lam * U), "bilinear", pad_value)  # (N, lam*V, lam*U, H, W)
     return full[..., ::lam, ::lam]  # (N, lam*V, lam*U, ceil(H/lam), ceil(W/lam))
+
+
+def swap_align2nat_detectron2(x: torch.Tensor, lam: int, pad_value: float = -6.0) -> torch.Tensor:
+    """Detectron2's swap_align2nat (projects/TensorMask, SwapAlign2Nat_cuda.cu), written straight
+    from its formula. (N, V, U, H, W) -> (N, lam*V, lam*U, ceil(H/lam), ceil(W/lam)).
+
+        oy = y'*lam + v' - Vo/2 + 0.5,  ox = x'*lam + u' - Uo/2 + 0.5   (Vo = lam*V, Uo = lam*U)
+        ov = (v' + 0.5)/lam - 0.5,      ou = (u' + 0.5)/lam - 0.5
+        out = sum over (yf|yc, xf|xc, vf|vc, uf|uc) of  wy * wx * wv * wu * x[n, v*, u*, y*, x*]
+
+    with f = floor, c = ceil, w_c = o - floor(o), w_f = 1 - w_c, and pad_value for a tap with any
+    index outside its axis. Unlike the paper op it samples half-pixel rows/columns (Vo even) and
+    does not clamp the window grid at its rim. Computed in float64 for float64 input, float32
+    otherwise, each product and sum rounded once, terms added in the order above (y outermost).
+    """
+    N, V, U, H, W = x.shape
+    Vo, Uo, Ho, Wo = lam * V, lam * U, -(-H // lam), -(-W // lam)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dev = x.device
+
+    def ar(n: int) -> torch.Tensor:
+        return torch.arange(n, dtype=dtype, device=dev)
+
+    def taps(o: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """[(floor, w_floor, inside), (ceil, w_ceil, inside)] of an axis of length `size`, each
+        flattened over (Vo, Uo, Ho, Wo)."""
+        o = o.expand(Vo, Uo, Ho, Wo).reshape(-1)
+        f = torch.floor(o)
+        wc = o - f
+        f, c = f.long(), torch.ceil(o).long()
+        return [(f, 1 - wc, (f >= 0) & (f < size)), (c, wc, (c >= 0) & (c < size))]
+
+    ys = taps(ar(Ho).view(1, 1, Ho, 1) * lam + ar(Vo).view(Vo, 1, 1, 1) - Vo / 2 + 0.5, H)
+    xs = taps(ar(Wo).view(1, 1, 1, Wo) * lam + ar(Uo).view(1, Uo, 1, 1) - Uo / 2 + 0.5, W)
+    vs = taps((ar(Vo).view(Vo, 1, 1, 1) + 0.5) / lam - 0.5, V)
+    us = taps((ar(Uo).view(1, Uo, 1, 1) + 0.5) / lam - 0.5, U)
+
+    flat = x.to(dtype).reshape(N, V * U * H * W)
+    pad = torch.tensor(pad_value, dtype=dtype, device=dev)
+    out = torch.zeros((N, Vo * Uo * Ho * Wo), dtype=dtype, device=dev)
+    for y, wy, y_in in ys:
+        for xi, wx, x_in in xs:
+            for v, wv, v_in in vs:
+                for u, wu, u_in in us:
+                    inside = y_in & x_in & v_in & u_in
+                    index = torch.where(inside, ((v * U + u) * H + y) * W + xi, 0)
+                    value = torch.where(inside, flat[:, index], pad)  # x[n, v*, u*, y*, x*] or pad
+                    out = out + wy * wx * wv * wu * value
+    return out.view(N, Vo, Uo, Ho, Wo).to(x.dtype)  # (N, Vo, Uo, Ho, Wo)

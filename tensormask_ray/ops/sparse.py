@@ -8,7 +8,9 @@ All the mask ops of the paper are one resampling (see `WindowOp`):
 
 with `interp` resizing the (V, U) grid to (Vo, Uo) (identity when equal). align2nat is
 alpha = a, stride 1; up_align2nat is alpha 1 with a resize; swap_align2nat is bilinear, Vo = lam*V,
-alpha 1, stride lam; a natural head is alpha 0. Inference needs masks only for the <= 100 windows
+alpha 1, stride lam; a natural head is alpha 0. `geometry="detectron2"` is Detectron2's
+swap_align2nat instead (Vo = lam*V, alpha 1, stride lam, its own sampling:
+reference.swap_align2nat_detectron2). Inference needs masks only for the <= 100 windows
 that survive NMS, not for the >100k windows of a dense output (paper §5.2): `decode_windows` gathers
 just those, so its cost is O(K * Vo * Uo) for K windows.
 
@@ -33,12 +35,28 @@ class WindowOp:
     alpha: int = 1  # 0: natural (no shift); a > 0: aligned input, align2nat with alpha = a
     stride: int = 1  # subsampling of (H, W): lam for swap_align2nat
     mode: str = "bilinear"  # interpolation of (V, U) when (Vo, Uo) != (V, U)
+    geometry: str = "paper"  # "detectron2": Detectron2's swap_align2nat with lam = stride
+
+    def __post_init__(self):
+        api.check_geometry(self.geometry, "WindowOp")
+        if self.geometry == "detectron2" and (self.alpha != 1 or self.mode != "bilinear"):
+            raise ValueError(f"{self}: geometry 'detectron2' is swap_align2nat (alpha 1, bilinear)")
+
+    def _check_detectron2(self, V: int, U: int) -> None:
+        if tuple(self.out_size) != (self.stride * V, self.stride * U):
+            raise ValueError(
+                f"{self}: geometry 'detectron2' needs out_size = stride * (V, U) = "
+                f"{(self.stride * V, self.stride * U)} for a (V, U) = {(V, U)} head"
+            )
 
     def dense(self, x: torch.Tensor, pad_value: float) -> torch.Tensor:
         """(N, V, U, H, W) -> (N, Vo, Uo, ceil(H/stride), ceil(W/stride)) with the fused ops."""
         N, V, U, H, W = x.shape
         Vo, Uo = self.out_size
         same = (Vo, Uo) == (V, U)
+        if self.geometry == "detectron2":
+            self._check_detectron2(V, U)
+            return api.swap_align2nat(x, self.stride, pad_value, geometry="detectron2")
         if self.stride > 1:
             if self.alpha != 1 or self.mode != "bilinear" or (Vo, Uo) != (self.stride * V, self.stride * U):
                 raise ValueError(f"{self}: stride > 1 is swap_align2nat (bilinear, alpha 1, lam x size)")
@@ -50,6 +68,28 @@ class WindowOp:
         if self.alpha != 1:
             raise ValueError(f"{self}: resizing is only defined with alpha = 1 (up_align2nat)")
         return api.up_align2nat(x, (Vo, Uo), self.mode, pad_value)
+
+    def footprints(self, ys: torch.Tensor, xs: torch.Tensor, bounds: tuple[int, int]) -> torch.Tensor:
+        """Rows and columns of the (full) head tensor that windows (ys, xs) (K,) of the output grid
+        read: (K, 4) [r0, r1, c0, c1), clipped to bounds = the tensor's (H, W). The crop
+        [r0, r1) x [c0, c1) holds every in-bounds position the windows read (the bounding box:
+        with alpha > 1 the rows in between are not all read)."""
+        H, W = bounds
+        Vo, Uo = self.out_size
+        ys, xs = ys.long(), xs.long()
+        if self.geometry == "detectron2":
+            # rows lam*y' + v' - Vo//2 (+ 1 when Vo is even: half-pixel pairs), v' in [0, Vo)
+            r0 = self.stride * ys - Vo // 2
+            r1 = r0 + Vo + (Vo % 2 == 0)
+            c0 = self.stride * xs - Uo // 2
+            c1 = c0 + Uo + (Uo % 2 == 0)
+        else:
+            # rows stride*y' + alpha*(v' - Vo//2), v' in [0, Vo)
+            r0 = self.stride * ys - self.alpha * (Vo // 2)
+            r1 = r0 + self.alpha * (Vo - 1) + 1
+            c0 = self.stride * xs - self.alpha * (Uo // 2)
+            c1 = c0 + self.alpha * (Uo - 1) + 1
+        return torch.stack([r0.clamp(0, H), r1.clamp(0, H), c0.clamp(0, W), c1.clamp(0, W)], dim=1)
 
 
 def _axis_table(in_size: int, out_size: int, mode: str, dtype: torch.dtype, device):
@@ -92,7 +132,9 @@ def decode_windows(
 
     x may also be a crop of the full head tensor: `origin` = (row, col) of x[..., 0, 0] in the full
     tensor, `bounds` = the full tensor's (H, W) (what counts as outside, i.e. pad_value). The crop
-    must hold every in-bounds position the K windows read."""
+    must hold every in-bounds position the K windows read (`op.footprints`)."""
+    if op.geometry == "detectron2":
+        return _decode_detectron2(x, op, batch_idx, ys, xs, pad_value, origin, bounds)
     N, V, U, h, w = x.shape
     H, W = bounds if bounds is not None else (h, w)
     oy, ox = origin
@@ -137,3 +179,63 @@ def decode_windows(
         out = top * wv0[None, :, None]
         out = out + bot * wv1[None, :, None]
     return torch.where(valid, out, out.new_full((), pad_value))  # (K, Vo, Uo)
+
+
+def _decode_detectron2(
+    x: torch.Tensor,
+    op: WindowOp,
+    batch_idx: torch.Tensor,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+    pad_value: float,
+    origin: tuple[int, int],
+    bounds: tuple[int, int] | None,
+) -> torch.Tensor:
+    """decode_windows for geometry 'detectron2': the 16 weighted taps of
+    reference.swap_align2nat_detectron2 at K windows, in its order and precision (so equal to
+    the dense op bit for bit). A tap outside bounds or the window grid reads pad_value."""
+    N, V, U, h, w = x.shape
+    op._check_detectron2(V, U)
+    H, W = bounds if bounds is not None else (h, w)
+    oy0, ox0 = origin
+    lam = op.stride
+    Vo, Uo = op.out_size
+    K = batch_idx.numel()
+    if K == 0:
+        return x.new_zeros((0, Vo, Uo))
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dev = x.device
+
+    def axis(o: torch.Tensor):
+        f = torch.floor(o)
+        wc = o - f
+        return f.long(), torch.ceil(o).long(), 1 - wc, wc  # floor, ceil, w_floor, w_ceil
+
+    v_ = torch.arange(Vo, dtype=dtype)
+    u_ = torch.arange(Uo, dtype=dtype)
+    oy = ys.to(dtype)[:, None] * lam + v_.to(dev)[None, :] - Vo / 2 + 0.5  # (K, Vo), exact
+    ox = xs.to(dtype)[:, None] * lam + u_.to(dev)[None, :] - Uo / 2 + 0.5  # (K, Uo), exact
+    yf, yc, ywf, ywc = (t[:, :, None] for t in axis(oy))  # (K, Vo, 1)
+    xf, xc, xwf, xwc = (t[:, None, :] for t in axis(ox))  # (K, 1, Uo)
+    # The window taps divide by lam: on the CPU, where the division is correctly rounded as in
+    # the kernels (ATen's CUDA division by a scalar multiplies by its reciprocal).
+    vf, vc, vwf, vwc = (t.to(dev)[None, :, None] for t in axis((v_ + 0.5) / lam - 0.5))  # (1, Vo, 1)
+    uf, uc, uwf, uwc = (t.to(dev)[None, None, :] for t in axis((u_ + 0.5) / lam - 0.5))  # (1, 1, Uo)
+    n = batch_idx.long()[:, None, None]
+    xx = x.to(dtype)
+    pad = torch.tensor(pad_value, dtype=dtype, device=dev)
+
+    def tap(v, u, Y, X) -> torch.Tensor:  # -> (K, Vo, Uo)
+        inside = (v >= 0) & (v < V) & (u >= 0) & (u < U) & (Y >= 0) & (Y < H) & (X >= 0) & (X < W)
+        val = xx[
+            n, v.clamp(0, V - 1), u.clamp(0, U - 1), (Y - oy0).clamp(0, h - 1), (X - ox0).clamp(0, w - 1)
+        ]
+        return torch.where(inside, val, pad)
+
+    out = torch.zeros((K, Vo, Uo), dtype=dtype, device=dev)
+    for Y, wy in ((yf, ywf), (yc, ywc)):
+        for X, wx in ((xf, xwf), (xc, xwc)):
+            for v, wv in ((vf, vwf), (vc, vwc)):
+                for u, wu in ((uf, uwf), (uc, uwc)):
+                    out = out + wy * wx * wv * wu * tap(v, u, Y, X)
+    return out.to(x.dtype)  # (K, Vo, Uo)

@@ -75,6 +75,51 @@ def swap_case(lam: int, V: int, U: int, pad: float = -6.0, N: int = 2, hw=None) 
     )
 
 
+def d2_case(lam: int, V: int, U: int, pad: float = -6.0, N: int = 2, hw=None) -> Case:
+    """swap_align2nat in Detectron2's geometry. Its reference works at the output size (no lam^2
+    intermediate), so (H, W) default to 2*lam + (3, 1): three output rows and columns, the last
+    one partial."""
+    H, W = hw if hw is not None else (2 * lam + 3, 2 * lam + 1)
+    return Case(
+        f"swap_align2nat_detectron2(lam={lam}, pad={pad})",
+        (N, V, U, H, W),
+        lambda x: OPS.swap_align2nat_detectron2(x, lam, pad),
+        lambda x: ref.swap_align2nat_detectron2(x, lam, pad),
+    )
+
+
+# Odd and even window grids (lam*V even makes the rows half-pixel), a 1x1 grid, the real 15x15.
+D2_WINDOWS = [(3, 3), (4, 4), (5, 2), (2, 1), (1, 1)]
+D2_LAMS = [1, 2, 3, 4, 5, 8, 16, 32]
+# Output elements per case: the reference's cost grows with them (and with thin inner axes).
+D2_BUDGET = 50_000
+
+
+def d2_forward_cases() -> list[Case]:
+    cases = [
+        d2_case(lam, V, U)
+        for lam in D2_LAMS
+        for V, U in D2_WINDOWS
+        if 2 * lam * lam * V * U * 9 <= D2_BUDGET  # N = 2, 3 x 3 output positions
+    ]
+    cases += [d2_case(lam, 15, 15, N=1, hw=(24, 21)) for lam in (1, 2)] + [d2_case(4, 15, 15, N=1)]
+    cases += [d2_case(2, 16, 16, N=1), d2_case(3, 5, 3, N=3)]
+    # Tiny (H, W): every output element at the rim; one pad value other than the default.
+    cases += [
+        d2_case(2, 3, 3, hw=(1, 1)),
+        d2_case(3, 4, 4, hw=(2, 3)),
+        d2_case(1, 2, 2, hw=(1, 2)),
+        d2_case(8, 2, 3, hw=(3, 1)),
+        d2_case(4, 3, 2, pad=0.75),
+    ]
+    return cases
+
+
+def d2_gradient_cases() -> list[Case]:
+    cases = [d2_case(lam, V, U) for lam in (1, 2, 3, 8) for V, U in [(3, 3), (4, 4), (5, 2)]]
+    return cases + [d2_case(32, 1, 2, N=1), d2_case(2, 3, 3, hw=(1, 2))]
+
+
 def up_case(V: int, U: int, out: tuple[int, int], mode: str, pad: float = -6.0, hw=(6, 5)) -> Case:
     return Case(
         f"up_align2nat(out={out}, {mode}, pad={pad})",
@@ -114,7 +159,7 @@ def forward_cases() -> list[Case]:
         for alpha in (1, 2):
             cases.append(shift_case("align2nat", V, U, alpha))
             cases.append(shift_case("nat2align", V, U, alpha, pad=0.5))
-    return cases
+    return cases + d2_forward_cases()
 
 
 def gradient_cases() -> list[Case]:
@@ -126,7 +171,7 @@ def gradient_cases() -> list[Case]:
     for alpha in (1, 2):
         cases.append(shift_case("align2nat", 5, 3, alpha))
         cases.append(shift_case("nat2align", 5, 3, alpha))
-    return cases
+    return cases + d2_gradient_cases()
 
 
 def kernel_results() -> dict[str, torch.Tensor]:
@@ -146,6 +191,11 @@ def kernel_results() -> dict[str, torch.Tensor]:
         up_case(5, 3, (5, 6), "bilinear"),
         shift_case("align2nat", 5, 3, 2),
         shift_case("nat2align", 5, 3, 1),
+        d2_case(1, 4, 3),
+        d2_case(2, 5, 3),
+        d2_case(3, 4, 4),
+        d2_case(8, 3, 2, N=1),
+        d2_case(2, 3, 3, hw=(2, 1)),
     ]
     results = {}
     for dtype in (torch.float64, torch.float32, torch.bfloat16):

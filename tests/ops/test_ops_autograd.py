@@ -7,7 +7,7 @@ import torch
 
 from tensormask_ray.ops import api
 
-from ._cases import OPS, gradient_cases, rand, requires_ext, swap_case, up_case
+from ._cases import OPS, d2_case, gradient_cases, rand, requires_ext, swap_case, up_case
 
 pytestmark = requires_ext
 
@@ -49,6 +49,21 @@ GRADCHECK = [
     ("align2nat alpha=1", (2, 3, 5, 4, 6), lambda x: OPS.align2nat(x, 1, -6.0)),
     ("align2nat alpha=2", (2, 3, 5, 4, 6), lambda x: OPS.align2nat(x, 2, 1.0)),
     ("nat2align alpha=2", (2, 5, 3, 6, 4), lambda x: OPS.nat2align(x, 2, -6.0)),
+    (
+        "swap_align2nat_detectron2 lam=1 even",
+        (2, 4, 3, 4, 5),
+        lambda x: OPS.swap_align2nat_detectron2(x, 1, -6.0),
+    ),
+    (
+        "swap_align2nat_detectron2 lam=2",
+        (2, 3, 2, 5, 4),
+        lambda x: OPS.swap_align2nat_detectron2(x, 2, 0.5),
+    ),
+    (
+        "swap_align2nat_detectron2 lam=3",
+        (1, 3, 3, 7, 5),
+        lambda x: OPS.swap_align2nat_detectron2(x, 3, -6.0),
+    ),
 ]
 
 
@@ -66,6 +81,8 @@ def test_gradcheck(name, shape, fn):
         swap_case(8, 3, 3),
         up_case(10, 10, (15, 15), "bilinear"),
         up_case(5, 3, (11, 7), "nearest"),
+        d2_case(2, 5, 4),
+        d2_case(3, 4, 3),
     ],
     ids=repr,
 )
@@ -98,6 +115,13 @@ def _opcheck_samples():
             OPS.swap_align2nat_backward,
             (rand((2, 6, 6, 3, 2), seed=20), [2, 3, 3, 5, 4], 2),
         ),
+        ("swap_align2nat_detectron2", OPS.swap_align2nat_detectron2, (x, 2, -6.0)),
+        ("swap_align2nat_detectron2 lam=3", OPS.swap_align2nat_detectron2, (y, 3, 1.0)),
+        (
+            "swap_align2nat_detectron2_backward",
+            OPS.swap_align2nat_detectron2_backward,
+            (rand((2, 6, 6, 3, 2), seed=23), [2, 3, 3, 5, 4], 2),
+        ),
     ]
 
 
@@ -113,8 +137,12 @@ def test_torch_compile_matches_eager():
         swapped = OPS.swap_align2nat(x, 2, -6.0)  # (N, 2V, 2U, ceil(H/2), ceil(W/2))
         up = OPS.up_align2nat(x, 2 * x.shape[1], 2 * x.shape[2], "bilinear", -6.0)
         natural = OPS.align2nat(x, 1, -6.0)
+        d2 = OPS.swap_align2nat_detectron2(x, 2, -6.0)
         return (
-            swapped.sum() + (up.sin() * 0.5).sum() + OPS.nat2align(natural, 1, 0.0).square().sum()
+            swapped.sum()
+            + (up.sin() * 0.5).sum()
+            + OPS.nat2align(natural, 1, 0.0).square().sum()
+            + d2.cos().sum()
         )
 
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
@@ -127,7 +155,10 @@ def test_torch_compile_matches_eager():
     assert torch.equal(compiled_grad, eager_grad)
 
 
-def test_torch_compile_through_public_api():
-    compiled = torch.compile(lambda t: api.swap_align2nat(t, 3, -6.0) * 2, backend="aot_eager")
+@pytest.mark.parametrize("geometry", ["paper", "detectron2"])
+def test_torch_compile_through_public_api(geometry):
+    compiled = torch.compile(
+        lambda t: api.swap_align2nat(t, 3, -6.0, geometry=geometry) * 2, backend="aot_eager"
+    )
     x = rand((1, 3, 3, 8, 7), seed=22)
-    assert torch.equal(compiled(x), OPS.swap_align2nat(x, 3, -6.0) * 2)
+    assert torch.equal(compiled(x), api.swap_align2nat(x, 3, -6.0, geometry=geometry) * 2)

@@ -11,7 +11,16 @@ import torch
 
 from tensormask_ray.ops import library
 
-from ._cases import BUILT_WITH_CUDA, OPS, rand, requires_cuda, requires_ext, swap_case, up_case
+from ._cases import (
+    BUILT_WITH_CUDA,
+    OPS,
+    d2_case,
+    rand,
+    requires_cuda,
+    requires_ext,
+    swap_case,
+    up_case,
+)
 
 pytestmark = requires_ext
 
@@ -41,6 +50,12 @@ CUDA_CASES = [
     up_case(5, 5, (3, 4), "bilinear"),
     up_case(5, 3, (11, 7), "nearest"),
     up_case(5, 3, (5, 3), "bilinear"),
+    d2_case(1, 4, 3),
+    d2_case(2, 5, 3),
+    d2_case(3, 4, 4),
+    d2_case(8, 15, 15, N=1),
+    d2_case(32, 3, 2, N=1),
+    d2_case(2, 3, 3, hw=(1, 2)),
 ]
 SHIFTS = [
     ("align2nat", 1),
@@ -93,7 +108,13 @@ def test_cuda_shift_ops_equal_cpu(op, alpha, dtype):
 @requires_cuda
 @pytest.mark.parametrize(
     "case",
-    [swap_case(2, 5, 5), swap_case(4, 15, 15), up_case(10, 10, (15, 15), "bilinear")],
+    [
+        swap_case(2, 5, 5),
+        swap_case(4, 15, 15),
+        up_case(10, 10, (15, 15), "bilinear"),
+        d2_case(2, 15, 15, N=1),
+        d2_case(5, 4, 3),
+    ],
     ids=repr,
 )
 def test_cuda_forward_equals_reference_float64(case):
@@ -105,7 +126,12 @@ def test_cuda_forward_equals_reference_float64(case):
 @requires_cuda
 @pytest.mark.parametrize(
     "case",
-    [swap_case(2, 15, 15), swap_case(8, 5, 5), up_case(10, 10, (15, 15), "bilinear")],
+    [
+        swap_case(2, 15, 15),
+        swap_case(8, 5, 5),
+        up_case(10, 10, (15, 15), "bilinear"),
+        d2_case(2, 15, 15, N=1),
+    ],
     ids=repr,
 )
 def test_cuda_backward_is_deterministic(case):
@@ -131,6 +157,10 @@ def test_cuda_non_contiguous_empty_and_large_index():
         assert out.shape == (1, 8, 8, 4100, 4100)
         assert float(out[0, 7, 7, 4000, 4000]) == 1.0  # (Y, X) = (8003, 8003): inside
         assert float(out[0, 7, 7, 4099, 4099]) == -6.0  # (8201, 8201): outside
+        del out
+        out = OPS.swap_align2nat_detectron2(big, 2, -6.0)  # its weights are dyadic: exact sums
+        assert float(out[0, 3, 3, 4000, 4000]) == 1.0  # rows 7999, 8000; v* 1, 2: inside
+        assert float(out[0, 7, 7, 4099, 4099]) == -6.0  # rows 8201, 8202: every tap pad
         del big, out
         torch.cuda.empty_cache()
 
@@ -141,5 +171,6 @@ def test_cuda_compile_and_opcheck():
     x = rand((2, 3, 3, 5, 4), seed=39, device="cuda").requires_grad_(True)
     torch.library.opcheck(OPS.swap_align2nat, (x, 2, -6.0))
     torch.library.opcheck(OPS.up_align2nat, (x, 5, 4, "bilinear", -6.0))
+    torch.library.opcheck(OPS.swap_align2nat_detectron2, (x, 2, -6.0))
     compiled = torch.compile(lambda t: OPS.swap_align2nat(t, 2, -6.0).sum(), backend="aot_eager")
     assert torch.equal(compiled(x), OPS.swap_align2nat(x, 2, -6.0).sum())

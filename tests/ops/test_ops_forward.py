@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,16 @@ import torch
 from tensormask_ray.ops import api
 from tensormask_ray.ops import reference as ref
 
-from ._cases import OPS, forward_cases, kernel_results, rand, requires_ext, swap_case, up_case
+from ._cases import (
+    OPS,
+    d2_case,
+    forward_cases,
+    kernel_results,
+    rand,
+    requires_ext,
+    swap_case,
+    up_case,
+)
 
 pytestmark = requires_ext
 
@@ -121,6 +131,87 @@ def test_invalid_arguments_raise():
         OPS.align2nat(x.long(), 1, -6.0)
     with pytest.raises(RuntimeError, match="expected the forward's output shape"):
         OPS.swap_align2nat_backward(rand((1, 6, 6, 2, 3)), [1, 3, 3, 4, 4], 2)
+    with pytest.raises(RuntimeError, match="swap_align2nat_detectron2: lam must be >= 1"):
+        OPS.swap_align2nat_detectron2(x, 0, -6.0)
+    with pytest.raises(RuntimeError, match="swap_align2nat_detectron2_backward: grad has shape"):
+        OPS.swap_align2nat_detectron2_backward(rand((1, 6, 6, 2, 3)), [1, 3, 3, 4, 4], 2)
+    with pytest.raises(ValueError, match="geometry must be one of .* got 'Detectron2'"):
+        api.swap_align2nat(x, 2, geometry="Detectron2")
+
+
+def _detectron2_scalar(x, lam, pad, n, v, u, y, xo):
+    """One output element transcribed from Detectron2's SwapAlign2NatForwardFeat (plain Python
+    floats), to check the vectorised reference against the original's own wording."""
+    _, V, U, H, W = x.shape
+    Vout, Uout = lam * V, lam * U
+
+    def tap(o):
+        f, c = math.floor(o), math.ceil(o)
+        return f, c, 1.0 - (o - f), o - f
+
+    yf, yc, ywf, ywc = tap(y * lam + v - Vout / 2.0 + 0.5)
+    xf, xc, xwf, xwc = tap(xo * lam + u - Uout / 2.0 + 0.5)
+    vf, vc, vwf, vwc = tap((v + 0.5) / lam - 0.5)
+    uf, uc, uwf, uwc = tap((u + 0.5) / lam - 0.5)
+
+    def get(yy, xx, vv, uu):
+        inside = 0 <= yy < H and 0 <= xx < W and 0 <= vv < V and 0 <= uu < U
+        return float(x[n, vv, uu, yy, xx]) if inside else pad
+
+    val = 0.0
+    for yy, wy in ((yf, ywf), (yc, ywc)):
+        for xx, wx in ((xf, xwf), (xc, xwc)):
+            for vv, wv in ((vf, vwf), (vc, vwc)):
+                for uu, wu in ((uf, uwf), (uc, uwc)):
+                    val = val + wy * wx * wv * wu * get(yy, xx, vv, uu)
+    return val
+
+
+@pytest.mark.parametrize(("lam", "V", "U"), [(1, 4, 3), (2, 3, 3), (3, 2, 4)])
+def test_detectron2_reference_matches_the_original_formula(lam, V, U):
+    x = rand((2, V, U, 2 * lam + 1, 2 * lam + 2), seed=8)
+    out = ref.swap_align2nat_detectron2(x, lam, -6.0)
+    g = torch.Generator().manual_seed(lam)
+    for _ in range(40):
+        idx = [int(torch.randint(0, s, (1,), generator=g)) for s in out.shape]
+        assert float(out[tuple(idx)]) == _detectron2_scalar(x, lam, -6.0, *idx), idx
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7, 6), (1, 1, 1, 3, 2), (2, 15, 15, 9, 8)])
+def test_detectron2_geometry_is_the_paper_op_when_lam_is_1_and_the_grid_odd(shape):
+    x = rand(shape, seed=9)
+    assert torch.equal(OPS.swap_align2nat_detectron2(x, 1, -2.5), OPS.swap_align2nat(x, 1, -2.5))
+
+
+def test_detectron2_geometry_differs_from_the_paper_op_only_at_the_window_grid_rim():
+    """lam*V odd (lam = 3, V = U = 5): same rows and columns as the paper op, the same bilinear
+    weights up to rounding; but windows beyond the rim of (V, U) mix in pad_value instead of
+    clamping."""
+    lam, V = 3, 5
+    x = rand((2, V, V, 13, 11), seed=10)
+    d2 = OPS.swap_align2nat_detectron2(x, lam, -6.0)
+    paper = OPS.swap_align2nat(x, lam, -6.0)
+    Vo = lam * V
+    ov = (torch.arange(Vo, dtype=torch.float64) + 0.5) / lam - 0.5
+    inner = (ov >= 0) & (ov <= V - 1)  # both taps inside the window grid
+    Y = lam * torch.arange(d2.shape[3])[None, :] + torch.arange(Vo)[:, None] - Vo // 2  # (Vo, Ho)
+    X = lam * torch.arange(d2.shape[4])[None, :] + torch.arange(Vo)[:, None] - Vo // 2  # (Uo, Wo)
+    inside = ((Y >= 0) & (Y < 13)).view(1, Vo, 1, -1, 1) & ((X >= 0) & (X < 11)).view(1, 1, Vo, 1, -1)
+    both = inside & inner.view(1, Vo, 1, 1, 1) & inner.view(1, 1, Vo, 1, 1)
+    both = both.expand_as(d2)
+    assert both.any() and (~inner).any()
+    torch.testing.assert_close(d2[both], paper[both], rtol=0, atol=1e-12)
+    rim = inside.expand_as(d2) & ~inner.view(1, Vo, 1, 1, 1)
+    assert (d2[rim] - paper[rim]).abs().min() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", [d2_case(2, 5, 3), d2_case(1, 4, 4), d2_case(3, 3, 2)], ids=repr)
+def test_detectron2_reduced_precision_is_the_float32_sum_rounded_once(case, dtype):
+    x = rand(case.shape, torch.float32, seed=7).to(dtype)
+    out = case.fused(x)
+    assert out.dtype == dtype
+    assert torch.equal(out, case.reference(x))
 
 
 @pytest.mark.parametrize(

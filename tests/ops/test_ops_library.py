@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tensormask_ray.ops import api, build_info, library
+from tensormask_ray.ops import api, build_info, library, reference
 
 from ._cases import rand, requires_ext
 
@@ -33,6 +33,8 @@ def test_reference_backend_is_an_explicit_opt_in(monkeypatch):
     )
     out = api.swap_align2nat(x, 2, -1.0)
     assert out.shape == (1, 6, 6, 3, 2)
+    out = api.swap_align2nat(x, 2, -1.0, geometry="detectron2")
+    assert torch.equal(out, reference.swap_align2nat_detectron2(x, 2, -1.0))
     monkeypatch.setenv(api.BACKEND_ENV, "bogus")
     with pytest.raises(ValueError, match="TENSORMASK_OPS"):
         api.align2nat(x)
@@ -48,6 +50,9 @@ def test_public_api_uses_the_fused_ops(monkeypatch):
     assert torch.equal(api.nat2align(x, 1), ops.nat2align(x, 1, -6.0))
     assert torch.equal(api.up_align2nat(x, 9), ops.up_align2nat(x, 9, 9, "bilinear", -6.0))
     assert torch.equal(api.swap_align2nat(x, 3), ops.swap_align2nat(x, 3, -6.0))
+    assert torch.equal(
+        api.swap_align2nat(x, 3, geometry="detectron2"), ops.swap_align2nat_detectron2(x, 3, -6.0)
+    )
 
 
 @requires_ext
