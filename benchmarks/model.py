@@ -1,11 +1,14 @@
 """TensorMask vs torchvision's Mask R-CNN on this CPU, same images, one process.
 
     python benchmarks/model.py [--repeats 5] [--size 800] [--write]
+    python benchmarks/model.py --preset d2-tensormask-r50-1x [--checkpoint converted/r50-1x] --write
 
 Per-image inference (bipyramid R-50-FPN, shorter side 800, 100 detections forced by a zero score
 threshold) and one training step (forward + backward, batch 2), each model with random weights.
 The paper measured 0.38 s vs 0.09 s per image on a V100 (4.2x); our goal is at most 1.5x.
---write replaces the "## Model" section of benchmarks/RESULTS.md.
+--preset picks the TensorMask config (default table2c-bipyramid); --checkpoint times a checkpoint's
+model (e.g. one `tensormask-ray convert detectron2` wrote) with its config. --write replaces the
+"## Model" section of benchmarks/RESULTS.md, or "## Model (PRESET)" for another preset/checkpoint.
 """
 
 from __future__ import annotations
@@ -69,13 +72,28 @@ def timeit_pair(fa, fb, repeats: int, warmup: int = 1) -> tuple[float, float]:
     return statistics.median(ta), statistics.median(tb)
 
 
-def tensormask(size: int):
-    cfg = load_config(
-        preset="table2c-bipyramid",
-        overrides={"inference.score_thresh": 0.0, "input.min_size_test": size, "model.backbone.freeze_at": 2},
-    )
+DEFAULT_PRESET = "table2c-bipyramid"
+
+
+def tensormask(size: int, preset: str = DEFAULT_PRESET, checkpoint: str | None = None):
+    """(model, config): the preset with random weights, or a checkpoint's model and config."""
+    overrides = {"inference.score_thresh": 0.0, "input.min_size_test": size, "model.backbone.freeze_at": 2}
+    if checkpoint:
+        from tensormask_ray.train.checkpoint import load_model_for_inference
+
+        model, cfg, _ = load_model_for_inference(checkpoint, overrides)
+        return model, cfg
+    cfg = load_config(preset=preset, overrides=overrides)
     torch.manual_seed(0)
-    return build_model(cfg)
+    return build_model(cfg), cfg
+
+
+def normalise(images: torch.Tensor, cfg) -> torch.Tensor:
+    """RGB images in [0, 1] (N, 3, H, W) -> the model's input format (the data pipeline's job)."""
+    mean = torch.tensor(cfg.input.pixel_mean)[:, None, None]
+    std = torch.tensor(cfg.input.pixel_std)[:, None, None]
+    x = images.flip(1) * 255.0 if cfg.input.format == "BGR255" else images
+    return (x - mean) / std
 
 
 def maskrcnn(size: int):
@@ -91,14 +109,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--size", type=int, default=800)
     ap.add_argument("--width", type=int, default=1216, help="image width (height = --size)")
+    ap.add_argument("--preset", default=DEFAULT_PRESET, help=f"TensorMask config (default {DEFAULT_PRESET})")
+    ap.add_argument("--checkpoint", help="time this checkpoint's model (its config; e.g. a converted one)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     h, w = args.size, args.width
     images, targets = synthetic_batch(2, h, w)
-    tm, mr = tensormask(h), maskrcnn(h)
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    norm = (images - mean) / std  # TensorMask takes normalised, padded input (the data pipeline's job)
+    (tm, cfg), mr = tensormask(h, args.preset, args.checkpoint), maskrcnn(h)
+    norm = normalise(images, cfg)  # TensorMask takes normalised, padded input
+    label = args.checkpoint or args.preset
 
     tm.eval()
     mr.eval()
@@ -135,15 +154,18 @@ def main() -> None:
         ("inference, s/image, both in channels_last", tm_inf_cl, mr_inf_cl, "models and input NHWC"),
         ("training step, s (batch 2, fwd+bwd)", tm_train, mr_train, ""),
     ]
-    table = ["| measure | TensorMask (bipyramid R-50-FPN) | Mask R-CNN (torchvision R-50-FPN) | ratio TM / MR | note |", "|---|---|---|---|---|"]
+    name = f"{cfg.model.mask_head} R-{cfg.model.backbone.depth}-FPN" + ("" if label == DEFAULT_PRESET else f", {label}")
+    table = [f"| measure | TensorMask ({name}) | Mask R-CNN (torchvision R-50-FPN) | ratio TM / MR | note |", "|---|---|---|---|---|"]
     for name, a, b, note in rows:
         table.append(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {note} |")
     ratio, ratio_cl = tm_inf / mr_inf, tm_inf_cl / mr_inf_cl
     verdict = "met" if ratio <= 1.5 else "NOT met"
     text = "\n".join(
         [
-            f"Command: `python benchmarks/model.py --repeats {args.repeats} --size {h} --width {w}` "
-            f"(images {h}x{w}, random weights, median of repeats timed alternately, one process).",
+            f"Command: `python benchmarks/model.py --repeats {args.repeats} --size {h} --width {w}"
+            f"{'' if label == DEFAULT_PRESET else (' --checkpoint ' if args.checkpoint else ' --preset ') + label}` "
+            f"(images {h}x{w}, {'the checkpoint' if args.checkpoint else 'random'} weights, median of repeats timed "
+            "alternately, one process).",
             f"Machine: {cpu or platform.processor()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"torch threads {torch.get_num_threads()}.",
             "",
@@ -161,7 +183,7 @@ def main() -> None:
     )
     print(text)
     if args.write:
-        write_section("Model", text)
+        write_section("Model" if label == DEFAULT_PRESET else f"Model ({args.preset if not args.checkpoint else cfg.model.geometry + ' checkpoint'})", text)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,6 @@ _pythonpath = os.environ.get("PYTHONPATH", "")
 if str(REPO_ROOT) not in _pythonpath.split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), _pythonpath) if p)
 
-# TEMPORARY (issue 13): the ops branch's WindowOp geometry/footprints API until it is merged.
-from tests._ops_standin import install as _install_ops_standin  # noqa: E402
-
-_install_ops_standin()
-
 # Sizes of the shared datasets (tests may rely on these numbers).
 SYNTH_NUM_IMAGES = 24
 SYNTH_IMAGE_SIZE = 160

@@ -224,19 +224,20 @@ def swap_align2nat(X: torch.Tensor, lambda_val: int, pad_val: float = -6.0, posi
     flat = X.reshape(N, -1)
 
     def get_pixel_val(yy, xx, vv, uu):
-        yy, xx, vv, uu = (t.expand(shape) for t in (yy, xx, vv, uu))
-        inside = (yy >= 0) & (yy < Hin) & (xx >= 0) & (xx < Win) & (vv >= 0) & (vv < Vin) & (uu >= 0) & (uu < Uin)
-        index = (((vv.clamp(0, Vin - 1) * Uin + uu.clamp(0, Uin - 1)) * Hin + yy.clamp(0, Hin - 1)) * Win
-                 + xx.clamp(0, Win - 1))  # fmt: skip
-        values = flat[:, index.reshape(-1)].reshape(N, *shape)
-        return torch.where(inside, values, torch.full_like(values, pad_val))
+        # the kernel's test and index, split into the (v, y) and (u, x) parts that broadcast
+        inside_vy = (yy >= 0) & (yy < Hin) & (vv >= 0) & (vv < Vin)  # (Vout, 1, K)
+        inside_ux = (xx >= 0) & (xx < Win) & (uu >= 0) & (uu < Uin)  # (1, Uout, K)
+        index_vy = vv.clamp(0, Vin - 1) * (Uin * Hin * Win) + yy.clamp(0, Hin - 1) * Win
+        index_ux = uu.clamp(0, Uin - 1) * (Hin * Win) + xx.clamp(0, Win - 1)
+        values = flat[:, (index_vy + index_ux).reshape(-1)].reshape(N, *shape)
+        return torch.where(inside_vy & inside_ux, values, pad_val)
 
     val = None
     for wy, yy in ((ywf, yf), (ywc, yc)):
         for wx, xx in ((xwf, xf), (xwc, xc)):
             for wv, vv in ((vwf, vf), (vwc, vc)):
                 for wu, uu in ((uwf, uf), (uwc, uc)):
-                    term = (wy * wx * wv * wu).expand(shape).to(X.dtype) * get_pixel_val(yy, xx, vv, uu)
+                    term = (wy * wx * wv * wu).to(X.dtype) * get_pixel_val(yy, xx, vv, uu)
                     val = term if val is None else val + term
     if positions is not None:
         return val.reshape(N, Vout * Uout, -1)
@@ -503,3 +504,99 @@ class TensorMask(nn.Module):
                                           threshold=mask_threshold)  # fmt: skip
         return {"boxes": boxes[inds_nonempty], "scores": scores[inds_nonempty], "labels": classes[inds_nonempty],
                 "masks": masks}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- training targets
+def get_deltas(src_boxes, target_boxes, weights=BBOX_REG_WEIGHTS):
+    """Box2BoxTransform.get_deltas."""
+    src_widths = src_boxes[:, 2] - src_boxes[:, 0]
+    src_heights = src_boxes[:, 3] - src_boxes[:, 1]
+    src_ctr_x = src_boxes[:, 0] + 0.5 * src_widths
+    src_ctr_y = src_boxes[:, 1] + 0.5 * src_heights
+    target_widths = target_boxes[:, 2] - target_boxes[:, 0]
+    target_heights = target_boxes[:, 3] - target_boxes[:, 1]
+    target_ctr_x = target_boxes[:, 0] + 0.5 * target_widths
+    target_ctr_y = target_boxes[:, 1] + 0.5 * target_heights
+    wx, wy, ww, wh = weights
+    dx = wx * (target_ctr_x - src_ctr_x) / src_widths
+    dy = wy * (target_ctr_y - src_ctr_y) / src_heights
+    dw = ww * torch.log(target_widths / src_widths)
+    dh = wh * torch.log(target_heights / src_heights)
+    return torch.stack((dx, dy, dw, dh), dim=1)
+
+
+def assignment_rule(gt_boxes, anchor_boxes, unit_lengths, min_anchor_size, scale_thresh=2.0, spatial_thresh=1.0,
+                    uniqueness_on=True):  # fmt: skip
+    """arch._assignment_rule: (matches (M,), match_labels (M,) int8: 1 fg, 0 bg, -1 ignored)."""
+    N, M = gt_boxes.shape[0], anchor_boxes.shape[0]
+    if N == 0 or M == 0:
+        return gt_boxes.new_full((N,), 0, dtype=torch.int64), gt_boxes.new_full((N,), -1, dtype=torch.int8)
+    lt = torch.min(gt_boxes[:, None, :2], anchor_boxes[:, :2])
+    rb = torch.max(gt_boxes[:, None, 2:], anchor_boxes[:, 2:])
+    union = torch.cat([lt, rb], dim=2)
+    anchor = torch.zeros_like(gt_boxes)[:, None, :] + anchor_boxes[:, :]
+    contain_matrix = torch.all(union == anchor, dim=2)
+    gt_size_lower = torch.max(gt_boxes[:, 2:] - gt_boxes[:, :2], dim=1)[0]
+    gt_size_upper = gt_size_lower * scale_thresh
+    gt_size_upper[gt_size_upper < min_anchor_size] = min_anchor_size
+    anchor_size = torch.max(anchor_boxes[:, 2:] - anchor_boxes[:, :2], dim=1)[0] - unit_lengths
+    size_diff_upper = gt_size_upper[:, None] - anchor_size
+    scale_matrix = size_diff_upper >= 0
+    gt_center = (gt_boxes[:, 2:] + gt_boxes[:, :2]) / 2
+    anchor_center = (anchor_boxes[:, 2:] + anchor_boxes[:, :2]) / 2
+    offset_center = gt_center[:, None, :] - anchor_center[:, :]
+    offset_center /= unit_lengths[:, None]
+    spatial_square = spatial_thresh * spatial_thresh
+    spatial_matrix = torch.sum(offset_center * offset_center, dim=2) <= spatial_square
+    assign_matrix = (contain_matrix & scale_matrix & spatial_matrix).int()
+    matched_vals, matches = assign_matrix.max(dim=0)
+    match_labels = matches.new_full(matches.size(), 1, dtype=torch.int8)
+    match_labels[matched_vals == 0] = 0
+    match_labels[matched_vals == 1] = 1
+    not_unique_idxs = assign_matrix.sum(dim=0) > 1
+    match_labels[not_unique_idxs] = 0 if uniqueness_on else -1
+    return matches, match_labels
+
+
+def crop_and_resize(bitmasks: torch.Tensor, boxes: torch.Tensor, mask_size: int) -> torch.Tensor:
+    """BitMasks.crop_and_resize: (N, H, W) masks, (N, 4) boxes -> (N, mask_size, mask_size) bool."""
+    from torchvision.ops import roi_align
+
+    batch_inds = torch.arange(len(boxes)).to(dtype=boxes.dtype)[:, None]
+    rois = torch.cat([batch_inds, boxes], dim=1)
+    output = roi_align(bitmasks.to(torch.float32)[:, None], rois, (mask_size, mask_size), 1.0, 0, aligned=True)
+    return output.squeeze(1) >= 0.5
+
+
+def ground_truth(model: TensorMask, grid_sizes, gt_boxes, gt_classes, gt_bitmasks):
+    """TensorMask.get_ground_truth for one image whose annotations went through DatasetMapper
+    (crowd regions and empty boxes already gone). -> gt_classes_i (M,) (K = negative), the
+    foreground anchors' indexes (F, 5) and deltas (F, 4), and per (level, anchor) the mask targets."""
+    anchors, indexes = grid_anchors_with_indexes(grid_sizes, model.strides, model.anchor_sizes)
+    unit_lengths = torch.cat(
+        [torch.full((h * w * len(s),), st, dtype=torch.float32) for (h, w), st, s in
+         zip(grid_sizes, model.strides, model.anchor_sizes)]
+    )  # fmt: skip
+    min_anchor_size = min(model.anchor_sizes[0]) - model.strides[0]
+    gt_classes_i = torch.full_like(unit_lengths, model.num_classes, dtype=torch.int64)
+    masks = {}
+    if len(gt_boxes) == 0:
+        return gt_classes_i, indexes[:0], torch.zeros((0, 4)), masks
+    gt_matched_inds, anchor_labels = assignment_rule(gt_boxes, anchors, unit_lengths, min_anchor_size)
+    fg_inds = anchor_labels == 1
+    fg_anchors = anchors[fg_inds]
+    gt_fg_matched_inds = gt_matched_inds[fg_inds]
+    gt_classes_i[fg_inds] = gt_classes[gt_fg_matched_inds]
+    gt_classes_i[anchor_labels == -1] = -1
+    deltas = get_deltas(fg_anchors, gt_boxes[gt_fg_matched_inds])
+    matched_indexes = indexes[fg_inds, :]
+    for lvl in range(len(model.strides)):
+        for anc in range(len(model.mask_sizes)):
+            sel = (matched_indexes[:, 0] == lvl) & (matched_indexes[:, 4] == anc)
+            if torch.any(sel):
+                size = model.mask_sizes[anc] * 2**lvl
+                masks[(lvl, anc)] = (
+                    crop_and_resize(gt_bitmasks[gt_fg_matched_inds[sel]], fg_anchors[sel], size),
+                    matched_indexes[sel, 2:4],
+                )
+    return gt_classes_i, matched_indexes, deltas, masks

@@ -1,4 +1,4 @@
-"""`tensormask-ray convert detectron2 MODEL.pkl|.pth --out DIR [--preset NAME] [key=value ...]`:
+"""`tensormask-ray convert detectron2 MODEL.pkl|.pth [key=value ...] --out DIR [--preset NAME]`:
 argument parsing and printing only (the work is in detectron2.py)."""
 
 from __future__ import annotations

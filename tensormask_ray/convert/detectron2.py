@@ -10,7 +10,8 @@ project's module names, and writes a checkpoint folder in the format train/check
 and `train model.weights=DIR` take it as they take a trained one.
 
 Every key is accounted for: a key of the model that the file lacks, a key of the file that maps to
-nothing, or a tensor of the wrong shape is an error listing all of them. Detectron2's loader
+nothing, a tensor of the wrong shape, or window sizes in another order than the file's (the
+class and box channels come per window size) is an error listing all of them. Detectron2's loader
 tolerates three things, and so does this one, as it does:
 - frozen batch norms without running_mean / running_var (checkpoints written before its
   FrozenBatchNorm2d had them): identity statistics, 0 and 1;
@@ -58,6 +59,7 @@ _RULES: list[tuple[str, str]] = [
 ]
 _BN_STATS = ("running_mean", "running_var")
 _ANCHORS = re.compile(r"^anchor_generator\.cell_anchors\.(\d+)$")
+_MASK_PRED = re.compile(r"^head\.mask_pred_(\d+)\.weight$")
 
 
 def detectron2_name(key: str, cfg: Config) -> str:
@@ -139,7 +141,7 @@ def convert_state_dict(d2_state: dict[str, Any], cfg: Config, own: dict[str, tor
         out[key] = t
     used = set(names.values())
     extra = sorted(k for k in d2_state if k not in used and not _tolerated(k))
-    problems = [m for m in _check_tolerated(d2_state, cfg)]
+    problems = _check_window_order(d2_state, cfg) + _check_tolerated(d2_state, cfg)
     if missing or extra or wrong or problems:
         parts = []
         if missing:
@@ -155,6 +157,25 @@ def convert_state_dict(d2_state: dict[str, Any], cfg: Config, own: dict[str, tor
             f"R-{cfg.model.backbone.depth}): " + "; ".join(parts)
         )
     return out
+
+
+def _check_window_order(d2_state: dict[str, Any], cfg: Config) -> list[str]:
+    """The class and box channels come per anchor in ANCHOR_GENERATOR.SIZES order, which the file
+    records only as the order of its mask_pred_* modules (registered in that order; state dicts
+    and the model zoo's pickles keep it). Window sizes in another order would load and compute
+    every class score of one window size for the other."""
+    order = []
+    for key in d2_state:
+        match = _MASK_PRED.match(key)
+        if match and int(match.group(1)) not in order:
+            order.append(int(match.group(1)))
+    if order and sorted(order) == sorted(cfg.model.window_sizes) and order != list(cfg.model.window_sizes):
+        return [
+            f"the checkpoint's windows come in the order {order} (its mask_pred_* modules, i.e. "
+            f"ANCHOR_GENERATOR.SIZES), not model.window_sizes {cfg.model.window_sizes}: pass "
+            f"model.window_sizes={order}"
+        ]
+    return []
 
 
 def _tolerated(key: str) -> bool:

@@ -228,3 +228,24 @@ def test_rle_helpers_match_pycocotools():
             else dict(seg, counts=seg["counts"].encode())
         )
         np.testing.assert_array_equal(mask_utils.decode(rle), m)
+
+
+def test_bgr255_is_detectron2s_input():
+    """BGR255: channels B, G, R, (pixel - mean) / std in float32, as Detectron2's preprocess_image."""
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=(5, 6, 3), dtype=np.uint8)
+    mean, std = [103.53, 116.28, 123.675], [57.375, 57.12, 58.395]
+    out = T.normalize(image, mean, std, "BGR255")
+    bgr = torch.from_numpy(image[:, :, ::-1].astype(np.float32).transpose(2, 0, 1).copy())
+    expected = (bgr - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    assert torch.equal(torch.from_numpy(out), expected)
+    np.testing.assert_array_equal(T.denormalize(out, mean, std, "BGR255"), image)
+    with pytest.raises(ValueError, match="BGR"):
+        T.normalize(image, mean, std, "BGR")
+
+
+def test_resized_shape_rounds_as_detectron2():
+    """At an exact half pixel the float steps of ResizeShortestEdge.get_output_shape decide:
+    11 x 22 -> 666.5 x 1333 becomes 666 there (667 with the direct formula)."""
+    assert T.resized_shape(11, 22, 800, 1333)[:2] == (666, 1333)
+    assert T.resized_shape(3, 62, 800, 1333)[:2] == (64, 1333)

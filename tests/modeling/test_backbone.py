@@ -1,4 +1,5 @@
-"""The ResNet backbone: both normalisations, and loading a local torchvision checkpoint."""
+"""The ResNet backbone: both normalisations, loading a local torchvision checkpoint, and the MSRA
+(Detectron2) variant."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from tensormask_ray.config import ConfigError, load_config
 from tensormask_ray.errors import UserError
-from tensormask_ray.modeling.backbone import ResNetBackbone
+from tensormask_ray.modeling.backbone import DetectronFrozenBatchNorm2d, ResNetBackbone
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +81,34 @@ def test_a_checkpoint_of_another_depth_is_refused_by_name(torchvision_checkpoint
 def test_an_unknown_norm_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError, match="model.backbone.norm"):
         load_config(preset="cpu-small", overrides={"model.backbone.norm": "BN"})
+
+
+def test_msra_stride_in_1x1_moves_the_stride_not_the_shapes():
+    msra = ResNetBackbone(50, freeze_at=0, stride_in_1x1=True)
+    plain = ResNetBackbone(50, freeze_at=0)
+    for stage in ("res3", "res4", "res5"):
+        first = getattr(msra, stage)[0]
+        assert first.conv1.stride == (2, 2) and first.conv2.stride == (1, 1)
+        assert getattr(plain, stage)[0].conv2.stride == (2, 2)
+    assert msra.res2[0].conv1.stride == (1, 1)
+    assert {k: v.shape for k, v in msra.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert {k: v.shape for k, v in msra(x).items()} == {k: v.shape for k, v in plain(x).items()}
+    with pytest.raises(ValueError, match="stride_in_1x1"):
+        ResNetBackbone(18, stride_in_1x1=True)
+
+
+def test_detectron_frozen_bn_computes_as_detectron2():
+    bn = DetectronFrozenBatchNorm2d(8)
+    g = torch.Generator().manual_seed(0)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(bn, name).copy_(torch.randn(8, generator=g))
+    bn.running_var.copy_(torch.rand(8, generator=g) + 0.5)
+    x = torch.randn(2, 8, 5, 7, generator=g)
+    expected = torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, 1e-5)
+    assert torch.equal(bn(x), expected)  # inference: one fused batch_norm, as Detectron2
+    x.requires_grad_(True)
+    y = bn(x)  # with gradients: x * scale + bias, as Detectron2 (and torchvision)
+    scale = bn.weight * (bn.running_var + 1e-5).rsqrt()
+    assert torch.equal(y, x * scale.view(1, -1, 1, 1) + (bn.bias - bn.running_mean * scale).view(1, -1, 1, 1))
