@@ -18,10 +18,10 @@ from tensormask_ray.modeling import build_model
 from .checkpoints import make_checkpoint
 
 
-def _model(head: str):
+def _model(head: str, geometry: str = "paper"):
     cfg = load_config(preset="cpu-small", overrides={
         "model.num_classes": 2, "model.min_level": 2, "model.window_sizes": [15], "model.mask_head": head,
-        "model.upscale_factor": 1.5 if head.startswith("upscale") else 1.0,
+        "model.upscale_factor": 1.5 if head.startswith("upscale") else 1.0, "model.geometry": geometry,
     })  # fmt: skip
     torch.manual_seed(0)
     return build_model(cfg)
@@ -56,6 +56,29 @@ def test_known_masks_give_their_exact_iou(monkeypatch, head, fill, expected):
     assert ious[0].item() == pytest.approx(expected, abs=2e-3)  # up to a few pixels of pasting
     assert math.isnan(ious[1].item())  # the crowd region is not scored
     assert model.training  # the model's mode is given back
+
+
+def test_detectron2_geometry_scores_at_its_windows(monkeypatch):
+    """Detectron2's windows: centres at multiples of 4, boxes [c - 30, c + 30). The square's
+    positives are the P2 windows centred at (64, 64), (60, 64), (68, 64), (64, 60), (64, 68); a mask
+    of ones in its left 7 of 15 columns pastes as [cx - 30, cx - 2) x [cy - 30, cy + 30) less its
+    four corner pixels (bilinear 0.625^2 < 0.5): 1676 px, whose IoU with the 1600-px square is
+    720/2556 at cx = 64, 560/2716 at 60 and 880/2396 at 68."""
+    model = _model("bipyramid", "detectron2")
+
+    def decode(masks, group, ys, xs, image, dense=False):
+        out = []
+        for g in group.tolist():
+            m = torch.zeros(model.groups[g].op.out_size)
+            m[:, :7] = 1.0
+            out.append(m)
+        return out
+
+    monkeypatch.setattr(model, "decode_masks", decode)
+    (ious,) = window_mask_ious(model, *_square_image())
+    expected = (3 * 720 / 2556 + 560 / 2716 + 880 / 2396) / 5
+    assert ious[0].item() == pytest.approx(expected, abs=1e-6)
+    assert math.isnan(ious[1].item())  # dropped as Detectron2 drops crowd regions, and not scored
 
 
 def test_the_real_decoder_runs_and_scores_every_instance():
