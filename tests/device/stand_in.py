@@ -10,7 +10,8 @@ it computes on the CPU, `.item()`, `.tolist()`, NMS and pycocotools work, and a 
 Like CUDA, an op that mixes a stand-in tensor with a CPU tensor raises `DeviceMismatch`, except
 where CUDA allows it: CPU 0-dim tensors (scalars), CPU index tensors of advanced indexing, and
 cross-device copies (`copy_`, `.to`, `.cpu()`). `.numpy()` of a stand-in tensor raises as it does
-for a CUDA tensor.
+for a CUDA tensor. Not supported: `torch.inference_mode` (a wrapper cannot be an inference tensor;
+use no_grad) and anything that needs a real device type (autocast, streams, generators).
 
 Why not the plain meta device or FakeTensorMode with a fake "cuda" device: both check device
 agreement, but have no values, so they stop at the first data-dependent op (target assignment,
