@@ -36,6 +36,7 @@ from .schedule import LRSchedule, build_optimizer, set_lr
 
 FAILURE_MARKER = ".failure-injected"
 PROGRESS_FILE = "progress.json"  # {"iteration", "epoch"} of the latest checkpoint (rank 0)
+RESUMED_METRIC = "train/resumed_at_iteration"  # logged (rank 0) each time the run restarts from a checkpoint
 
 
 class InjectedFailure(RuntimeError):
@@ -167,6 +168,8 @@ def run_training_loop(cfg: Config, ctx: WorkerContext, run: RunSettings, logger:
                 _seed_everything(cfg.seed + 1000 * rank + iteration)
             if rank == 0:
                 print(f"[train] resumed from checkpoint at iteration {iteration}", flush=True)
+                if logger is not None:  # one point per (re)start from a checkpoint: the run's restarts
+                    logger.log_metrics({RESUMED_METRIC: iteration}, step=iteration)
 
     max_iter = cfg.solver.max_iter
     progress = Progress(iteration, max_iter)
@@ -308,6 +311,7 @@ def loop_config(cfg: Config, run: RunSettings) -> dict[str, Any]:
 __all__ = [
     "FAILURE_MARKER",
     "PROGRESS_FILE",
+    "RESUMED_METRIC",
     "InjectedFailure",
     "MetricsLogger",
     "RunSettings",

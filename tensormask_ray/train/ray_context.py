@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -24,6 +25,8 @@ class RayTrainContext:
             torch.cuda.set_device(self.device)  # collectives of Python objects use the current device
         self._cfg = cfg
         self._shard = None
+        node = ray.get_runtime_context().get_node_id()
+        print(f"[train] rank {self.rank} of {self.world_size} on node {node} ({self.device})", flush=True)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return ray.train.torch.prepare_model(model)

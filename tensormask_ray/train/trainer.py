@@ -113,7 +113,8 @@ def build_trainer(
         train_loop_config=loop_config(cfg, run),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources,
+            placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.run_name,
