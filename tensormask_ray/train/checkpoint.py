@@ -22,6 +22,19 @@ from ..config import Config, ConfigError, from_dict
 from ..errors import UserError
 
 STATE_FILE = "state.pt"
+PROGRESS_FILE = "progress.json"  # in the run folder: {"iteration", "epoch"} of the newest checkpoint
+
+
+def checkpoint_dir_name(iteration: int) -> str:
+    """The run folder's name for the checkpoint written at `iteration` (deterministic, so that its
+    path can travel with the metrics and be found again)."""
+    return f"checkpoint_{int(iteration):07d}"
+
+
+def iteration_of(path: str) -> int | None:
+    """The iteration in a checkpoint folder's name, or None for another name."""
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    return int(name.split("_", 1)[1]) if name.startswith("checkpoint_") and name.split("_", 1)[1].isdigit() else None
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

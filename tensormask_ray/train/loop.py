@@ -30,12 +30,17 @@ import torch
 
 from ..config import Config, TrainConfig, from_dict
 from . import storage
-from .checkpoint import load_training_state, rng_state, save_training_state
+from .checkpoint import (
+    PROGRESS_FILE,
+    checkpoint_dir_name,
+    load_training_state,
+    rng_state,
+    save_training_state,
+)
 from .context import WorkerContext, gather_to_rank0, max_across_ranks
 from .schedule import LRSchedule, build_optimizer, set_lr
 
 FAILURE_MARKER = ".failure-injected"
-PROGRESS_FILE = "progress.json"  # {"iteration", "epoch"} of the latest checkpoint (rank 0)
 RESUMED_METRIC = "train/resumed_at_iteration"  # logged (rank 0) each time the run restarts from a checkpoint
 
 
@@ -133,7 +138,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     cfg: Config = from_dict(loop_config["config"])
     run = RunSettings(**loop_config["run"])
-    ctx = RayTrainContext(cfg)
+    ctx = RayTrainContext(cfg, run.run_dir)
     logger = None
     if ctx.rank == 0 and run.mlflow_run_id:
         from ..tracking import RunLogger
@@ -286,7 +291,7 @@ def _checkpoint_and_report(cfg, ctx, run, model, optimizer, scaler, iteration, e
     rng_states = gather_to_rank0(rng_state(ctx.device))
     # A deterministic folder name, so the path can travel with the metrics (Tune's results carry
     # no Train checkpoint, and sweeps need to find each trial's checkpoints).
-    dir_name = f"checkpoint_{iteration:07d}"
+    dir_name = checkpoint_dir_name(iteration)
     metrics["checkpoint_path"] = storage.join(run.run_dir, dir_name)
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
