@@ -401,7 +401,11 @@ def check_cuda_op_tests(run: Run) -> Result:
 
 
 def check_cpu_op_tests(run: Run) -> Result:
-    r = _pytest(run, "not gpu", "ops-cpu")
+    """An extra, run only with time left: stopped by the budget, it is skipped, not failed."""
+    try:
+        r = _pytest(run, "not gpu", "ops-cpu")
+    except subprocess.TimeoutExpired:
+        return Result("stopped: the time budget ran out before the CPU op tests ended", status="skip")
     c = r["counts"]
     summary = f"{c['passed']} passed, {c['failures'] + c['errors']} failed, {c['skipped']} skipped of {c['tests']} under torch {torch.__version__}"
     if c["failures"] or c["errors"]:
