@@ -17,7 +17,7 @@ export RAY_USAGE_STATS_ENABLED=0
 
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench clean gpu-check
 
 install: $(STAMP)
 
@@ -48,6 +48,13 @@ test: install
 
 demo: install
 	$(VENV)/bin/tensormask-ray demo
+
+# The one-shot check of a GPU machine (docs/cluster.md): needs only torch, torchvision, numpy, Pillow,
+# PyYAML and pytest, builds the extension in place for the GPU present (no `make install`), at most
+# 8 minutes on one GPU; without a GPU it runs its torch-only parts on the CPU. Report in $(GPU_CHECK_OUT).
+GPU_CHECK_OUT ?= gpu-check-report
+gpu-check:
+	@py=$$( [ -x $(PY) ] && echo $(PY) || command -v python3 ); $$py scripts/gpu_check.py $(GPU_CHECK_OUT)
 
 bench: install
 	$(PY) benchmarks/ops.py

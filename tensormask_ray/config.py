@@ -157,6 +157,9 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # How Ray places the workers: PACK (fill nodes in turn), SPREAD, STRICT_SPREAD (one per node),
+    # STRICT_PACK (all on one node).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     checkpoint_period: int = 500
     keep_checkpoints: int = 2
     checkpoint_metric: str = "val/segm/AP"  # keep the best K checkpoints by this metric

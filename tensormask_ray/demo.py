@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-SMOKE_SPEC = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
+SMOKE_SPEC = Path(__file__).resolve().parents[1] / "sweeps" / "cpu" / "smoke.yaml"
 
 # Synthetic shapes and the two real photos, the photos oversampled to 8 of every 9 training
 # images: a few minutes of CPU training from random weights is enough to learn masks on the photos

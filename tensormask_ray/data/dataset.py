@@ -45,9 +45,8 @@ from ray.data.extensions import ArrowVariableShapedTensorArray
 from ..config import Config, InputConfig
 from . import transforms
 from .manifest import CategoryMap, read_manifest, shard_paths
+from .schema import TRAIN_COLUMNS
 
-# Columns the training pipeline reads (the rest of the shard is for evaluation and humans).
-TRAIN_COLUMNS = ["image_id", "image_bytes", "category_ids", "boxes", "iscrowd", "rle_counts"]
 DEFAULT_MAP_BATCH_SIZE = 4
 
 

@@ -33,6 +33,9 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 
+# Columns the training pipeline reads (the rest of a shard is for evaluation and humans).
+TRAIN_COLUMNS = ["image_id", "image_bytes", "category_ids", "boxes", "iscrowd", "rle_counts"]
+
 # manifest.json (written last, atomically):
 # {
 #   "version": 1,

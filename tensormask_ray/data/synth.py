@@ -24,21 +24,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
-from pycocotools import mask as mask_utils
+from PIL import Image, ImageDraw
 
-from .coco_io import (
-    IMAGES_DIR,
-    CocoFiles,
-    annotation,
-    encode_rle,
-    save_image,
-    uncompressed_rle,
-    write_coco_json,
-)
+if TYPE_CHECKING:
+    from .coco_io import CocoFiles
 
 CATEGORIES = [
     {"id": 1, "name": "disk", "supercategory": "shape"},
@@ -86,6 +78,15 @@ def _background(rng: np.random.Generator, h: int, w: int, style: SynthStyle) -> 
 
 
 def _polygon_mask(poly: list[float], h: int, w: int) -> np.ndarray:
+    """The polygon rasterised as pycocotools does (so `annToMask` of the annotation gives these
+    pixels). Where pycocotools is missing (the GPU check's machine, which only trains on the
+    images in memory), PIL's fill, which differs at a few edge pixels."""
+    try:
+        from pycocotools import mask as mask_utils
+    except ImportError:
+        canvas = Image.new("1", (w, h))
+        ImageDraw.Draw(canvas).polygon(poly, fill=1)
+        return np.asarray(canvas, dtype=bool)
     rle = mask_utils.merge(mask_utils.frPyObjects([poly], h, w))
     return mask_utils.decode(rle).astype(bool)
 
@@ -215,6 +216,16 @@ def make_synthetic_coco(
     """Writes `num_images` synthetic images to OUT/images and their annotations to
     OUT/instances.json. Image ids are 1..N; about 60% of unoccluded polygon shapes keep their
     polygon (the choice is seeded too)."""
+    from .coco_io import (  # pycocotools: writing the set needs it, drawing images does not
+        IMAGES_DIR,
+        CocoFiles,
+        annotation,
+        encode_rle,
+        save_image,
+        uncompressed_rle,
+        write_coco_json,
+    )
+
     synth_style(style)  # fail before writing anything
     if num_images < 1:
         raise ValueError("num_images must be >= 1")

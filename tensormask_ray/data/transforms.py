@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from ..config import InputConfig
 from .manifest import CategoryMap
@@ -40,6 +39,8 @@ def decode_masks(rle_counts: Sequence[str | bytes], height: int, width: int) -> 
     """Compressed COCO RLE counts, each of size (height, width) -> uint8 (M, height, width)."""
     if len(rle_counts) == 0:
         return np.zeros((0, height, width), dtype=np.uint8)
+    from pycocotools import mask as mask_utils  # here: the rest of this module needs no pycocotools
+
     rles = [
         {"size": [height, width], "counts": c.encode("ascii") if isinstance(c, str) else c}
         for c in rle_counts
@@ -253,19 +254,41 @@ def train_sample(
     """One shard row (see `schema.SHARD_SCHEMA`) -> one augmented, normalised training sample:
     {"image_id", "image" float32 (3, h, w), "masks" uint8 (M, h, w), "boxes" float32 (M, 4),
     "labels" int64 (M,), "iscrowd" bool (M,), "size" (h, w), "orig_size" (H, W), "epoch"}."""
-    image_id = int(row["image_id"])
     image = decode_image(row["image_bytes"])
     height, width = image.shape[:2]
-    masks = decode_masks(list(row["rle_counts"]), height, width)
-    boxes = xywh_to_xyxy(np.asarray(list(row["boxes"]), dtype=np.float32))
-    labels = np.asarray(categories.indices(list(row["category_ids"])), dtype=np.int64)
-    iscrowd = np.asarray(list(row["iscrowd"]), dtype=bool).reshape(-1)
+    return augment_sample(
+        int(row["image_id"]),
+        image,
+        decode_masks(list(row["rle_counts"]), height, width),
+        xywh_to_xyxy(np.asarray(list(row["boxes"]), dtype=np.float32)),
+        np.asarray(categories.indices(list(row["category_ids"])), dtype=np.int64),
+        np.asarray(list(row["iscrowd"]), dtype=bool).reshape(-1),
+        input_cfg,
+        seed,
+        epoch,
+    )
 
+
+def augment_sample(
+    image_id: int,
+    image: np.ndarray,
+    masks: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    iscrowd: np.ndarray,
+    input_cfg: InputConfig,
+    seed: int,
+    epoch: int,
+) -> dict[str, Any]:
+    """A decoded image with its instances -> the training sample of `train_sample`.
+    image uint8 (H, W, 3); masks uint8 (M, H, W); boxes float32 (M, 4) xyxy; labels int64 (M,)
+    class indices; iscrowd bool (M,). Scale and flip are drawn from (seed, epoch, image_id)."""
+    height, width = image.shape[:2]
     rng = augmentation_rng(seed, epoch, image_id)
     new_h, new_w, flip = sample_augmentation(rng, height, width, input_cfg)
     image, masks, boxes = augment(image, masks, boxes, new_h, new_w, flip)
     return {
-        "image_id": image_id,
+        "image_id": int(image_id),
         "image": normalize(image, input_cfg.pixel_mean, input_cfg.pixel_std, input_cfg.format),
         "masks": masks,
         "boxes": boxes,

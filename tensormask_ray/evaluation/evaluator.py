@@ -1,6 +1,8 @@
 """In-process evaluation of a model on a folder of shards: decode, resize for test, predict, COCO
-mask and box AP. Used for periodic validation during training; `tensormask-ray evaluate` scales
-the same per-image work out with Ray Data (inference.py)."""
+mask and box AP. Used for periodic validation during training, where each rank predicts its own
+slice of the images (`predict_shards(..., rank, world_size)`) and rank 0 scores them all
+(`score_predictions`); `tensormask-ray evaluate` scales the same per-image work out with Ray Data
+(inference.py). The model runs on the device its parameters are on."""
 
 from __future__ import annotations
 
@@ -25,22 +27,35 @@ def decode_rgb(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def iter_shard_images(shards_dir: str | Path, max_images: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-    """(image_id, RGB uint8 (H, W, 3)) for the images of a shards folder, in manifest order."""
+def iter_shard_images(
+    shards_dir: str | Path, max_images: int = 0, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(image_id, RGB uint8 (H, W, 3)) for the images of a shards folder, in manifest order:
+    the first `max_images` (0: all), and of those only every `world_size`-th from `rank` on
+    (image i belongs to rank i % world_size; the others are not decoded)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     manifest = read_manifest(shards_dir)
     seen = 0
     for shard in manifest["shards"]:
         table = pq.read_table(Path(shards_dir) / shard["file"], columns=["image_id", "image_bytes"])
         for image_id, data in zip(table.column("image_id").to_pylist(), table.column("image_bytes").to_pylist()):
-            yield int(image_id), decode_rgb(data)
+            if seen % world_size == rank:
+                yield int(image_id), decode_rgb(data)
             seen += 1
             if max_images and seen >= max_images:
                 return
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters are: the device its inputs must be on."""
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
-def predict_image(model, image: np.ndarray, cfg: Config, device: torch.device | str = "cpu") -> dict:
-    """One RGB uint8 image -> predictions at its own resolution (boxes, scores, labels, masks)."""
+def predict_image(model, image: np.ndarray, cfg: Config) -> dict:
+    """One RGB uint8 image -> predictions at its own resolution (boxes, scores, labels, masks),
+    on the CPU. The image is run on the model's device."""
     from ..data.transforms import preprocess_for_test
 
     tensor, _ = preprocess_for_test(image, cfg.input)  # (3, h, w) normalised
@@ -51,20 +66,42 @@ def predict_image(model, image: np.ndarray, cfg: Config, device: torch.device | 
     batch[0, :, :h, :w] = tensor
     was_training = model.training
     model.eval()
-    out = model(batch.to(device), image_sizes=[(h, w)], output_sizes=[image.shape[:2]])[0]
+    out = model(batch.to(model_device(model)), image_sizes=[(h, w)], output_sizes=[image.shape[:2]])[0]
     model.train(was_training)
     return {k: v.cpu() for k, v in out.items()}
 
 
-def evaluate_model(model, shards_dir: str | Path, cfg: Config, max_images: int = 0, device="cpu") -> dict[str, float]:
-    """COCO segm/bbox AP of `model` on the shards (optionally the first `max_images` only)."""
+def predict_shards(
+    model, shards_dir: str | Path, cfg: Config, max_images: int = 0, rank: int = 0, world_size: int = 1
+) -> tuple[list[dict], list[int]]:
+    """COCO result dicts and the image ids predicted, for this rank's slice of the shards'
+    images (see `iter_shard_images`)."""
     category_ids, _ = category_mapping(read_manifest(shards_dir))
-    coco_gt = coco_gt_from_shards(shards_dir)
     results, image_ids = [], []
-    for image_id, image in iter_shard_images(shards_dir, max_images):
-        results.extend(predictions_to_coco(predict_image(model, image, cfg, device), image_id, category_ids))
+    for image_id, image in iter_shard_images(shards_dir, max_images, rank, world_size):
+        results.extend(predictions_to_coco(predict_image(model, image, cfg), image_id, category_ids))
         image_ids.append(image_id)
-    return evaluate_coco(coco_gt, results, image_ids=image_ids)
+    return results, image_ids
 
 
-__all__ = ["decode_rgb", "evaluate_model", "iter_shard_images", "predict_image", "schema"]
+def score_predictions(shards_dir: str | Path, results: list[dict], image_ids: list[int]) -> dict[str, float]:
+    """COCO segm/bbox AP of the results on the given images of the shards."""
+    return evaluate_coco(coco_gt_from_shards(shards_dir), results, image_ids=image_ids)
+
+
+def evaluate_model(model, shards_dir: str | Path, cfg: Config, max_images: int = 0) -> dict[str, float]:
+    """COCO segm/bbox AP of `model` on the shards (optionally the first `max_images` only), in
+    this process."""
+    return score_predictions(shards_dir, *predict_shards(model, shards_dir, cfg, max_images))
+
+
+__all__ = [
+    "decode_rgb",
+    "evaluate_model",
+    "iter_shard_images",
+    "model_device",
+    "predict_image",
+    "predict_shards",
+    "schema",
+    "score_predictions",
+]

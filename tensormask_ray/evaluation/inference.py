@@ -81,7 +81,6 @@ class Predictor:
             torch.set_num_threads(num_threads)
         self.model, self.cfg = loaded if loaded is not None else spec.load()[:2]
         self.category_ids = list(spec.category_ids)
-        self.device = spec.device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
@@ -120,7 +119,7 @@ class Predictor:
         except Exception as e:  # noqa: BLE001 - whatever fails here is the file's fault
             error = f"cannot read or decode the image ({_reason(e)})"
             return _record(image_id, file_name, 0, 0, error, t0, "[]")
-        prediction = predict_image(self.model, image, self.cfg, self.device)
+        prediction = predict_image(self.model, image, self.cfg)
         results = predictions_to_coco(prediction, image_id, self.category_ids)
         h, w = image.shape[:2]
         return _record(

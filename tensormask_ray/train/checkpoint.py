@@ -3,6 +3,10 @@
 A checkpoint is a folder holding `state.pt`: {"model", "optimizer", "scheduler", "iteration",
 "epoch", "rng", "config", "categories"}, written with torch.save and read back with
 torch.load(weights_only=True) (plain tensors, numbers, strings, lists and dicts only).
+
+"rng" holds the RNG state of every rank (a list in rank order, gathered by rank 0, which writes
+the checkpoint), so that each rank of a resumed run continues its own random stream rather than
+all of them restarting rank 0's. Checkpoints written before that hold one state (a dict).
 """
 
 from __future__ import annotations
@@ -18,31 +22,58 @@ from ..config import Config, ConfigError, from_dict
 from ..errors import UserError
 
 STATE_FILE = "state.pt"
+PROGRESS_FILE = "progress.json"  # in the run folder: {"iteration", "epoch"} of the newest checkpoint
+
+
+def checkpoint_dir_name(iteration: int) -> str:
+    """The run folder's name for the checkpoint written at `iteration` (deterministic, so that its
+    path can travel with the metrics and be found again)."""
+    return f"checkpoint_{int(iteration):07d}"
+
+
+def iteration_of(path: str) -> int | None:
+    """The iteration in a checkpoint folder's name, or None for another name."""
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    return int(name.split("_", 1)[1]) if name.startswith("checkpoint_") and name.split("_", 1)[1].isdigit() else None
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's RNG state (python, numpy, torch CPU, and the CUDA generator of `device`)."""
     state = {
         "torch": torch.get_rng_state(),
         "numpy": torch.from_numpy(np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
         "numpy_pos": int(np.random.get_state()[2]),
         "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
     keys = np.frombuffer(state["numpy"].numpy().tobytes(), dtype=np.uint32)
     np.random.set_state(("MT19937", keys, int(state["numpy_pos"]), 0, 0.0))
     random.setstate((3, tuple(int(x) for x in state["python"].tolist()), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and device is not None and device.type == "cuda":
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's state
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
+def rank_rng_state(state: dict[str, Any], rank: int) -> dict[str, Any] | None:
+    """The saved RNG state of `rank` in a checkpoint's state, or None when the run that wrote it
+    had fewer ranks (then the caller seeds that rank afresh)."""
+    rng = state.get("rng")
+    per_rank = [rng] if isinstance(rng, dict) else list(rng or [])
+    return per_rank[rank] if rank < len(per_rank) else None
 
 
 def save_training_state(
@@ -54,7 +85,9 @@ def save_training_state(
     cfg: Config,
     categories: list[dict] | None = None,
     scheduler: dict | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
+    """`rng_states`: the RNG state of every rank, in rank order (default: this process's only)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {
@@ -63,7 +96,7 @@ def save_training_state(
         "scheduler": scheduler or {},
         "iteration": int(iteration),
         "epoch": int(epoch),
-        "rng": rng_state(),
+        "rng": list(rng_states) if rng_states is not None else [rng_state()],
         "config": cfg.to_dict(),
         "categories": categories or [],
     }
@@ -86,13 +119,23 @@ def read_state(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {p} could not be read: {e}") from e
 
 
-def load_training_state(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restores model, optimiser and RNG; returns the state (iteration, epoch, ...)."""
+def load_training_state(
+    folder: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    rank: int = 0,
+    device: torch.device | None = None,
+) -> dict:
+    """Restores model, optimiser and this rank's RNG; returns the state (iteration, epoch, ...)
+    with "rng_restored": False when the checkpoint holds no RNG state for `rank`."""
     state = read_state(folder)
     load_weights(_unwrap(model), state["model"], folder)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
+    mine = rank_rng_state(state, rank)
+    if mine is not None:
+        set_rng_state(mine, device)
+    state["rng_restored"] = mine is not None
     return state
 
 

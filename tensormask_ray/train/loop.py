@@ -1,39 +1,83 @@
-"""The per-worker training loop that Ray Train runs on every rank. It reads like an ordinary
-PyTorch loop: build, prepare_model (DDP), iterate this rank's shard of the data, step,
-`ray.train.report(metrics, checkpoint)`.
+"""The per-worker training loop. It reads like an ordinary PyTorch loop: build, prepare (DDP),
+iterate this rank's batches, step, report at each checkpoint.
+
+It is written against `context.WorkerContext`, so one loop serves two callers:
+- `train_loop_per_worker(loop_config)`: the TorchTrainer's entry point on every rank of a Ray
+  Train run (with `ray_context.RayTrainContext`, the only place that imports Ray);
+- `run_training_loop(cfg, LocalContext(...), RunSettings(...))`: one plain process with only
+  torch (the GPU check's training run, device tests).
 
 Every rank reports the same number of times (at each checkpoint). Side effects (MLflow, console
-progress, checkpoint files) happen on rank 0 only.
+progress, checkpoint files) happen on rank 0 only. Validation is spread over the ranks: each
+predicts its slice of the images, rank 0 gathers and scores them. Each checkpoint holds every
+rank's RNG state, and each rank of a resumed run restores its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import os
 import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from ..config import Config, apply_overrides, from_dict
+from ..config import Config, TrainConfig, apply_overrides, from_dict
 from . import storage
-from .checkpoint import load_training_state, save_training_state
+from .checkpoint import (
+    PROGRESS_FILE,
+    checkpoint_dir_name,
+    load_training_state,
+    rng_state,
+    save_training_state,
+)
+from .context import WorkerContext, gather_to_rank0, max_across_ranks
 from .schedule import LRSchedule, build_optimizer, set_lr
 
 FAILURE_MARKER = ".failure-injected"
-PROGRESS_FILE = "progress.json"  # {"iteration", "epoch"} of the latest checkpoint (rank 0)
+RESUMED_METRIC = "train/resumed_at_iteration"  # logged (rank 0) each time the run restarts from a checkpoint
 
 
 class InjectedFailure(RuntimeError):
     """Raised once by `train.fail_at_iter` to exercise recovery from a worker failure."""
 
 
+@dataclass
+class RunSettings:
+    """What the driver tells every worker about the run, beside the Config."""
+
+    run_dir: str  # storage URI of the run: checkpoints, progress file, failure marker
+    checkpoint_metric: str = "train/loss"  # reported with every checkpoint (-inf/inf until known)
+    categories: list[dict] = field(default_factory=list)  # stored in each checkpoint
+    val_shards: str = ""  # absolute path; empty: no validation
+    mlflow_uri: str = ""
+    mlflow_run_id: str = ""  # empty: no MLflow logging
+
+
+class MetricsLogger(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+def validation_due(train: TrainConfig, iteration: int, max_iter: int) -> bool:
+    """Validation runs at the end, and every `eval_period` iterations when it is > 0."""
+    return iteration == max_iter or (train.eval_period > 0 and iteration % train.eval_period == 0)
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
 
 
 def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, list[dict]]:
@@ -62,55 +106,88 @@ class Progress:
         )
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    import ray.train
-    import ray.train.torch
+class _Window:
+    """Sums over the iterations since the last log line."""
 
-    from ..data.dataset import iter_train_batches
-    from ..modeling import build_model
-    from ..tracking import RunLogger
+    def __init__(self) -> None:
+        self.wait = self.step = 0.0
+        self.images = self.n = 0
+        self.losses: dict[str, float] = {}
+
+    def add(self, wait: float, step: float, images: int, losses: dict[str, torch.Tensor]) -> None:
+        self.wait += wait
+        self.step += step
+        self.images += images
+        self.n += 1
+        for k, v in losses.items():
+            self.losses[k] = self.losses.get(k, 0.0) + float(v.detach())
+
+    def metrics(self, lr: float, epoch: int) -> dict[str, float]:
+        metrics = {f"train/{k}": v / self.n for k, v in self.losses.items()}
+        metrics["train/loss"] = sum(self.losses.values()) / self.n
+        metrics["train/lr"] = lr
+        metrics["train/images_per_sec"] = self.images / max(self.step, 1e-9)
+        metrics["train/step_time"] = self.step / self.n
+        metrics["train/data_wait_fraction"] = self.wait / max(self.step, 1e-9)
+        metrics["train/epoch"] = epoch
+        return metrics
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train's entry point: {"config": Config dict, "run": RunSettings fields}."""
+    from .ray_context import RayTrainContext
 
     cfg: Config = from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run = RunSettings(**loop_config["run"])
+    ctx = RayTrainContext(cfg, run.run_dir)
+    logger = None
+    if ctx.rank == 0 and run.mlflow_run_id:
+        from ..tracking import RunLogger
+
+        logger = RunLogger(run.mlflow_uri, run.mlflow_run_id)
+    run_training_loop(cfg, ctx, run, logger)
+
+
+def run_training_loop(cfg: Config, ctx: WorkerContext, run: RunSettings, logger: MetricsLogger | None = None) -> dict[str, Any]:
+    """Trains this rank from the latest checkpoint (or from scratch) to `cfg.solver.max_iter`.
+    Returns the metrics of this rank's last report."""
+    from ..modeling import build_model
+
+    rank, world, device = ctx.rank, ctx.world_size, ctx.device
     _seed_everything(cfg.seed + 1000 * rank)
-    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    with ctx.latest_checkpoint() as folder:
+        # model.weights (fine-tuning) initialises a fresh run only; a resumed one has its own weights.
+        model = ctx.prepare_model(build_model(cfg if folder is None else apply_overrides(cfg, {"model.weights": None})))
+        batch_size = cfg.data.batch_size_per_worker
+        schedule = LRSchedule.from_config(cfg.solver, batch_size * world)
+        optimizer = build_optimizer(model, cfg.solver, schedule.lr_at(0))
+        use_amp = cfg.solver.amp != "none" and device.type == "cuda"
+        amp_dtype = torch.bfloat16 if cfg.solver.amp == "bf16" else torch.float16
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.solver.amp == "fp16")
 
-    checkpoint = ray.train.get_checkpoint()
-    # model.weights (fine-tuning) initialises a fresh run only; a resumed one has its own weights.
-    model = build_model(cfg if checkpoint is None else apply_overrides(cfg, {"model.weights": None}))
-    model = ray.train.torch.prepare_model(model)
-    batch_size = cfg.data.batch_size_per_worker
-    schedule = LRSchedule.from_config(cfg.solver, batch_size * world)
-    optimizer = build_optimizer(model, cfg.solver, schedule.lr_at(0))
-    use_amp = cfg.train.use_gpu and cfg.solver.amp != "none" and torch.cuda.is_available()
-    amp_dtype = torch.bfloat16 if cfg.solver.amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.solver.amp == "fp16")
-
-    iteration, epoch = 0, 0
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_training_state(folder, model, optimizer)
+        iteration, epoch = 0, 0
+        if folder is not None:
+            state = load_training_state(folder, model, optimizer, rank=rank, device=device)
             if state.get("scheduler", {}).get("scaler") and scaler.is_enabled():
                 scaler.load_state_dict(state["scheduler"]["scaler"])
-        iteration, epoch = state["iteration"], state["epoch"] + 1  # a resumed run starts a fresh epoch
-        if rank == 0:
-            print(f"[train] resumed from checkpoint at iteration {iteration}", flush=True)
+            iteration, epoch = state["iteration"], state["epoch"] + 1  # a resumed run starts a fresh epoch
+            if not state["rng_restored"]:  # a rank the run that wrote the checkpoint did not have
+                _seed_everything(cfg.seed + 1000 * rank + iteration)
+            if rank == 0:
+                print(f"[train] resumed from checkpoint at iteration {iteration}", flush=True)
+                if logger is not None:  # one point per (re)start from a checkpoint: the run's restarts
+                    logger.log_metrics({RESUMED_METRIC: iteration}, step=iteration)
 
-    logger = None
-    if rank == 0 and loop_config.get("mlflow_run_id"):
-        logger = RunLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"])
-    shard = ray.train.get_dataset_shard("train")
     max_iter = cfg.solver.max_iter
     progress = Progress(iteration, max_iter)
-    categories = loop_config.get("categories", [])
-    marker = storage.join(loop_config["run_dir"], FAILURE_MARKER)
+    marker = storage.join(run.run_dir, FAILURE_MARKER)
     last_val: dict[str, float] = {}
-    window = {"wait": 0.0, "step": 0.0, "images": 0, "n": 0, "losses": {}}
+    reported: dict[str, Any] = {}
+    window = _Window()
     since_report = [0.0, 0]  # summed loss and iterations since the last report
 
     while iteration < max_iter:
-        batches = iter(iter_train_batches(shard, batch_size, cfg, epoch=epoch))
+        batches = iter(ctx.train_batches(epoch))
         while iteration < max_iter:
             t_start = time.perf_counter()
             try:
@@ -125,7 +202,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             set_lr(optimizer, lr)
             images, targets = _to_device(batch, device)
             model.train()
-            with torch.autocast(device_type="cuda", dtype=amp_dtype, enabled=use_amp):
+            autocast = torch.autocast(device_type="cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+            with autocast:
                 losses = model(images, targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
@@ -138,102 +216,117 @@ def train_loop_per_worker(loop_config: dict) -> None:
             scaler.step(optimizer)
             scaler.update()
             iteration += 1
-            t_end = time.perf_counter()
-
-            window["wait"] += t_data - t_start
-            window["step"] += t_end - t_start
-            window["images"] += images.shape[0] * world
-            window["n"] += 1
-            for k, v in losses.items():
-                window["losses"][k] = window["losses"].get(k, 0.0) + float(v.detach())
+            window.add(t_data - t_start, time.perf_counter() - t_start, images.shape[0] * world, losses)
             since_report[0] += float(loss.detach())
             since_report[1] += 1
 
             if rank == 0 and (iteration % cfg.train.log_period == 0 or iteration == max_iter):
-                n = window["n"]
-                metrics = {f"train/{k}": v / n for k, v in window["losses"].items()}
-                metrics["train/loss"] = sum(window["losses"].values()) / n
-                metrics["train/lr"] = lr
-                metrics["train/images_per_sec"] = window["images"] / max(window["step"], 1e-9)
-                metrics["train/step_time"] = window["step"] / n
-                metrics["train/data_wait_fraction"] = window["wait"] / max(window["step"], 1e-9)
-                metrics["train/epoch"] = epoch
+                metrics = window.metrics(lr, epoch)
                 print(progress.line(iteration, metrics), flush=True)
                 if logger is not None:
                     logger.log_metrics(metrics, step=iteration)
-                window = {"wait": 0.0, "step": 0.0, "images": 0, "n": 0, "losses": {}}
+                window = _Window()
+
+            if run.val_shards and validation_due(cfg.train, iteration, max_iter):
+                last_val = _validate(model, cfg, ctx, run, iteration, logger) or last_val
 
             if iteration % cfg.train.checkpoint_period == 0 or iteration == max_iter:
-                last_val = _checkpoint_and_report(
-                    cfg, model, optimizer, scaler, iteration, epoch, rank, categories, logger, loop_config, last_val, since_report[0] / max(since_report[1], 1)
-                )
+                mean_loss = since_report[0] / max(since_report[1], 1)
+                reported = _checkpoint_and_report(cfg, ctx, run, model, optimizer, scaler, iteration, epoch, mean_loss, last_val, logger)
                 since_report = [0.0, 0]
         epoch += 1
+    return reported
 
 
-def _peak_memory(cfg: Config) -> dict[str, float]:
+def _validate(model, cfg: Config, ctx: WorkerContext, run: RunSettings, iteration: int, logger) -> dict[str, float]:
+    """COCO AP on the validation shards: every rank predicts its slice of the images (image i on
+    rank i % world_size), rank 0 gathers the results and scores them. A collective; returns the
+    val/* metrics on rank 0 and {} on the others."""
+    from ..evaluation.evaluator import predict_shards, score_predictions
+
+    t0 = time.perf_counter()
+    mine = predict_shards(_unwrap(model), run.val_shards, cfg, cfg.data.max_val_images, ctx.rank, ctx.world_size)
+    gathered = gather_to_rank0(mine)
+    if gathered is None:
+        return {}
+    results = [r for part, _ in gathered for r in part]
+    image_ids = [i for _, ids in gathered for i in ids]
+    ap = score_predictions(run.val_shards, results, image_ids)
+    print(
+        f"[train] validation at iteration {iteration} ({len(image_ids)} images on {ctx.world_size} "
+        f"rank{'s' if ctx.world_size > 1 else ''}): mask AP {100 * ap['segm/AP']:.1f}  AP50 {100 * ap['segm/AP50']:.1f}  "
+        f"box AP {100 * ap['bbox/AP']:.1f}  ({time.perf_counter() - t0:.1f}s)",
+        flush=True,
+    )
+    val = {f"val/{k}": v for k, v in ap.items()}
+    if logger is not None:
+        logger.log_metrics(val, step=iteration)
+    return val
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
     """Peak resident memory (MiB) of the worker that uses the most, and its GPU peak: a collective,
     called by every rank at the same point."""
     import resource
 
-    import torch.distributed as dist
-
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64)
-    gpu = torch.tensor([torch.cuda.max_memory_allocated() / 2**20 if cfg.train.use_gpu else 0.0], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        both = torch.cat([peak, gpu])
-        if cfg.train.use_gpu:
-            both = both.cuda()
-        dist.all_reduce(both, op=dist.ReduceOp.MAX)
-        peak, gpu = both[:1].cpu(), both[1:].cpu()
-    out = {"train/peak_rss_mb_per_worker": float(peak)}
-    if cfg.train.use_gpu:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    rss, gpu = max_across_ranks([rss, gpu], device)
+    out = {"train/peak_rss_mb_per_worker": float(rss)}
+    if device.type == "cuda":
         out["train/peak_gpu_mb_per_worker"] = float(gpu)
     return out
 
 
-def _checkpoint_and_report(cfg, model, optimizer, scaler, iteration, epoch, rank, categories, logger, loop_config, last_val, mean_loss):
-    """Evaluate (rank 0, when due), write a checkpoint (rank 0), and report on every rank.
+def _checkpoint_and_report(cfg, ctx, run, model, optimizer, scaler, iteration, epoch, mean_loss, last_val, logger) -> dict[str, Any]:
+    """Write a checkpoint (rank 0, holding every rank's RNG state) and report on every rank.
     `mean_loss`: this rank's training loss averaged over the iterations since the last report
     (what schedulers such as ASHA compare: a single batch's loss is too noisy)."""
-    import ray.train
-
-    metrics: dict[str, float] = {"iteration": iteration, "epoch": epoch, "train/loss": float(mean_loss)}
-    memory = _peak_memory(cfg)
+    rank = ctx.rank
+    metrics: dict[str, Any] = {"iteration": iteration, "epoch": epoch, "train/loss": float(mean_loss)}
+    memory = _peak_memory(ctx.device)
     metrics.update(memory)
     if rank == 0 and logger is not None:
         logger.log_metrics(memory, step=iteration)
-    due = cfg.train.eval_period == 0 or iteration % cfg.train.eval_period == 0 or iteration == cfg.solver.max_iter
-    if rank == 0 and loop_config.get("val_shards") and due:
-        from ..evaluation.evaluator import evaluate_model
-
-        inner = model.module if hasattr(model, "module") else model
-        t0 = time.perf_counter()
-        ap = evaluate_model(inner, loop_config["val_shards"], cfg, max_images=cfg.data.max_val_images)
-        last_val = {f"val/{k}": v for k, v in ap.items()}
-        print(
-            f"[train] validation at iteration {iteration}: mask AP {100 * ap['segm/AP']:.1f}  "
-            f"AP50 {100 * ap['segm/AP50']:.1f}  box AP {100 * ap['bbox/AP']:.1f}  ({time.perf_counter() - t0:.1f}s)",
-            flush=True,
-        )
-        if logger is not None:
-            logger.log_metrics(last_val, step=iteration)
     metrics.update(last_val)
-    metric_key = loop_config["checkpoint_metric"]
-    metrics.setdefault(metric_key, -math.inf if cfg.train.checkpoint_mode == "max" else math.inf)
+    metrics.setdefault(run.checkpoint_metric, -math.inf if cfg.train.checkpoint_mode == "max" else math.inf)
+    rng_states = gather_to_rank0(rng_state(ctx.device))
     # A deterministic folder name, so the path can travel with the metrics (Tune's results carry
     # no Train checkpoint, and sweeps need to find each trial's checkpoints).
-    dir_name = f"checkpoint_{iteration:07d}"
-    metrics["checkpoint_path"] = storage.join(loop_config["run_dir"], dir_name)
+    dir_name = checkpoint_dir_name(iteration)
+    metrics["checkpoint_path"] = storage.join(run.run_dir, dir_name)
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             save_training_state(
-                tmp, model, optimizer, iteration, epoch, cfg, categories,
+                tmp, model, optimizer, iteration, epoch, cfg, run.categories,
                 scheduler={"iteration": iteration, "scaler": scaler.state_dict() if scaler.is_enabled() else {}},
+                rng_states=rng_states,
             )  # fmt: skip
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name)
-        storage.write_json(storage.join(loop_config["run_dir"], PROGRESS_FILE), {"iteration": iteration, "epoch": epoch})
+            ctx.report(metrics, tmp, dir_name)
+        storage.write_json(storage.join(run.run_dir, PROGRESS_FILE), {"iteration": iteration, "epoch": epoch})
     else:
-        ray.train.report(metrics, checkpoint_dir_name=dir_name)
+        ctx.report(metrics, None, dir_name)
     sys.stdout.flush()
-    return last_val
+    return metrics
+
+
+def loop_config(cfg: Config, run: RunSettings) -> dict[str, Any]:
+    """The `train_loop_config` of the TorchTrainer for `train_loop_per_worker`."""
+    config = cfg.to_dict()
+    if cfg.model.weights:  # the workers may not run in this directory
+        config["model"]["weights"] = os.path.abspath(cfg.model.weights)
+    return {"config": config, "run": dataclasses.asdict(run)}
+
+
+__all__ = [
+    "FAILURE_MARKER",
+    "PROGRESS_FILE",
+    "RESUMED_METRIC",
+    "InjectedFailure",
+    "MetricsLogger",
+    "RunSettings",
+    "loop_config",
+    "run_training_loop",
+    "train_loop_per_worker",
+    "validation_due",
+]

@@ -20,7 +20,7 @@ from ..config import Config, ConfigError
 from ..errors import UserError
 from ..tracking import RunLogger, check_tracking_uri, resolve_tracking_uri, ui_command
 from . import storage
-from .loop import PROGRESS_FILE, train_loop_per_worker
+from .loop import PROGRESS_FILE, RunSettings, loop_config, train_loop_per_worker
 
 MLFLOW_RUN_FILE = "mlflow_run_id"
 
@@ -105,24 +105,21 @@ def build_trainer(
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
-    config = cfg.to_dict()
-    if cfg.model.weights:  # the workers may not run in this directory
-        config["model"]["weights"] = os.path.abspath(cfg.model.weights)
-    loop_config = {
-        "config": config,
-        "categories": categories,
-        "mlflow_uri": mlflow_uri,
-        "mlflow_run_id": mlflow_run_id,
-        "val_shards": cfg.data.val_shards and os.path.abspath(cfg.data.val_shards),
-        "run_dir": storage.join(store, cfg.train.run_name),
-        "checkpoint_metric": metric,
-    }
+    run = RunSettings(
+        run_dir=storage.join(store, cfg.train.run_name),
+        checkpoint_metric=metric,
+        categories=categories,
+        val_shards=os.path.abspath(cfg.data.val_shards) if cfg.data.val_shards else "",
+        mlflow_uri=mlflow_uri,
+        mlflow_run_id=mlflow_run_id,
+    )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=loop_config(cfg, run),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources,
+            placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.run_name,

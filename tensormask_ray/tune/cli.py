@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         outcome = resume_sweep(args.resume, storage_path=args.storage_path or "runs", address=address, mlflow_uri=args.mlflow_uri)
     else:
         if not args.spec:
-            raise UserError("give a sweep spec (e.g. sweeps/smoke.yaml), or --resume NAME")
+            raise UserError("give a sweep spec (e.g. sweeps/cpu/smoke.yaml), or --resume NAME")
         spec = load_spec(args.spec)
         if args.name:
             spec = dataclasses.replace(spec, name=args.name)

@@ -9,6 +9,8 @@
 - `ray start` runs in a new session; `stop()` terminates exactly the processes of that session
   and their descendants (job drivers start their own sessions, but are children of this head's
   workers), never a global `ray stop`.
+- `LocalNode`: a second node joining the head the same way; `kill()` takes its processes down at
+  once by their pids (a lost machine), `start()` brings it back as a new node.
 """
 
 from __future__ import annotations
@@ -180,21 +182,19 @@ class LocalHead:
 
     def pids(self) -> set[int]:
         """This head's processes: its session, and every descendant of them."""
-        if self.session is None:
-            return set()
-        procs = _procs()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in procs.items():
-            children.setdefault(ppid, []).append(pid)
-        todo = [pid for pid, (_, sid) in procs.items() if sid == self.session]
-        found: set[int] = set()
-        while todo:
-            pid = todo.pop()
-            if pid not in found:
-                found.add(pid)
-                todo.extend(children.get(pid, []))
-        found.discard(os.getpid())
-        return found
+        return _session_pids(self.session)
+
+    def alive_nodes(self) -> list[dict]:
+        """The nodes the cluster holds alive (Ray's state API, through the dashboard)."""
+        import requests
+
+        r = requests.get(
+            f"{self.address}/api/v0/nodes", params={"limit": 100, "detail": "false"},
+            headers={"Authorization": f"Bearer {self.token}"}, timeout=10,
+        )  # fmt: skip
+        r.raise_for_status()
+        nodes = r.json()["data"]["result"]["result"]
+        return [n for n in nodes if n.get("state") == "ALIVE"]
 
     def stop(self, grace: float = 5.0) -> None:
         pids = self.pids()
@@ -222,3 +222,92 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"  # a zombie is gone, only not reaped
     except (OSError, IndexError):
         return False
+
+
+class LocalNode:
+    """A second Ray node on this machine joining `head` (`ray start --address`): its own resources,
+    free ports and `--temp-dir`, in a session of its own, so that `kill()` can take exactly its
+    processes (raylet, agents, workers) down, as a machine that is lost takes them, and `start()`
+    can bring it back as a new node."""
+
+    def __init__(self, head: LocalHead, num_cpus: int = 2, resources: dict[str, float] | None = None):
+        self.head, self.num_cpus, self.resources = head, num_cpus, dict(resources or {})
+        self.session: int | None = None
+        self.temp_dir: Path | None = None
+
+    def start(self, timeout: float = 120.0) -> LocalNode:
+        import json
+
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="tmr-node-", dir="/tmp"))
+        node_manager, object_manager, agent_listen, agent_grpc, metrics, runtime_env_agent = free_ports(6)
+        lo, hi = free_port_range(32)
+        cmd = [
+            str(Path(sys.executable).parent / "ray"), "start", f"--address=127.0.0.1:{self.head.gcs}",
+            "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
+            f"--resources={json.dumps(self.resources)}",
+            f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+            f"--dashboard-agent-listen-port={agent_listen}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env_agent}",
+            f"--min-worker-port={lo}", f"--max-worker-port={hi}", f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+        ]  # fmt: skip
+        known = {n["node_id"] for n in self.head.alive_nodes()}  # a killed node may still count as alive
+        log = self.temp_dir / "ray-start.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, env=self.head.env, cwd=self.temp_dir, start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
+        self.session = proc.pid
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RuntimeError(f"`ray start --address` did not return within {timeout:g} s") from None
+        if proc.returncode != 0:
+            out = log.read_text()[-4000:]
+            self.kill()
+            raise RuntimeError(f"`ray start --address` failed ({proc.returncode}):\n{out}")
+        deadline = time.monotonic() + timeout
+        while not {n["node_id"] for n in self.head.alive_nodes()} - known:
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"the node did not join the head within {timeout:g} s")
+            time.sleep(0.5)
+        return self
+
+    def pids(self) -> set[int]:
+        return _session_pids(self.session)
+
+    def kill(self) -> set[int]:
+        """SIGKILL to every process of this node at once (no shutdown of any kind); returns their
+        pids once they are all gone."""
+        pids = self.pids()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.session = None
+        return pids
+
+
+def _session_pids(session: int | None) -> set[int]:
+    """The processes of a session and every descendant of them (this process excepted)."""
+    if session is None:
+        return set()
+    procs = _procs()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    todo = [pid for pid, (_, sid) in procs.items() if sid == session]
+    found: set[int] = set()
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    found.discard(os.getpid())
+    return found

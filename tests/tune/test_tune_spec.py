@@ -13,7 +13,7 @@ import yaml
 from tensormask_ray.tune.spec import SpecError, base_config, load_spec, param_space, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = sorted((ROOT / "sweeps").glob("*.yaml"))
+SHIPPED = sorted((ROOT / "sweeps").rglob("*.yaml"))  # the paper-scale specs and sweeps/cpu/
 
 
 def _spec(**changes):
@@ -23,7 +23,10 @@ def _spec(**changes):
 
 
 def test_the_shipped_specs_are_there_and_valid():
-    assert {p.stem for p in SHIPPED} >= {"heads", "bipyramid", "loss_weights", "lr", "smoke"}
+    assert {str(p.relative_to(ROOT / "sweeps")) for p in SHIPPED} >= {
+        *(f"{name}.yaml" for name in ("heads", "bipyramid", "loss_weights", "lr")),
+        *(f"cpu/{name}.yaml" for name in ("heads", "bipyramid", "loss_weights", "lr", "smoke")),
+    }
     for path in SHIPPED:
         spec = load_spec(path)
         cfg = base_config(spec)  # applies every listed value of the space to the config

@@ -1,0 +1,90 @@
+"""The per-worker training loop's pieces that need no Ray: each rank's RNG state in a checkpoint,
+validation spread over ranks, and when validation runs."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tensormask_ray.config import Config, TrainConfig
+from tensormask_ray.data.manifest import read_manifest
+from tensormask_ray.evaluation.evaluator import evaluate_model, predict_shards, score_predictions
+from tensormask_ray.train.checkpoint import (
+    load_model_for_inference,
+    load_training_state,
+    rng_state,
+    save_training_state,
+)
+from tensormask_ray.train.loop import validation_due
+
+from ..evaluation.checkpoints import make_checkpoint
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _draws() -> tuple:
+    return (torch.rand(3).tolist(), float(np.random.rand()), random.random())
+
+
+def test_each_rank_resumes_its_own_random_stream(tmp_path):
+    states, expected = [], []
+    for rank in range(2):  # what each rank's RNG holds when the checkpoint is written
+        _seed(1000 * rank)
+        _draws()
+        states.append(rng_state())
+        expected.append(_draws())
+    assert expected[0] != expected[1]
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_training_state(tmp_path, model, optimizer, 7, 0, Config(), rng_states=states)
+    for rank in (1, 0):
+        _seed(99)
+        state = load_training_state(tmp_path, model, optimizer, rank=rank)
+        assert state["rng_restored"] and _draws() == expected[rank], rank
+    # a rank the writing run did not have (the run grew): nothing restored, the loop seeds it
+    assert not load_training_state(tmp_path, model, optimizer, rank=2)["rng_restored"]
+
+
+def test_checkpoints_without_per_rank_state_still_restore_rank_0(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _seed(5)
+    path = save_training_state(tmp_path, model, optimizer, 3, 0, Config())
+    expected = _draws()
+    state = torch.load(path, weights_only=True)
+    state["rng"] = state["rng"][0]  # the format before per-rank states: one dict
+    torch.save(state, path)
+    _seed(6)
+    assert load_training_state(tmp_path, model, optimizer, rank=0)["rng_restored"] and _draws() == expected
+    assert not load_training_state(tmp_path, model, optimizer, rank=1)["rng_restored"]
+
+
+def test_validation_slices_cover_each_image_once_and_score_as_one_process(tmp_path, synth_shards):
+    folder = make_checkpoint(tmp_path, read_manifest(synth_shards)["categories"])
+    model, cfg, _ = load_model_for_inference(folder)
+    n = 5
+    parts = [predict_shards(model, synth_shards, cfg, n, rank, 2) for rank in range(2)]
+    ids = [part[1] for part in parts]
+    assert len(ids[0]) == 3 and len(ids[1]) == 2 and not set(ids[0]) & set(ids[1])
+    everything = predict_shards(model, synth_shards, cfg, n)
+    assert sorted(ids[0] + ids[1]) == sorted(everything[1])
+    gathered = score_predictions(synth_shards, parts[0][0] + parts[1][0], ids[0] + ids[1])
+    assert gathered == evaluate_model(model, synth_shards, cfg, n)
+    with pytest.raises(ValueError, match="rank 2"):
+        predict_shards(model, synth_shards, cfg, n, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "eval_period, due",
+    [(0, [10]), (4, [4, 8, 10]), (5, [5, 10]), (1, list(range(1, 11)))],
+)
+def test_validation_runs_every_eval_period_and_at_the_end_only_with_0(eval_period, due):
+    train = TrainConfig(eval_period=eval_period, checkpoint_period=2)
+    assert [i for i in range(1, 11) if validation_due(train, i, 10)] == due
