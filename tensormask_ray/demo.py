@@ -127,12 +127,11 @@ def run(args: argparse.Namespace) -> int:
     train_shards, val_shards, photo = _make_data(work)
     overrides = _train_overrides(train_shards, val_shards, args.iterations)
 
-    import ray
+    from .console import init_ray
 
-    if not ray.is_initialized():
-        # Logical CPUs above the physical count leave room for Ray Data beside fractional-CPU
-        # Train workers on a small machine (see ../shared/NOTES.md).
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
+    # Logical CPUs above the physical count leave room for Ray Data beside fractional-CPU
+    # Train workers on a small machine (see ../shared/NOTES.md).
+    init_ray(num_cpus=max(4, os.cpu_count() or 1))
 
     _step(f"2/6 train: {args.num_workers} Ray Train workers (CPU, gloo), MLflow at {mlflow_uri}")
     _cli("train", "--preset", "cpu-small", *overrides, "--num-workers", str(args.num_workers),

@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..capacity import check_capacity, train_reservation
 from ..config import Config, ConfigError
+from ..console import init_ray
 from ..errors import UserError
 from ..tracking import RunLogger, check_tracking_uri, resolve_tracking_uri, ui_command
 from . import storage
@@ -95,6 +97,7 @@ def build_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ..data.dataset import build_train_dataset, train_data_config
+    from .events import WorkerFailures
 
     metric, mode = checkpoint_metric(cfg)
     resources = {"CPU": cfg.train.cpus_per_worker}
@@ -125,7 +128,7 @@ def build_trainer(
                 checkpoint_score_order=mode,
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=callbacks or None,
+            callbacks=[WorkerFailures(cfg.train.max_failures), *(callbacks or [])],
             # Plain prints from the workers (progress lines): Ray Train's print-to-logger patch
             # would duplicate them and defeats pycocotools' silencing.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
@@ -173,8 +176,8 @@ def run_training(
     store, run_dir, categories = check_run(cfg, resume)
     uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
     check_tracking_uri(uri)
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+    init_ray(address=address)
+    check_capacity(train_reservation(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu), "training")
     if not sys.stdout.isatty():
         # Ray Data's progress bars (from the split coordinator) become hundreds of log lines
         # when the output is a file or a job log; the workers print their own progress.
