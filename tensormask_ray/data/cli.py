@@ -79,8 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="several COCO sets as one (ids renumbered, categories unified, sets repeatable)",
         description="Copies the images of every SOURCE into OUT/images and writes OUT/instances.json. "
         "A SOURCE is JSON[:IMAGES_DIR][*REPEAT]; IMAGES_DIR defaults to the JSON's folder's images/, "
-        "REPEAT (default 1) oversamples a small set. Categories keep their ids unless two sets give "
-        "one id different names.",
+        "REPEAT (default 1) oversamples a small set; 0 takes only its categories. Categories keep their ids "
+        "unless two sets give one id different names.",
     )
     m.add_argument("sources", nargs="+", metavar="SOURCE")
     m.add_argument("--out", required=True, metavar="DIR")
