@@ -13,6 +13,7 @@ On an autoscaling cluster, free resources grow on demand: set TENSORMASK_CAPACIT
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 from .errors import UserError
@@ -66,13 +67,17 @@ def shortfall(reservation: Reservation, free: dict[str, float]) -> str | None:
     return text
 
 
-def check_capacity(reservation: Reservation, command: str) -> None:
-    """Raises UserError when the running Ray cluster cannot hold `reservation` now."""
+def check_capacity(reservation: Reservation, command: str, settle_s: float = 5.0) -> None:
+    """Raises UserError when the running Ray cluster cannot hold `reservation`. Resources the
+    previous step held (a finished training run's workers) are released asynchronously: a
+    shortfall is re-checked for up to `settle_s` seconds before it is an error."""
     if os.environ.get(CHECK_ENV, "1").strip().lower() in ("0", "false", "no"):
         return
     import ray
 
-    problem = shortfall(reservation, ray.available_resources())
+    deadline = time.monotonic() + settle_s
+    while (problem := shortfall(reservation, ray.available_resources())) and time.monotonic() < deadline:
+        time.sleep(0.5)
     if problem:
         raise UserError(
             f"{command} cannot start: {problem} (or give the cluster more resources; on an autoscaling cluster "

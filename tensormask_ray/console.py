@@ -34,6 +34,7 @@ TAGS = ("[train]", "[sweep]", "[evaluate]", "[predict]", "[data]", "[demo]", "[w
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # "(RayTrainWorker pid=123)", "(pid=123, ip=10.0.0.2)", "(raylet)", "(autoscaler +1m2s)"
 _FORWARDED = re.compile(r"^\((?:(?:[^()]* )?pid=[^()]*|raylet[^()]*|autoscaler[^()]*|gcs_server[^()]*)\) ?(?P<rest>.*)$", re.S)
+_ERROR = re.compile(r"^tensormask-ray [\w-]+: error: ")
 _REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\]\s*$")
 _LIBRARY_LOG = (
     re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:TRACE|DEBUG|INFO|WARNING|ERROR|CRITICAL)\s"),  # ray
@@ -90,6 +91,7 @@ class LineRouter(io.TextIOBase):
         super().__init__()
         self.terminal, self.log, self.verbose = terminal, log, verbose
         self.hidden = hidden if hidden is not None else set()  # tags not shown from workers now
+        self.muted = False  # everything to the log file only (see `log_only`)
         self._pending = ""
         self._noted: set[str] = set()  # translated messages are printed once each
 
@@ -125,6 +127,8 @@ class LineRouter(io.TextIOBase):
         if self.verbose:
             self.terminal.write(chunk)
             return
+        if self.muted:  # a failing command's error line still shows
+            chunk = "".join(line for line in chunk.splitlines(keepends=True) if _ERROR.match(line))
         lines = chunk.splitlines()
         first = _ANSI.sub("", lines[0]) if lines else ""
         if any(p.match(first) for p in _LIBRARY_LOG):  # a log record or a warning: all its lines
@@ -216,6 +220,22 @@ def _redirect_handlers(streams: dict[int, TextIO]) -> list[tuple[logging.StreamH
 
 
 @contextmanager
+def log_only() -> Iterator[None]:
+    """While the block runs, everything printed goes to the log file only (unless verbose): for
+    steps whose own output would repeat what the caller says in one line."""
+    routers = [s for s in (sys.stdout, sys.stderr) if isinstance(s, LineRouter)]
+    for r in routers:
+        r.flush()
+        r.muted = True
+    try:
+        yield
+    finally:
+        for r in routers:
+            r.flush()
+            r.muted = False
+
+
+@contextmanager
 def hide_worker_lines(*tags: str) -> Iterator[None]:
     """While the block runs, lines with these tags from Ray workers go to the log file only (a
     sweep shows its trial events, not each trial's training progress)."""
@@ -270,6 +290,7 @@ __all__ = [
     "hide_worker_lines",
     "init_ray",
     "is_verbose",
+    "log_only",
     "log_path",
     "routed",
 ]

@@ -1,0 +1,51 @@
+"""No silent hangs at the start: a command whose workers would not fit beside Ray Data's tasks
+fails in seconds with the numbers and the settings to change (tensormask_ray/capacity.py; issue
+17: `train.cpus_per_worker=2` on a 2-core machine hung forever)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tensormask_ray import cli
+from tensormask_ray.capacity import (
+    Reservation,
+    check_capacity,
+    shortfall,
+    sweep_reservation,
+    train_reservation,
+)
+from tensormask_ray.errors import UserError
+
+
+def test_shortfall_counts_workers_and_a_cpu_for_ray_data():
+    assert shortfall(train_reservation(2, 1.0, False), {"CPU": 3.0}) is None
+    text = shortfall(train_reservation(2, 1.0, False), {"CPU": 2.0})
+    assert "3 CPUs (2 Train workers x 1 CPU = 2, plus 1 for Ray Data's tasks) but the Ray cluster has 2 free" in text
+    assert "train.cpus_per_worker (now 1), --num-workers (now 2)" in text
+    assert "1 GPUs" in shortfall(train_reservation(1, 0.5, True), {"CPU": 8.0})
+    sweep = sweep_reservation(concurrent_trials=2, workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0, trial_cpus=0.01)
+    assert sweep.total_cpus == pytest.approx(3.02)
+    assert "max_concurrent_trials (now 2)" in shortfall(sweep, {"CPU": 3.0})
+
+
+def test_a_request_for_every_cpu_fails_in_seconds_and_a_fitting_one_passes(ray_local):
+    cpus = ray_local.available_resources()["CPU"]
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=rf"training cannot start: it needs {cpus + 1:g} CPUs .* has {cpus:g} free"):
+        check_capacity(train_reservation(2, cpus / 2, False), "training", settle_s=1.0)
+    assert time.perf_counter() - t0 < 10
+    check_capacity(Reservation("1 worker x 1 CPU", 1, 1.0), "training")  # fits: returns
+
+
+def test_train_with_workers_holding_every_cpu_is_a_clear_error(ray_local, synth_shards, tmp_path, capsys):
+    cpus = ray_local.available_resources()["CPU"]
+    t0 = time.perf_counter()
+    rc = cli.main(["train", "--preset", "cpu-small", "model.num_classes=4", f"data.train_shards={synth_shards}",
+                   f"train.cpus_per_worker={cpus / 2:g}", "--num-workers", "2", "--storage-path", str(tmp_path / "runs"),
+                   "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and time.perf_counter() - t0 < 30
+    assert "tensormask-ray train: error: training cannot start" in err and f"train.cpus_per_worker (now {cpus / 2:g})" in err
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing to clean up
