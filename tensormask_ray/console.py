@@ -255,27 +255,32 @@ def log_path() -> Path | None:
     return _current.log.path if _current is not None else None
 
 
-def announce_log() -> None:
-    """Prints, once per command, where Ray's logs go."""
+def announce_log(ray_summary: str = "") -> None:
+    """Prints, once per command, where Ray's logs go (after `ray_summary`, e.g. the cluster)."""
     if _current is None or _current.announced:
         return
     _current.announced = True
+    lead = f"{ray_summary}; its" if ray_summary else "Ray's"
     if _current.verbose:
-        print(f"Ray's own logs are shown (verbose) and kept in {_current.log.path}", flush=True)
+        print(f"{lead} own logs are shown (verbose) and kept in {_current.log.path}", flush=True)
     else:
-        print(f"Ray's own logs: {_current.log.path} (--verbose or {VERBOSE_ENV}=1 shows them here)", flush=True)
+        print(f"{lead} own logs: {_current.log.path} (--verbose or {VERBOSE_ENV}=1 shows them here)", flush=True)
 
 
 def init_ray(**kwargs) -> None:
     """`ray.init(**kwargs)` unless Ray is up, with our output settings: worker output forwarded
     to this process (where the routers sort it), Ray Data without progress bars unless verbose.
-    Prints where Ray's logs go."""
+    Prints the cluster and where Ray's logs go."""
     import ray
     import ray.data
 
-    announce_log()
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, **kwargs)
+        context = ray.init(log_to_driver=True, **kwargs)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        dashboard = f", dashboard http://{context.dashboard_url}" if getattr(context, "dashboard_url", None) else ""
+        announce_log(f"Ray cluster with {cpus:g} CPUs{dashboard}")
+    else:
+        announce_log()
     if _current is not None and not _current.verbose:
         # Bars drawn from Ray Data's coordinator would cut through our lines; its execution
         # plans still reach the log file.
