@@ -61,10 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--style",
-        choices=["cluttered", "simple"],
+        choices=["cluttered", "simple", "plain"],
         default="cluttered",
         help="cluttered (default): textured backgrounds, 2-8 shapes from 6 px, crowds, empty images; "
-        "simple: smooth backgrounds, 1-4 shapes from 16 px (learnable from scratch in minutes)",
+        "simple: smooth backgrounds, 1-4 shapes from 16 px (learnable from scratch in minutes); "
+        "plain: plain backgrounds, 3-6 whole shapes of 20 px to 0.45 of the image (the demo's)",
     )
 
     v = sub.add_parser(
