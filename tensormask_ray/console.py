@@ -167,6 +167,7 @@ class Console:
         self.log = LogFile(log_path)
         self.verbose = verbose
         self.announced = False
+        self.started_ray = False  # this command started Ray: it stops it before the routers go
         self.hidden: set[str] = set()  # shared by both routers
 
 
@@ -196,6 +197,10 @@ def routed(command: str, verbose: bool = False, log_dir: str | os.PathLike | Non
     try:
         yield console
     finally:
+        if console.started_ray:  # so that no late worker output reaches the bare terminal
+            import ray
+
+            ray.shutdown()
         _current = None
         for handler, stream in redirected:
             handler.setStream(stream)
@@ -276,6 +281,8 @@ def init_ray(**kwargs) -> None:
 
     if not ray.is_initialized():
         context = ray.init(log_to_driver=True, **kwargs)
+        if _current is not None:
+            _current.started_ray = True
         cpus = ray.cluster_resources().get("CPU", 0)
         dashboard = f", dashboard http://{context.dashboard_url}" if getattr(context, "dashboard_url", None) else ""
         announce_log(f"Ray cluster with {cpus:g} CPUs{dashboard}")
