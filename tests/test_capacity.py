@@ -46,6 +46,6 @@ def test_train_with_workers_holding_every_cpu_is_a_clear_error(ray_local, synth_
                    f"train.cpus_per_worker={cpus / 2:g}", "--num-workers", "2", "--storage-path", str(tmp_path / "runs"),
                    "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 2 and time.perf_counter() - t0 < 30
+    assert rc == 2 and time.perf_counter() - t0 < 60  # seconds on a quiet machine; no hang on a loaded one
     assert "tensormask-ray train: error: training cannot start" in err and f"train.cpus_per_worker (now {cpus / 2:g})" in err
-    assert not (tmp_path / "runs").exists()  # nothing started, nothing to clean up
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()  # nothing to clean up

@@ -174,10 +174,10 @@ def run_training(
     import ray
 
     store, run_dir, categories = check_run(cfg, resume)
-    uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
-    check_tracking_uri(uri)
     init_ray(address=address)
     check_capacity(train_reservation(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu), "training")
+    uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
+    check_tracking_uri(uri)
     if not sys.stdout.isatty():
         # Ray Data's progress bars (from the split coordinator) become hundreds of log lines
         # when the output is a file or a job log; the workers print their own progress.
