@@ -192,10 +192,10 @@ def run_sweep(
     from ..train.trainer import check_run
 
     check_run(cfg, resume=False)  # shards, categories: before Ray starts
-    uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
-    check_tracking_uri(uri)
     _ray_init(address)
     _check_capacity(spec, cfg)  # before anything is recorded: a sweep that cannot run leaves no trace
+    uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
+    check_tracking_uri(uri)
     parent = RunLogger.create(uri, cfg.tracking.experiment, spec.name, tags={"sweep": spec.name, "sweep_dir": sweep_dir})
     # Params: the search space (`search.<key>`, as JSON) and the base config (its dotted keys).
     parent.log_params({f"search.{k}": json.dumps(v) for k, v in spec.search.items()})
