@@ -49,3 +49,16 @@ def test_train_with_workers_holding_every_cpu_is_a_clear_error(ray_local, synth_
     assert rc == 2 and time.perf_counter() - t0 < 60  # seconds on a quiet machine; no hang on a loaded one
     assert "tensormask-ray train: error: training cannot start" in err and f"train.cpus_per_worker (now {cpus / 2:g})" in err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()  # nothing to clean up
+
+
+def test_a_sweep_whose_trials_do_not_fit_fails_before_anything_is_recorded(ray_local, synth_shards, tmp_path):
+    from tensormask_ray.tune.spec import parse_spec
+    from tensormask_ray.tune.sweep import run_sweep
+
+    cpus = ray_local.available_resources()["CPU"]
+    raw = {"name": "big", "preset": "cpu-small", "search": {"solver.base_lr": [0.01, 0.02]}, "metric": "train/loss",
+           "mode": "min", "max_concurrent_trials": 2, "resources": {"workers": 1, "cpus_per_worker": cpus / 2}}  # fmt: skip
+    with pytest.raises(UserError, match=r"sweep 'big' cannot start: .*2 trials at a time x \(1 Train worker.*`resources` of the sweep spec"):
+        run_sweep(parse_spec(raw, "big.yaml"), ["model.num_classes=4", f"data.train_shards={synth_shards}"],
+                  storage_path=str(tmp_path / "sweeps"), mlflow_uri=f"sqlite:///{tmp_path / 'm.db'}")  # fmt: skip
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "m.db").exists()
