@@ -194,9 +194,10 @@ def run(args: argparse.Namespace) -> int:
         data_overrides = [o for o in overrides if o.startswith(("data.train_shards", "model.num_classes"))]
         _cli("sweep", str(SMOKE_SPEC), *data_overrides, "loss.mask_fg_weight=1.5", "solver.max_iter=12", "--name", sweep_name,
              "--storage-path", str(work / "sweeps"), "--mlflow-uri", mlflow_uri)  # fmt: skip
-        _step("4/6 compare the sweep's trials")
+        _step("4/6 compare the sweep's trials (the table above, and a plot)")
         _cli("runs", "compare", sweep_name, "--storage-path", str(work / "sweeps"),
-             "--out", str(work / f"{sweep_name}.png"))  # fmt: skip
+             "--out", str(work / f"{sweep_name}.png"), quiet=True)  # fmt: skip
+        print(f"wrote {work / f'{sweep_name}.png'}")
 
     _step("5/6 evaluate: COCO mask and box AP (pycocotools) on the training photos, then on the held-out shapes")
     evals = {name: work / "eval" / run_name / name for name in ("photos", "heldout")}
