@@ -12,6 +12,7 @@ from tensormask_ray import cli
 from tensormask_ray.capacity import (
     Reservation,
     check_capacity,
+    inference_reservation,
     shortfall,
     sweep_reservation,
     train_reservation,
@@ -19,15 +20,23 @@ from tensormask_ray.capacity import (
 from tensormask_ray.errors import UserError
 
 
-def test_shortfall_counts_workers_and_a_cpu_for_ray_data():
+def test_shortfall_counts_workers_and_a_cpu_for_ray_data_and_says_what_fits():
     assert shortfall(train_reservation(2, 1.0, False), {"CPU": 3.0}) is None
-    text = shortfall(train_reservation(2, 1.0, False), {"CPU": 2.0})
-    assert "3 CPUs (2 Train workers x 1 CPU = 2, plus 1 for Ray Data's tasks) but the Ray cluster has 2 free" in text
-    assert "train.cpus_per_worker (now 1), --num-workers (now 2)" in text
+    text = shortfall(train_reservation(2, 2.0, False), {"CPU": 2.0})  # issue 17's hang on 2 cores
+    assert "5 CPUs (2 Train workers x 2 CPU = 4, plus 1 for Ray Data's tasks) and the Ray cluster has 2 free" in text
+    assert text.endswith("What fits: train.cpus_per_worker=0.5")
+    assert shortfall(train_reservation(4, 1.0, False), {"CPU": 4.0}).endswith(
+        "What fits: train.cpus_per_worker=0.75; or --num-workers 3"
+    )
+    assert "Nothing fits" in shortfall(train_reservation(2, 1.0, False), {"CPU": 1.0})
     assert "1 GPUs" in shortfall(train_reservation(1, 0.5, True), {"CPU": 8.0})
     sweep = sweep_reservation(concurrent_trials=2, workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0, trial_cpus=0.01)
     assert sweep.total_cpus == pytest.approx(3.02)
-    assert "max_concurrent_trials (now 2)" in shortfall(sweep, {"CPU": 3.0})
+    assert shortfall(sweep, {"CPU": 3.0}).endswith(
+        "What fits: resources: {cpus_per_worker: 0.99} in the sweep spec; or max_concurrent_trials: 1"
+    )
+    actors = shortfall(inference_reservation(2, 1.0, 0.0), {"CPU": 2.0})
+    assert actors.endswith("What fits: --cpus-per-actor 0.5; or --num-actors 1; or --num-actors 0 (in this process, no Ray)")
 
 
 def test_a_request_for_every_cpu_fails_in_seconds_and_a_fitting_one_passes(ray_local):
@@ -47,7 +56,7 @@ def test_train_with_workers_holding_every_cpu_is_a_clear_error(ray_local, synth_
                    "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and time.perf_counter() - t0 < 60  # seconds on a quiet machine; no hang on a loaded one
-    assert "tensormask-ray train: error: training cannot start" in err and f"train.cpus_per_worker (now {cpus / 2:g})" in err
+    assert "tensormask-ray train: error: training cannot start" in err and "What fits: train.cpus_per_worker=1.5" in err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()  # nothing to clean up
 
 
@@ -58,7 +67,7 @@ def test_a_sweep_whose_trials_do_not_fit_fails_before_anything_is_recorded(ray_l
     cpus = ray_local.available_resources()["CPU"]
     raw = {"name": "big", "preset": "cpu-small", "search": {"solver.base_lr": [0.01, 0.02]}, "metric": "train/loss",
            "mode": "min", "max_concurrent_trials": 2, "resources": {"workers": 1, "cpus_per_worker": cpus / 2}}  # fmt: skip
-    with pytest.raises(UserError, match=r"sweep 'big' cannot start: .*2 trials at a time x \(1 Train worker.*`resources` of the sweep spec"):
+    with pytest.raises(UserError, match=r"sweep 'big' cannot start: .*2 trials at a time x \(1 Train worker.*What fits: resources: \{cpus_per_worker: 1.49\}"):
         run_sweep(parse_spec(raw, "big.yaml"), ["model.num_classes=4", f"data.train_shards={synth_shards}"],
                   storage_path=str(tmp_path / "sweeps"), mlflow_uri=f"sqlite:///{tmp_path / 'm.db'}")  # fmt: skip
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "m.db").exists()
