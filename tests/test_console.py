@@ -92,12 +92,11 @@ def test_routed_redirects_streams_and_logging_handlers_and_restores_them(tmp_pat
             print("[train] ours")
             logger.warning("Ray's own")
             sys.stderr.write(warnings.formatwarning("a library's", DeprecationWarning, "/x/lib.py", 3))
-            console.announce_log()
         assert sys.stdout is out and sys.stderr is err and handler.stream is err
     finally:
         logger.removeHandler(handler)
     shown = out.getvalue() + err.getvalue()
-    assert "[train] ours" in shown and f"Ray's own logs: {c.log.path}" in shown
+    assert "[train] ours" in shown and f"Logs of Ray and other libraries: {c.log.path}" in shown
     assert "Ray's own\n" not in shown and "a library's" not in shown
     logged = c.log.path.read_text()
     assert "Ray's own" in logged and "a library's" in logged and c.log.path.parent == tmp_path
