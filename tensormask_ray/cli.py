@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
+from .console import VERBOSE_ENV, routed
 from .errors import UserError
 
 # command -> (module, one-line help)
@@ -36,8 +38,14 @@ def _load(name: str):
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tensormask-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose",
+        action="store_true",
+        help=f"show the logs of Ray and other libraries on the terminal too (also {VERBOSE_ENV}=1); they always go to the log file",
+    )
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         if name == command:
             _load(name).add_arguments(p)
     return parser
@@ -51,14 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        return int(_load(args.command).run(args) or 0)
-    except UserError as e:
-        print(f"tensormask-ray {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"tensormask-ray {args.command}: interrupted", file=sys.stderr)
-        return 130
+    # The demo keeps its log beside everything else it writes.
+    log_dir = Path(args.workdir) / "logs" if args.command == "demo" else None
+    with routed(args.command, verbose=args.verbose, log_dir=log_dir):
+        try:
+            return int(_load(args.command).run(args) or 0)
+        except UserError as e:
+            print(f"tensormask-ray {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"tensormask-ray {args.command}: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -169,6 +169,8 @@ class TrainConfig:
     storage_path: str = "runs"  # local folder, shared filesystem or object-store URI
     run_name: str = "tensormask"
     max_failures: int = 2  # worker-group restarts from the latest checkpoint before giving up
+    # No batch from Ray Data for this long is an error that says what it waits for (0: wait forever).
+    data_timeout_s: float = 300.0
     # Fault injection, to exercise recovery: the last rank raises once at this iteration (0: off).
     fail_at_iter: int = 0
 

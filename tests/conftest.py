@@ -8,6 +8,7 @@ cheap: the datasets take about a second to make, Ray starts only for tests that 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Before anything imports ray or mlflow.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Commands run by the tests keep their log files out of the checkout (console.py; default ./logs).
+os.environ.setdefault("TENSORMASK_LOG_DIR", os.path.join(tempfile.gettempdir(), f"tensormask-ray-test-logs-{os.getpid()}"))
 
 # Ray workers import this project: make the checkout importable in every process the tests
 # start (harmless when the package is pip-installed in editable mode).

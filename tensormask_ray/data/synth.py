@@ -53,16 +53,30 @@ class SynthStyle:
     min_object_size: float = MIN_OBJECT_SIZE  # pixels: the smallest diameter / side
     crowds: bool = True  # every fifth image has a crowd region
     empty_images: bool = True  # every tenth image has no object
+    max_object_fraction: float = 0.9  # the largest diameter / side, of the image's shorter side
+    whole_shapes: bool = False  # shapes lie inside the image (else they may be cut by its edge)
+    plain_background: bool = False  # one colour with a gentle gradient (else a blotchy colour field)
 
 
 STYLES: dict[str, SynthStyle] = {
     "cluttered": SynthStyle(),
     "simple": SynthStyle(stripes=False, noise_std=3.0, objects=(1, 4), min_object_size=16.0, crowds=False, empty_images=False),
+    # The demo's: several whole, mid-sized shapes on a plain background, the easiest to learn from
+    # random weights in a few CPU minutes and still all four classes, occlusion and every level.
+    "plain": SynthStyle(
+        stripes=False, noise_std=3.0, objects=(3, 6), min_object_size=20.0, crowds=False, empty_images=False,
+        max_object_fraction=0.45, whole_shapes=True, plain_background=True,
+    ),
 }
 
 
 def _background(rng: np.random.Generator, h: int, w: int, style: SynthStyle) -> np.ndarray:
     """Smooth colour field (+ a few soft stripes) + pixel noise, float32 (H, W, 3) in [0, 255]."""
+    if style.plain_background:
+        yy, xx = np.mgrid[:h, :w].astype(np.float32)
+        slope = rng.uniform(-12, 12, size=(2, 3)).astype(np.float32)  # colour change across the image
+        field = rng.uniform(70, 190, size=3).astype(np.float32) + (yy / h - 0.5)[..., None] * slope[0] + (xx / w - 0.5)[..., None] * slope[1]
+        return field + rng.normal(0, style.noise_std, size=field.shape)
     coarse = rng.uniform(40, 215, size=(rng.integers(3, 9), rng.integers(3, 9), 3)).astype(np.uint8)
     field = np.asarray(
         Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32
@@ -91,10 +105,14 @@ def _polygon_mask(poly: list[float], h: int, w: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
-def _shape(rng: np.random.Generator, h: int, w: int, min_size: float, max_size: float):
-    """One random shape -> (category id, full mask, polygon or None)."""
+def _shape(rng: np.random.Generator, h: int, w: int, min_size: float, max_size: float, whole: bool = False):
+    """One random shape -> (category id, full mask, polygon or None). whole: inside the image."""
     size = math.exp(rng.uniform(math.log(min_size), math.log(max_size)))
-    cx, cy = rng.uniform(-0.1 * w, 1.1 * w), rng.uniform(-0.1 * h, 1.1 * h)
+    if whole:  # the centre at least the circumscribed radius (a square's half-diagonal) from the edges
+        r = min(size / 2 * math.sqrt(2), w / 2, h / 2)
+        cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+    else:
+        cx, cy = rng.uniform(-0.1 * w, 1.1 * w), rng.uniform(-0.1 * h, 1.1 * h)
     kind = int(rng.integers(len(CATEGORIES)))
     category_id = CATEGORIES[kind]["id"]
     if category_id == 12:  # ring: analytic, has a hole, RLE only
@@ -165,7 +183,7 @@ def synth_image(
         placed = 0
         while placed < wanted and attempts < 40:
             attempts += 1
-            category_id, full, poly = _shape(rng, h, w, st.min_object_size, 0.9 * min(h, w))
+            category_id, full, poly = _shape(rng, h, w, st.min_object_size, st.max_object_fraction * min(h, w), st.whole_shapes)
             if full.sum() < MIN_VISIBLE_PIXELS:
                 continue
             ok = all(

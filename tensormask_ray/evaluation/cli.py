@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tracking import resolve_tracking_uri
     from ..train.checkpoint import load_model_for_inference
     from .coco import evaluate_coco, format_metrics_table
+    from .found import format_found, instances_found
     from .ground_truth import coco_gt_from_json, coco_gt_from_shards
     from .inference import (
         LOG_NAME,
@@ -250,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         results = list(log.iter_results(done))
     detections_path = _write_json(out / "detections.json", results)
     metrics = evaluate_coco(truth, results, image_ids=done)
+    found = instances_found(truth, results, image_ids=done)
     table = format_metrics_table(metrics)
     iteration = checkpoint_iteration(ref.path)
     summary = {
@@ -273,12 +275,14 @@ def run(args: argparse.Namespace) -> int:
         "images_per_second": round(outcome.images_per_second, 3),
         "mlflow_run_id": None,
     }
+    summary["instances_found"] = {k: v for k, v in found.items() if k != "per_image"}
     if window_masks is not None:
         summary["window_masks"] = window_masks
     metrics_path = out / "metrics.json"
     _write_json(metrics_path, summary)
     print(f"COCO AP (%) on {len(done)} images of {source.describe()}:")
     print(table)
+    print(format_found(found))
     if window_masks is not None:
         print("mask IoU (%) at the ground-truth instances' positive windows (the mask head alone):")
         print(format_window_mask_table(window_masks))
@@ -288,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.metric_prefix}/{key}": value for key, value in metrics.items() if value >= 0
         }  # -1 (no ground truth of that size) is not a score
         logged[f"{args.metric_prefix}/num_images"] = len(done)
+        logged[f"{args.metric_prefix}/instances_found"] = found["found"]
         for key, value in (window_masks or {}).items():
             if value >= 0:
                 logged[f"{args.metric_prefix}/window_masks/{key}"] = value

@@ -30,7 +30,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -537,25 +536,19 @@ def _ray_batches(
     """The output batches of the actor pool, as they complete (numpy dicts)."""
     import ray
 
+    from ..capacity import check_capacity, inference_reservation
+    from ..console import init_ray
+
     # Ray Data's re-blocking step (below) is a task that asks for one CPU, which Ray Data offers
     # no way to lower: if the actors held every CPU it would wait forever. A local Ray started
-    # here gets one logical CPU more than the actors need (the step is light); on a cluster that
-    # leaves none, say so.
+    # here gets one logical CPU more than the actors need (the step is light); on a cluster with
+    # no CPU to spare, check_capacity fails at once.
     needed = num_actors * cpus_per_actor + 1
     if not ray.is_initialized():
         local = address is None and not os.environ.get("RAY_ADDRESS")
         extra = {"num_cpus": max(os.cpu_count() or 1, math.ceil(needed))} if local else {}
-        ray.init(address=address, logging_level="warning", **extra)
-    cluster_cpus = ray.cluster_resources().get("CPU", 0)
-    if cluster_cpus < needed:
-        print(
-            f"warning: the Ray cluster has {cluster_cpus:g} CPUs; {num_actors} actors x "
-            f"{cpus_per_actor:g} CPUs leave less than one for reading and re-blocking the "
-            "images, so inference may wait forever unless the cluster scales up: use fewer "
-            "actors or --cpus-per-actor",
-            file=sys.stderr,
-            flush=True,
-        )
+        init_ray(address=address, **extra)
+    check_capacity(inference_reservation(num_actors, cpus_per_actor, gpus_per_actor), "batch inference")
     remote_args: dict[str, Any] = {"num_cpus": cpus_per_actor}
     if gpus_per_actor > 0:
         remote_args["num_gpus"] = gpus_per_actor

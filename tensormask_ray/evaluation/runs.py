@@ -40,9 +40,13 @@ def resolve_checkpoint(
     if checkpoint and best_of:
         raise UserError("give --checkpoint or --best-of, not both")
     if checkpoint:
+        from ..train.checkpoint import checkpoint_file
+
         path = Path(checkpoint)
-        if not path.exists():
-            raise UserError(f"--checkpoint {checkpoint}: no such file or folder")
+        try:
+            checkpoint_file(path)  # a path that is not one of our checkpoints fails here, named
+        except UserError as e:
+            raise UserError(f"--checkpoint: {e}") from None
         run_id = mlflow_run or run_id_beside(path)
         return CheckpointRef(str(path.resolve()), run_id, explicit_run=bool(mlflow_run))
     if best_of:

@@ -12,6 +12,7 @@ all of them restarting rank 0's. Checkpoints written before that hold one state 
 from __future__ import annotations
 
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -106,17 +107,65 @@ def save_training_state(
     return folder / STATE_FILE
 
 
+def find_checkpoints(folder: str | Path) -> list[Path]:
+    """The checkpoints (folders holding state.pt) in `folder` and its subfolders one level down
+    (a training run's folder holds checkpoint_0000100/, ...; a sweep's trial folder likewise),
+    sorted by path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [d for d in [folder, *folder.iterdir()] if d.is_dir() and (d / STATE_FILE).is_file()]
+    found += [d for sub in folder.iterdir() if sub.is_dir() for d in sub.iterdir() if d.is_dir() and (d / STATE_FILE).is_file()]
+    return sorted(set(found))
+
+
+def _found_in(folder: Path, limit: int = 5) -> str:
+    found = find_checkpoints(folder)
+    if not found:
+        return f"There is no checkpoint in {folder}."
+    names = [str(p) for p in found[-limit:]]
+    more = f" (and {len(found) - limit} older)" if len(found) > limit else ""
+    return f"Checkpoints in {folder}: {', '.join(names)}{more}."
+
+
+_WHAT_A_CHECKPOINT_IS = (
+    "a checkpoint is a folder holding state.pt, like <run folder>/checkpoint_0000500 written by "
+    "`tensormask-ray train`, or that state.pt"
+)
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The state.pt of a checkpoint folder (or the file itself); a UserError that says what the
+    path is instead and names the checkpoints found beside it when it is not one of ours."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint {p}: no such file or folder. {_found_in(p.parent)}")
+    if p.is_dir():
+        if not (p / STATE_FILE).is_file():
+            raise UserError(f"{p} is not a checkpoint: it holds no {STATE_FILE} ({_WHAT_A_CHECKPOINT_IS}). {_found_in(p)}")
+        return p / STATE_FILE
+    if not zipfile.is_zipfile(p):  # torch.save writes a zip archive
+        with p.open("rb") as f:
+            head = f.read(64).lstrip()
+        kind = "a JSON file" if head[:1] in (b"{", b"[") else "not a PyTorch file"
+        raise UserError(f"{p} is not a checkpoint: it is {kind} ({_WHAT_A_CHECKPOINT_IS}). {_found_in(p.parent)}")
+    return p
+
+
 def read_state(path: str | Path) -> dict[str, Any]:
     """A checkpoint folder or its state.pt -> the state dict (weights_only loading)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / STATE_FILE
-    if not p.is_file():
-        raise UserError(f"checkpoint not found: {p}")
+    p = checkpoint_file(path)
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here is the file's
-        raise UserError(f"checkpoint {p} could not be read: {e}") from e
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"checkpoint {p} could not be read ({reason}); {_WHAT_A_CHECKPOINT_IS}") from e
+    if not isinstance(state, dict) or not {"model", "config"} <= set(state):
+        raise UserError(
+            f"{p} is a PyTorch file but not a tensormask-ray checkpoint (no 'model' and 'config' "
+            f"entries); {_WHAT_A_CHECKPOINT_IS}. {_found_in(p.parent)}"
+        )
+    return state
 
 
 def load_training_state(

