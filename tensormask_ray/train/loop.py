@@ -68,7 +68,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from ..data.dataset import iter_train_batches
     from ..modeling import build_model
-    from ..tracking import RunLogger
+    from ..tracking import RunLogger, start_system_metrics
 
     cfg: Config = from_dict(loop_config["config"])
     ctx = ray.train.get_context()
@@ -99,6 +99,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logger = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
         logger = RunLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"])
+    monitor = None  # MLflow's system metrics: one sampler per node
+    if ctx.get_local_rank() == 0 and loop_config.get("mlflow_run_id"):
+        node = f"node_{ctx.get_node_rank()}" if ctx.get_local_world_size() < world else None
+        monitor = start_system_metrics(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], cfg.tracking.system_metrics_interval, node)
     shard = ray.train.get_dataset_shard("train")
     max_iter = cfg.solver.max_iter
     progress = Progress(iteration, max_iter)
@@ -168,6 +172,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
                 since_report = [0.0, 0]
         epoch += 1
+    if monitor is not None:
+        monitor.finish()
 
 
 def _peak_memory(cfg: Config) -> dict[str, float]:
@@ -204,7 +210,7 @@ def _checkpoint_and_report(cfg, model, optimizer, scaler, iteration, epoch, rank
         logger.log_metrics(memory, step=iteration)
     due = cfg.train.eval_period == 0 or iteration % cfg.train.eval_period == 0 or iteration == cfg.solver.max_iter
     if rank == 0 and loop_config.get("val_shards") and due:
-        from ..evaluation.evaluator import evaluate_model
+        from ..evaluation.evaluator import evaluate_model, overlay_images
 
         inner = model.module if hasattr(model, "module") else model
         t0 = time.perf_counter()
@@ -217,6 +223,8 @@ def _checkpoint_and_report(cfg, model, optimizer, scaler, iteration, epoch, rank
         )
         if logger is not None:
             logger.log_metrics(last_val, step=iteration)
+            for name, overlay in overlay_images(inner, loop_config["val_shards"], cfg, cfg.tracking.overlay_images, cfg.data.max_val_images):
+                logger.log_image(overlay, key=f"val/overlay/{name}", step=iteration)
     metrics.update(last_val)
     metric_key = loop_config["checkpoint_metric"]
     metrics.setdefault(metric_key, -math.inf if cfg.train.checkpoint_mode == "max" else math.inf)
