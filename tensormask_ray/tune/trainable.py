@@ -6,24 +6,92 @@ reports reach Tune through `TuneReportCallback` (the Ray 2.60 pattern), so ASHA 
 checkpoint's metrics and can stop the trial early. Each trial's training run lives in
 `<sweep dir>/trials/<trial id>`: Tune restarting a trial (a retry, a resumed sweep) resumes that
 training run from its latest checkpoint instead of starting over.
+
+In MLflow a trial is named by its swept values (`head=upscale_aligned lam=5`), and at every
+report it logs the sweep's metric as Tune received it (`sweep/<metric>`) and the trial's best
+value so far (`sweep/score`, what Tune and `runs compare` rank trials by), so MLflow's columns,
+sort and compare view agree with `runs compare`.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 TRIALS_DIR = "trials"
 STARTS_FILE = "trial_starts.log"  # one line per start of the trial function (retries, resumes)
+SCORE = "sweep/score"  # the trial's best value of the sweep's metric so far
+# Short names of common swept keys in trial names (the paper's λ is `lam`); others: the key's
+# last part.
+SHORT_NAMES = {
+    "model.mask_head": "head",
+    "model.upscale_factor": "lam",
+    "model.upscale_mode": "upscale",
+    "model.window_sizes": "windows",
+    "solver.base_lr": "lr",
+    "loss.mask_fg_weight": "fg_weight",
+}
 
 
 def trial_run_name(trial_id: str) -> str:
+    """The trial's training run (its folder under `<sweep>/trials/`)."""
     return f"trial-{trial_id}"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_short(v) for v in value) + "]"
+    return str(value)
+
+
+def trial_display_name(params: dict[str, Any], trial_id: str, num_samples: int = 1) -> str:
+    """A trial's name in MLflow: its swept values, e.g. `head=upscale_aligned lam=5` (a variant's
+    keys are spelled out). With several samples per point, the trial's number follows (`#3`)."""
+    from .spec import trial_overrides
+
+    values = trial_overrides(params)
+    names = {key: SHORT_NAMES.get(key, key.rsplit(".", 1)[-1]) for key in values}
+    clashes = {n for n in names.values() if list(names.values()).count(n) > 1}
+    name = " ".join(f"{key if names[key] in clashes else names[key]}={_short(v)}" for key, v in values.items())
+    if num_samples > 1:
+        name += f" #{int(trial_id.rsplit('_', 1)[-1])}"
+    return name or trial_id
+
+
+def _sweep_metric_logger(uri: str, run_id: str, metric: str, mode: str):
+    """A Ray Train callback (it runs in the trial's Train controller) that logs, at every report,
+    the sweep's metric as reported (`sweep/<metric>`) and the best value so far (`sweep/score`)."""
+    from ray.train import UserCallback
+
+    from ..tracking import RunLogger, get_run
+
+    class SweepMetricLogger(UserCallback):
+        def __init__(self):
+            self.best: float | None = None
+            self.started = False
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            logger = RunLogger(uri, run_id)
+            if not self.started:  # a restarted trial continues its best so far
+                self.best = get_run(uri, run_id).data.metrics.get(SCORE)
+                self.started = True
+            reported = metrics[0]
+            value, step = reported.get(metric), reported.get("iteration", 0)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                return  # e.g. val/segm/AP before the first validation
+            better = self.best is None or (value > self.best if mode == "max" else value < self.best)
+            self.best = value if better else self.best
+            logger.log_metrics({f"sweep/{metric}": value, SCORE: self.best}, step=step)
+
+    return SweepMetricLogger()
 
 
 def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     """params: the sampled values {dotted key: value}; context: what the sweep driver prepared
-    (base config dict, sweep dir, MLflow uri, parent run id, resources, metric)."""
+    (base config dict, sweep dir, MLflow uri, parent run id, resources, metric, run tags)."""
     import ray.data
     import ray.train
     import ray.tune
@@ -52,18 +120,25 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     starts = storage.read_text(storage.join(run_dir, STARTS_FILE)) or ""
     storage.write_text(storage.join(run_dir, STARTS_FILE), starts + f"{time.time():.3f}\n")
 
+    uri = context["mlflow_uri"]
     logger = start_mlflow_run(
-        cfg, run_dir, context["mlflow_uri"], resume,
-        tags={"mlflow.parentRunId": context["parent_run_id"], "sweep": context["sweep"], "trial_id": trial_id},
+        cfg, run_dir, uri, resume,
+        tags={"mlflow.parentRunId": context["parent_run_id"], "sweep": context["sweep"], "tune.trial_id": trial_id},
+        run_name=trial_display_name(params, trial_id, context.get("num_samples", 1)),
+        context_tags=context.get("context_tags"),
     )  # fmt: skip
     if not resume:
         logger.log_params({f"sweep.{k}": v for k, v in params.items()})
-    logger.set_tags({"status": "RUNNING"})
-    trainer = build_trainer(cfg, store, categories, context["mlflow_uri"], logger.run_id, callbacks=[TuneReportCallback()])
-    result = trainer.fit()
-    if result.error:
-        logger.set_tags({"status": "FAILED", "error": f"{type(result.error).__name__}: {result.error}"[:5000]})
+    callbacks = [_sweep_metric_logger(uri, logger.run_id, context["metric"], context["mode"]), TuneReportCallback()]
+    trainer = build_trainer(cfg, store, categories, uri, logger.run_id, callbacks=callbacks)
+    try:
+        result = trainer.fit()
+        error = result.error
+    except Exception as e:  # noqa: BLE001 - recorded in MLflow, then re-raised
+        error = e
+    if error is not None:
+        logger.log_error(error)
         logger.end("FAILED")
-        raise result.error
-    logger.set_tags({"status": "FINISHED", "checkpoint": (result.metrics or {}).get("checkpoint_path", "")})
+        raise error
+    logger.set_tags({"checkpoint": (result.metrics or {}).get("checkpoint_path", "")})
     logger.end("FINISHED")
