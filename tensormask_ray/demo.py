@@ -21,6 +21,7 @@ from pathlib import Path
 from .errors import UserError
 
 SMOKE_SPEC = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
+REGISTERED_MODEL = "tensormask-demo"  # the trained model's name in the store's model registry
 
 # Synthetic shapes and the two real photos, the photos oversampled to 8 of every 9 training
 # images: a few minutes of CPU training from random weights is enough to learn masks on the photos
@@ -108,6 +109,7 @@ def _train_overrides(train_shards: Path, val_shards: Path, iterations: int) -> l
         f"solver.max_iter={iterations}",
         f"solver.steps=[{int(iterations * 0.8)}]",
         f"train.checkpoint_period={max(iterations // 2, 1)}",  # and validation
+        f"tracking.registered_model={REGISTERED_MODEL}",
         *DEMO_MODEL,
     ]
 
@@ -156,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
              "--out", str(work / f"{sweep_name}.png"))  # fmt: skip
 
     _step("5/6 evaluate the trained model: COCO mask and box AP (pycocotools)")
-    _cli("evaluate", "--mlflow-run", mlflow_run, "--mlflow-uri", mlflow_uri, "--shards", str(val_shards),
+    _cli("evaluate", "--model", f"models:/{REGISTERED_MODEL}/latest", "--mlflow-uri", mlflow_uri, "--shards", str(val_shards),
          "--out", str(work / "eval" / run_name))  # fmt: skip
 
     _step("6/6 predict: masks drawn over a real photo and a held-out synthetic image")
@@ -164,13 +166,15 @@ def run(args: argparse.Namespace) -> int:
     _cli("predict", str(photo), str(synth_val_image), "--mlflow-run", mlflow_run, "--mlflow-uri", mlflow_uri,
          "--out", str(work / "predictions" / run_name), "--num-actors", "0")  # fmt: skip
 
-    from .tracking import ui_command
+    from .tracking import ui_command, ui_url
 
     print(f"\ndemo finished in {time.time() - t0:.0f} s; everything is in {work}", flush=True)
     print(f"  overlays:   {work / 'predictions' / run_name}/*.png")
     print(f"  metrics:    {work / 'eval' / run_name}/metrics.json")
     if not args.skip_sweep:
         print(f"  sweep plot: {work / f'{sweep_name}.png'}")
-    print(f"  MLflow UI:  {ui_command(mlflow_uri)}   (then open http://127.0.0.1:5000)")
+    print(f"  model:      models:/{REGISTERED_MODEL}/latest in {mlflow_uri}")
+    print(f"  MLflow UI:  {ui_command(mlflow_uri)}")
+    print(f"              then open {ui_url(mlflow_uri, 'tensormask')}")
     sys.stdout.flush()
     return 0
