@@ -41,8 +41,9 @@ def _history(trial_path: str) -> list[dict[str, Any]]:
 def trial_rows(name: str, storage_path: str = "runs") -> list[dict[str, Any]]:
     """One dict per trial, best first: trial_id, name (its MLflow run's name), params, status,
     stopped_early, iterations, metric (the trial's best), checkpoint (the one that scored it),
-    mlflow_run_id, metrics (the reported metrics at that checkpoint), error (Tune's report of a
-    failed trial, else None)."""
+    mlflow_run_id, metrics (the reported metrics at that checkpoint), reported ([(iteration,
+    metric)] of every report with a finite metric, in order), error (Tune's report of a failed
+    trial, else None)."""
     from ray.tune import ExperimentAnalysis
 
     sweep_dir, record, spec = load_sweep(name, storage_path)
@@ -75,6 +76,7 @@ def trial_rows(name: str, storage_path: str = "runs") -> list[dict[str, Any]]:
                 "mlflow_run_id": run_id,
                 "metrics": {k: v for k, v in (best or last).items() if "/" in k and _finite(v) is not None},
                 "run_dir": run_dir,
+                "reported": [(int(h.get("iteration", 0) or 0), float(h[spec.metric])) for h in scored],
                 "error": storage.read_text(storage.join(trial.path, "error.txt")) if trial.status == "ERROR" else None,
             }
         )

@@ -303,7 +303,7 @@ def _fit(tuner, spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent: 
             parent.end("FAILED")
         raise
     rows = trial_rows(spec.name, storage_path=os.path.dirname(sweep_dir))
-    _finish_trial_runs(rows, uri)
+    _finish_trial_runs(rows, uri, spec)
     from .results import format_table
 
     unfinished = [r for r in rows if r["status"] not in ("TERMINATED", "ERROR")]
@@ -366,7 +366,7 @@ def _summarise(parent: RunLogger, rows: list[dict[str, Any]], spec: SweepSpec, b
             parent.log_artifact(plot_metric(rows, spec, f"{tmp}/compare.png"))
 
 
-def _finish_trial_runs(rows: list[dict[str, Any]], uri: str) -> None:
+def _finish_trial_runs(rows: list[dict[str, Any]], uri: str, spec: SweepSpec) -> None:
     """Final status of each trial's MLflow child run, as seen from the driver (a trial stopped by
     ASHA never gets to close its own run), and its final `sweep/score`: the value `runs compare`
     shows, whatever report a stopped trial was cut off at."""
@@ -390,12 +390,27 @@ def _finish_trial_runs(rows: list[dict[str, Any]], uri: str) -> None:
                 logger.end("FINISHED")
         if row.get("checkpoint"):
             logger.set_tags({"best_checkpoint": row["checkpoint"]})
-        # A stopped trial's worker may report once more before it is torn down: its callback
-        # logs a report Tune never ranked. The last value (at the highest step) is the ranked one.
-        score = run.data.metrics.get(SCORE)
-        if row["metric"] is not None and (score is None or not math.isclose(score, row["metric"], rel_tol=1e-9, abs_tol=1e-12)):
-            last_step = max((step for step, _ in metric_history(uri, run_id, SCORE)), default=0)
-            logger.log_metrics({SCORE: row["metric"]}, step=max(last_step, row["iterations"]))
+        _complete_sweep_metrics(logger, row, spec)
+
+
+def _complete_sweep_metrics(logger: RunLogger, row: dict[str, Any], spec: SweepSpec) -> None:
+    """Every report Tune received, in the trial's run as `sweep/<metric>` and `sweep/score` (the
+    trial's callback logs them as they come, but a trial torn down by ASHA may not have logged the
+    last), and the ranked value as the last `sweep/score`: a stopped trial's worker may have
+    reported once more than Tune took in."""
+    reported = f"sweep/{spec.metric}"
+    logged = {step for step, _ in metric_history(logger.uri, logger.run_id, reported)}
+    best = None
+    for step, value in row["reported"]:
+        best = value if best is None or (value > best if spec.mode == "max" else value < best) else best
+        if step not in logged:
+            logger.log_metrics({reported: value, SCORE: best}, step=step)
+    if row["metric"] is None:
+        return
+    last_step = max((step for step, _ in metric_history(logger.uri, logger.run_id, SCORE)), default=0)
+    last = get_run(logger.uri, logger.run_id).data.metrics.get(SCORE)  # MLflow's latest: what the UI shows
+    if last is None or not math.isclose(last, row["metric"], rel_tol=1e-9, abs_tol=1e-12):
+        logger.log_metrics({SCORE: row["metric"]}, step=max(last_step, row["iterations"]))
 
 
 __all__ = ["SweepOutcome", "TRIALS_DIR", "resume_sweep", "run_sweep", "sweep_dir_of", "trial_run_name"]

@@ -63,28 +63,37 @@ def trial_display_name(params: dict[str, Any], trial_id: str, num_samples: int =
 
 def _sweep_metric_logger(uri: str, run_id: str, metric: str, mode: str):
     """A Ray Train callback (it runs in the trial's Train controller) that logs, at every report,
-    the sweep's metric as reported (`sweep/<metric>`) and the best value so far (`sweep/score`)."""
+    the sweep's metric as reported (`sweep/<metric>`) and the best value so far (`sweep/score`).
+    It logs from a thread of its own: the controller, which also hands the reports to Tune, never
+    waits for MLflow (a report reaching ASHA late lets a trial train past its stop). What a torn
+    down trial could not log, the sweep driver fills in from Tune's results (sweep.py)."""
+    import queue
+    import threading
+
     from ray.train import UserCallback
 
-    from ..tracking import RunLogger, get_run
+    def log_reports(reports: queue.Queue) -> None:
+        from ..tracking import RunLogger, get_run
+
+        logger = RunLogger(uri, run_id)
+        best = get_run(uri, run_id).data.metrics.get(SCORE)  # a restarted trial continues its best
+        while True:
+            value, step = reports.get()
+            best = value if best is None or (value > best if mode == "max" else value < best) else best
+            logger.log_metrics({f"sweep/{metric}": value, SCORE: best}, step=step)
 
     class SweepMetricLogger(UserCallback):
         def __init__(self):
-            self.best: float | None = None
-            self.started = False
+            self.reports: queue.Queue | None = None  # made in the controller (not picklable)
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
-            logger = RunLogger(uri, run_id)
-            if not self.started:  # a restarted trial continues its best so far
-                self.best = get_run(uri, run_id).data.metrics.get(SCORE)
-                self.started = True
-            reported = metrics[0]
-            value, step = reported.get(metric), reported.get("iteration", 0)
+            value, step = metrics[0].get(metric), metrics[0].get("iteration", 0)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 return  # e.g. val/segm/AP before the first validation
-            better = self.best is None or (value > self.best if mode == "max" else value < self.best)
-            self.best = value if better else self.best
-            logger.log_metrics({f"sweep/{metric}": value, SCORE: self.best}, step=step)
+            if self.reports is None:
+                self.reports = queue.Queue()
+                threading.Thread(target=log_reports, args=(self.reports,), daemon=True, name="sweep-metric-logger").start()
+            self.reports.put((float(value), int(step)))
 
     return SweepMetricLogger()
 
@@ -129,7 +138,8 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     )  # fmt: skip
     if not resume:
         logger.log_params({f"sweep.{k}": v for k, v in params.items()})
-    callbacks = [_sweep_metric_logger(uri, logger.run_id, context["metric"], context["mode"]), TuneReportCallback()]
+    # Tune first: ASHA's decisions wait for nothing else.
+    callbacks = [TuneReportCallback(), _sweep_metric_logger(uri, logger.run_id, context["metric"], context["mode"])]
     trainer = build_trainer(cfg, store, categories, uri, logger.run_id, callbacks=callbacks)
     try:
         result = trainer.fit()
