@@ -66,7 +66,7 @@ def trial_rows(name: str, storage_path: str = "runs") -> list[dict[str, Any]]:
         rows.append(
             {
                 "trial_id": trial.trial_id,
-                "name": trial_display_name(params, trial.trial_id, spec.num_samples),
+                "name": trial_display_name(params, trial.trial_id, spec.num_samples, list(spec.search)),
                 "params": params,
                 "status": trial.status,
                 "stopped_early": trial.status == "TERMINATED" and iterations < max_iter,

@@ -90,6 +90,7 @@ def _context(spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent_run_
         "metric": spec.metric,
         "mode": spec.mode,
         "num_samples": spec.num_samples,
+        "search_keys": list(spec.search),  # the order of the values in a trial's name
         "train_overrides": _train_overrides(spec),
         "context_tags": run_context_tags(),  # the command's source and git commit, on every trial
     }

@@ -47,12 +47,14 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def trial_display_name(params: dict[str, Any], trial_id: str, num_samples: int = 1) -> str:
-    """A trial's name in MLflow: its swept values, e.g. `head=upscale_aligned lam=5` (a variant's
-    keys are spelled out). With several samples per point, the trial's number follows (`#3`)."""
+def trial_display_name(params: dict[str, Any], trial_id: str, num_samples: int = 1, order: list[str] | None = None) -> str:
+    """A trial's name in MLflow: its swept values in the spec's `order` of search keys, e.g.
+    `head=upscale_aligned lam=5` (a variant's keys are spelled out). With several samples per
+    point, the trial's number follows (`#3`)."""
     from .spec import trial_overrides
 
-    values = trial_overrides(params)
+    rank = {key: i for i, key in enumerate(order or [])}
+    values = trial_overrides(dict(sorted(params.items(), key=lambda kv: rank.get(kv[0], len(rank)))))
     names = {key: SHORT_NAMES.get(key, key.rsplit(".", 1)[-1]) for key in values}
     clashes = {n for n in names.values() if list(names.values()).count(n) > 1}
     name = " ".join(f"{key if names[key] in clashes else names[key]}={_short(v)}" for key, v in values.items())
@@ -133,7 +135,7 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     logger = start_mlflow_run(
         cfg, run_dir, uri, resume,
         tags={"mlflow.parentRunId": context["parent_run_id"], "sweep": context["sweep"], "tune.trial_id": trial_id},
-        run_name=trial_display_name(params, trial_id, context.get("num_samples", 1)),
+        run_name=trial_display_name(params, trial_id, context["num_samples"], context["search_keys"]),
         context_tags=context.get("context_tags"),
     )  # fmt: skip
     if not resume:

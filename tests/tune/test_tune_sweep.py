@@ -206,7 +206,8 @@ def test_the_mlflow_ui_ranks_the_trials_as_runs_compare_does(sweep, mlflow_store
 
     # named by their values; ASHA-stopped = FINISHED + tune.stopped_early; no stale status tag
     by_run = {r["mlflow_run_id"]: r for r in rows}
-    assert {t["info"]["run_name"] for t in trials} == {f"fg_weight={f} box_weight={b}" for f in ("1.5", "1") for b in ("1", "20")}
+    # (the spec file's order of keys: yaml.safe_dump sorted them)
+    assert {t["info"]["run_name"] for t in trials} == {f"box_weight={b} fg_weight={f}" for f in ("1.5", "1") for b in ("1", "20")}
     for trial in trials:
         row, tag = by_run[trial["info"]["run_id"]], tags(trial)
         assert trial["info"]["run_name"] == row["name"] and trial["info"]["status"] == "FINISHED"
