@@ -143,11 +143,6 @@ def experiment_name(uri: str, experiment_id_: str) -> str:
     return _client(uri).get_experiment(experiment_id_).name
 
 
-def experiment_artifact_location(uri: str, name: str) -> str | None:
-    exp = _client(uri).get_experiment_by_name(name)
-    return None if exp is None else exp.artifact_location
-
-
 # ----------------------------------------------------------------------------- runs
 def run_context_tags() -> dict[str, str]:
     """The tags `mlflow.start_run` would set (user, source name and type, git commit, branch and
