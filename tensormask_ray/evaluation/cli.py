@@ -326,6 +326,9 @@ def run(args: argparse.Namespace) -> int:
             summary["mlflow_parent_run_id"] = ref.mlflow_run_id
             _write_json(metrics_path, summary)
             print(f"logged the evaluation run {run_id} to MLflow ({uri})")
+        else:
+            print("[evaluate] not logged to MLflow: no training run of this checkpoint is known; "
+                  "--mlflow-uri URI logs it as a run of its own", file=sys.stderr)  # fmt: skip
     return 0
 
 

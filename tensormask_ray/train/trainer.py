@@ -212,6 +212,21 @@ def log_checkpoint_model(logger: RunLogger, checkpoint: str, registered_model: s
     return model_id, version
 
 
+def publish_model(logger: RunLogger, checkpoint: str, registered_model: str, who: str) -> str | None:
+    """`log_checkpoint_model` at the end of a finished run or sweep: a failure to log or register
+    is a warning (the training is done and its checkpoints are safe), with the tag model_error.
+    Returns the registered version, if any."""
+    try:
+        _, version = log_checkpoint_model(logger, checkpoint, registered_model)
+    except Exception as e:  # noqa: BLE001 - reported, and the run still ends as what it was
+        print(f"[{who}] warning: checkpoint {checkpoint} could not be logged as an MLflow model: {e}", file=sys.stderr, flush=True)
+        logger.set_tags({"model_error": f"{type(e).__name__}: {e}"[:5000]})
+        return None
+    if version:
+        print(f"[{who}] registered checkpoint {checkpoint} as models:/{registered_model}/{version}", flush=True)
+    return version
+
+
 def record_checkpoints(logger: RunLogger, result, metric: str) -> None:
     """checkpoints.json: the kept checkpoints (their storage URIs), iteration and `metric`."""
     kept = []
@@ -278,9 +293,7 @@ def run_training(
     if error:
         logger.log_error(error)
     elif outcome.best_checkpoint and cfg.tracking.log_model:
-        _, version = log_checkpoint_model(logger, outcome.best_checkpoint, cfg.tracking.registered_model)
-        if version:
-            print(f"[train] registered the best checkpoint as models:/{cfg.tracking.registered_model}/{version}", flush=True)
+        publish_model(logger, outcome.best_checkpoint, cfg.tracking.registered_model, "train")
     logger.end("FAILED" if error else "FINISHED")
     print(f"[train] {'FAILED' if error else 'finished'}: checkpoint {outcome.checkpoint}", flush=True)
     print(f"[train] best checkpoint ({metric}): {outcome.best_checkpoint}", flush=True)
@@ -289,4 +302,4 @@ def run_training(
     return outcome
 
 
-__all__ = ["TrainOutcome", "build_trainer", "check_run", "log_checkpoint_model", "record_checkpoints", "run_training", "start_mlflow_run"]
+__all__ = ["TrainOutcome", "build_trainer", "check_run", "log_checkpoint_model", "publish_model", "record_checkpoints", "run_training", "start_mlflow_run"]

@@ -320,13 +320,11 @@ def _fit(tuner, spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent: 
     ok = all(r["status"] != "ERROR" for r in rows)
     _summarise(parent, rows, spec, best, time.time() - t0)
     if best and best.get("checkpoint") and best.get("mlflow_run_id") and cfg.tracking.log_model:
-        from ..train.trainer import log_checkpoint_model
+        from ..train.trainer import publish_model
 
-        _, version = log_checkpoint_model(RunLogger(uri, best["mlflow_run_id"]), best["checkpoint"], cfg.tracking.registered_model)
+        version = publish_model(RunLogger(uri, best["mlflow_run_id"]), best["checkpoint"], cfg.tracking.registered_model, "sweep")
         if version:
-            model_uri = f"models:/{cfg.tracking.registered_model}/{version}"
-            parent.set_tags({"registered_model": model_uri})
-            print(f"[sweep] registered the best trial's checkpoint as {model_uri}", flush=True)
+            parent.set_tags({"registered_model": f"models:/{cfg.tracking.registered_model}/{version}"})
     parent.end("FINISHED" if ok else "FAILED")
     print(format_table(rows, spec), flush=True)
     print(f"[sweep] see the sweep in MLflow: {ui_command(uri)}", flush=True)
