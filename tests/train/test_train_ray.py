@@ -164,13 +164,16 @@ def test_bad_config_key_fails_before_any_worker_starts(synth_shards, tmp_path, c
 def test_the_mlflow_ui_shows_the_run_its_data_overlays_system_metrics_and_model(uninterrupted, mlflow_store, mlflow_server, synth_shards):
     import subprocess
 
+    from tensormask_ray.tracking import experiment_id
     from tests.mlflow_server import datasets, metrics, params, tags
 
     cfg, out = uninterrupted
     rest = mlflow_server
     experiment = rest.experiment(cfg.tracking.experiment)
-    # artifacts next to the store, not in the working directory
+    # artifacts next to the store, not in the working directory; a server keeps its own
     assert experiment["artifact_location"].startswith((mlflow_store["dir"] / "mlartifacts").as_uri())
+    served = rest.get("experiments/get", experiment_id=experiment_id(rest.url, "made-through-the-server"))
+    assert served["experiment"]["artifact_location"].startswith("mlflow-artifacts:")
     run = rest.run(out.mlflow_run_id)
     assert run["info"]["run_name"] == "plain" and run["info"]["status"] == "FINISHED"
     assert params(run)["solver.max_iter"] == "24" and params(run)["model.mask_head"] == "bipyramid"
