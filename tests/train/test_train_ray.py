@@ -31,6 +31,7 @@ TINY = {
     "input.max_size_train": 200,
     "input.min_size_test": 160,
     "input.max_size_test": 200,
+    "tracking.log_model": False,  # only the uninterrupted run's model is looked at (MLFLOW_EXTRAS)
 }
 
 
@@ -57,6 +58,7 @@ MLFLOW_EXTRAS = {
     "train.eval_period": 16,
     "tracking.overlay_images": 2,
     "tracking.system_metrics_interval": 1.0,
+    "tracking.log_model": True,
     "tracking.registered_model": "plain-model",
 }
 
