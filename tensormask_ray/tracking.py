@@ -5,7 +5,7 @@ Store: `tracking.mlflow_uri` if set, else MLFLOW_TRACKING_URI, else an embedded 
 server is a `UserError` at start, not a crash hours into a run.
 
 Artifacts live next to their store: an experiment created here in `sqlite:///DIR/mlflow.db` keeps
-its artifacts in `DIR/mlartifacts/<experiment>/` (a store `DIR/NAME.db` in `DIR/NAME-mlartifacts/`),
+its artifacts in `DIR/mlartifacts/<experiment>/` (a store `DIR/NAME.db` in `DIR/NAME.db-mlartifacts/`),
 never in the current directory, so two stores never share a folder. A tracking server
 (`http(s)://`) keeps its own artifact store.
 
@@ -102,7 +102,7 @@ def artifact_root(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     db = Path(uri[len("sqlite:///") :])
-    return db.parent / ("mlartifacts" if db.stem == "mlflow" else f"{db.stem}-mlartifacts")
+    return db.parent / ("mlartifacts" if db.name == "mlflow.db" else f"{db.name}-mlartifacts")
 
 
 def _folder_name(name: str) -> str:
