@@ -120,7 +120,9 @@ def test_mlflow_run_names_the_checkpoint_and_gets_the_metrics(tmp_path, trained,
     assert run.data.tags["mlflow.parentRunId"] == trained["run_id"]
 
 
-def test_a_registered_model_evaluates_under_the_run_that_logged_it(tmp_path, trained, synth_shards):
+def test_a_registered_model_evaluates_under_the_run_that_logged_it(tmp_path, trained, synth_shards, synth_coco):
+    import mlflow
+
     from tensormask_ray.tracking import RunLogger
     from tensormask_ray.train.trainer import log_checkpoint_model
 
@@ -138,6 +140,12 @@ def test_a_registered_model_evaluates_under_the_run_that_logged_it(tmp_path, tra
     assert run.data.params["model"] == f"models:/tiny-model/{version}"
     assert evaluate("--model", "models:/no-such-model/1", "--mlflow-uri", trained["uri"], "--shards", synth_shards,
                     "--out", tmp_path / "x", "--num-actors", 0) == 2  # fmt: skip
+    # MLflow's own loader runs it too (a pyfunc model): COCO-style detections per image
+    mlflow.set_tracking_uri(trained["uri"])
+    image = sorted(synth_coco.images_dir.iterdir())[0]
+    detections = mlflow.pyfunc.load_model(f"models:/tiny-model/{version}").predict([str(image)])
+    assert len(detections) == 1 and len(detections[0]) == 10  # the tiny config keeps 10 per image
+    assert {"category_id", "bbox", "score", "segmentation"} <= set(detections[0][0])
 
 
 @pytest.fixture
