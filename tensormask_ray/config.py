@@ -179,6 +179,10 @@ class TrainConfig:
 class TrackingConfig:
     mlflow_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "tensormask"
+    log_model: bool = True  # log the best checkpoint as an MLflow model at the end of a training run
+    registered_model: str = ""  # also register it (a sweep: its best trial's) under this name
+    overlay_images: int = 3  # validation images drawn (ground truth | prediction) at each validation
+    system_metrics_interval: float = 10.0  # seconds between CPU/memory/GPU samples; 0: off
 
 
 @dataclass
@@ -591,6 +595,10 @@ def validate(cfg: Config) -> None:
     inf = cfg.inference
     if not 0 < inf.nms_thresh <= 1:
         raise ConfigError("config key 'inference.nms_thresh': must be in (0, 1]")
+    if cfg.tracking.overlay_images < 0:
+        raise ConfigError("config key 'tracking.overlay_images': must be >= 0 (0: none)")
+    if cfg.tracking.system_metrics_interval < 0:
+        raise ConfigError("config key 'tracking.system_metrics_interval': must be >= 0 seconds (0: off)")
 
 
 def known_keys() -> list[str]:

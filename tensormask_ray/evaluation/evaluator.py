@@ -95,11 +95,40 @@ def evaluate_model(model, shards_dir: str | Path, cfg: Config, max_images: int =
     return score_predictions(shards_dir, *predict_shards(model, shards_dir, cfg, max_images))
 
 
+OVERLAY_SCORE = 0.3  # detections drawn on validation overlays
+
+
+def overlay_images(model, shards_dir: str | Path, cfg: Config, num_images: int, max_images: int = 0) -> list[tuple[str, np.ndarray]]:
+    """(name, (H, 2W + gap, 3) uint8) for `num_images` images spread evenly over the shards (the
+    first `max_images` of them when given): ground truth left, the model's prediction right
+    (score >= OVERLAY_SCORE), named by their file name without its extension."""
+    from .ground_truth import instances_from_coco
+    from .visualize import draw_instances, side_by_side
+
+    if num_images <= 0:
+        return []
+    manifest = read_manifest(shards_dir)
+    total = min(max_images or manifest["num_images"], manifest["num_images"])
+    wanted = {round(i * (total - 1) / max(num_images - 1, 1)) for i in range(min(num_images, total))}
+    category_ids, class_names = category_mapping(manifest)
+    coco_gt = coco_gt_from_shards(shards_dir)
+    out = []
+    for index, (image_id, image) in enumerate(iter_shard_images(shards_dir, total)):
+        if index not in wanted:
+            continue
+        truth = instances_from_coco(coco_gt, image_id, category_ids)
+        prediction = predict_image(model, image, cfg)
+        drawn = side_by_side(draw_instances(image, truth, class_names), draw_instances(image, prediction, class_names, score_thresh=OVERLAY_SCORE))
+        out.append((Path(coco_gt.imgs[image_id]["file_name"]).stem, drawn))
+    return out
+
+
 __all__ = [
     "decode_rgb",
     "evaluate_model",
     "iter_shard_images",
     "model_device",
+    "overlay_images",
     "predict_image",
     "predict_shards",
     "schema",

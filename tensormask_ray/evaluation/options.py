@@ -25,6 +25,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--sweep-storage", metavar="DIR", help="where the sweep's trials are stored")
     g.add_argument(
+        "--model",
+        metavar="URI",
+        help="a registered MLflow model: models:/NAME/VERSION, models:/NAME/latest or "
+        "models:/NAME@ALIAS (downloaded into --out)",
+    )
+    g.add_argument(
         "--mlflow-uri",
         default="",
         metavar="URI",

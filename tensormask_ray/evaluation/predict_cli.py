@@ -98,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
     files = image_files(args.inputs)
     overrides = inference_overrides(args)
     ref = resolve_checkpoint(
-        args.checkpoint, args.mlflow_run, args.best_of, args.mlflow_uri, args.sweep_storage
-    )
+        args.checkpoint, args.mlflow_run, args.best_of, args.mlflow_uri, args.sweep_storage,
+        args.model, Path(args.out) / "model",
+    )  # fmt: skip
     local = args.num_actors == 0
     model, cfg, categories = load_model_for_inference(
         ref.path, overrides, args.device if local else "cpu"

@@ -1,11 +1,14 @@
-"""Which checkpoint to evaluate, and which MLflow run its results belong to.
+"""Which checkpoint to evaluate, and where in MLflow its evaluation goes.
 
 A checkpoint is named directly (`--checkpoint PATH`), through the MLflow run of the training that
 wrote it (`--mlflow-run ID`: its `best_checkpoint` tag, else `checkpoint`, else the newest
-`checkpoint_*` folder of its `run_dir`), or as the best trial of a sweep (`--best-of SWEEP`,
-through `tensormask_ray.tune.results.best_checkpoint`). The run that receives the metrics is the
-one named, else the one whose id is in the `mlflow_run_id` file of the training run's folder,
-beside the checkpoint folders (see `train/trainer.py`).
+`checkpoint_*` folder of its `run_dir`), as the best trial of a sweep (`--best-of SWEEP`, through
+`tensormask_ray.tune.results.best_checkpoint`), or as a registered MLflow model (`--model
+models:/NAME/VERSION`, downloaded). An evaluation is its own MLflow run, named by checkpoint and
+split (`eval checkpoint_0090000 val2017`), nested under the training run (or trial) that wrote the
+checkpoint: the one named, else the one whose id is in the `mlflow_run_id` file of the training
+run's folder, beside the checkpoint folders (see `train/trainer.py`), else the run that logged
+the registered model.
 """
 
 from __future__ import annotations
@@ -23,9 +26,17 @@ MLFLOW_RUN_FILE = "mlflow_run_id"  # train/trainer.py writes it in the run folde
 @dataclass
 class CheckpointRef:
     path: str  # a checkpoint folder (holding state.pt) or the state.pt file
-    mlflow_run_id: str | None = None
+    mlflow_run_id: str | None = None  # the training run that wrote it
     explicit_run: bool = False  # named by the user: not being able to log to it is an error
     how: str = "--checkpoint"
+    label: str = ""  # how the evaluation run names it (default: the checkpoint folder's name)
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        p = Path(self.path)
+        return p.parent.name if p.name.endswith(".pt") else p.name
 
 
 def resolve_checkpoint(
@@ -34,11 +45,16 @@ def resolve_checkpoint(
     best_of: str | None = None,
     mlflow_uri: str = "",
     sweep_storage: str | None = None,
+    model: str | None = None,
+    download_dir: str | Path | None = None,
 ) -> CheckpointRef:
-    """Exactly one of checkpoint / best_of, or mlflow_run alone; mlflow_run with checkpoint
-    means "this checkpoint, and log to that run"."""
-    if checkpoint and best_of:
-        raise UserError("give --checkpoint or --best-of, not both")
+    """Exactly one of checkpoint / best_of / model, or mlflow_run alone; mlflow_run with
+    checkpoint means "this checkpoint, and log under that run". A model is downloaded into
+    `download_dir` (default: a temporary folder)."""
+    if sum(bool(x) for x in (checkpoint, best_of, model)) > 1:
+        raise UserError("give one of --checkpoint, --best-of and --model")
+    if model:
+        return registered_model_checkpoint(model, mlflow_uri, download_dir, mlflow_run)
     if checkpoint:
         from ..train.checkpoint import checkpoint_file
 
@@ -63,6 +79,19 @@ def resolve_checkpoint(
             f"--mlflow-run {mlflow_run}",
         )
     raise UserError("which model? give --checkpoint PATH, --mlflow-run ID or --best-of SWEEP")
+
+
+def registered_model_checkpoint(model: str, mlflow_uri: str, download_dir: str | Path | None, mlflow_run: str | None = None) -> CheckpointRef:
+    """A model logged by a training run (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, ...),
+    downloaded; its evaluation goes under the run that logged it (or `mlflow_run`)."""
+    import tempfile
+
+    from ..tracking import download_model, model_ref, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(mlflow_uri)
+    ref = model_ref(uri, model)
+    folder = download_model(uri, model, download_dir or tempfile.mkdtemp(prefix="tensormask-model-"))
+    return CheckpointRef(str(folder), mlflow_run or ref.run_id, bool(mlflow_run), f"--model {model}", ref.label)
 
 
 def run_id_beside(checkpoint: Path) -> str | None:
@@ -126,39 +155,59 @@ def checkpoint_iteration(path: str | Path) -> int | None:
         return None
 
 
-def log_to_run(
+def log_evaluation_run(
     ref: CheckpointRef,
     mlflow_uri: str,
+    experiment: str,
+    split: str,
     metrics: dict[str, float],
     step: int,
-    tags: dict[str, Any],
+    params: dict[str, Any],
     artifacts: list[Path],
-    artifact_path: str = "evaluation",
+    dataset: dict[str, Any] | None = None,
+    standalone: bool = False,
 ) -> str | None:
-    """Logs to the checkpoint's MLflow run; returns the run id, or None when there is none (a
-    warning is printed when a run found beside the checkpoint is not in the store)."""
-    from ..tracking import RunLogger, get_run, resolve_tracking_uri
+    """The evaluation as its own MLflow run `eval <checkpoint> <split>`, nested under the
+    checkpoint's training run, in that run's experiment. Without a training run (or with one
+    that is not in the store) it is a top-level run in `experiment` when `standalone`, else not
+    logged (None; a warning names a run found beside the checkpoint but missing from the store).
+    Returns the run id."""
+    from ..tracking import Dataset, RunLogger, get_run, resolve_tracking_uri
 
-    if not ref.mlflow_run_id:
-        return None
     uri = resolve_tracking_uri(mlflow_uri)
-    try:
-        get_run(uri, ref.mlflow_run_id)
-    except UserError as e:
-        if ref.explicit_run:
-            raise
-        print(
-            f"warning: the checkpoint's MLflow run {ref.mlflow_run_id} is not in {uri}; metrics "
-            f"not logged (pass --mlflow-uri): {str(e).splitlines()[0]}",
-            file=sys.stderr,
-        )
+    parent = None
+    if ref.mlflow_run_id:
+        try:
+            parent = get_run(uri, ref.mlflow_run_id)
+        except UserError as e:
+            if ref.explicit_run:
+                raise
+            print(
+                f"warning: the checkpoint's MLflow run {ref.mlflow_run_id} is not in {uri}; the "
+                f"evaluation is not nested under it (pass --mlflow-uri): {str(e).splitlines()[0]}",
+                file=sys.stderr,
+            )
+    if parent is None and not standalone:
         return None
-    logger = RunLogger(uri, ref.mlflow_run_id)
-    logger.log_metrics(metrics, step=step)
-    logger.set_tags(tags)
-    for path in artifacts:
-        logger.log_artifact(path, artifact_path)
-    return ref.mlflow_run_id
+    if parent is not None:
+        from ..tracking import experiment_name
+
+        experiment = experiment_name(uri, parent.info.experiment_id)
+    tags = {"evaluation.checkpoint": ref.path, "evaluation.split": split}
+    logger = RunLogger.create(uri, experiment, f"eval {ref.name} {split}", tags=tags, parent_run_id=parent and parent.info.run_id)
+    try:
+        logger.log_params(params)
+        if dataset:
+            logger.log_dataset(Dataset(**dataset), "evaluation")
+        logger.log_metrics(metrics, step=step)
+        for path in artifacts:
+            logger.log_artifact(path)
+    except BaseException as e:
+        logger.log_error(e)
+        logger.end("FAILED")
+        raise
+    logger.end("FINISHED")
+    return logger.run_id
 
 
 __all__ = [
@@ -166,7 +215,8 @@ __all__ = [
     "best_trial_checkpoint",
     "checkpoint_iteration",
     "checkpoint_of_run",
-    "log_to_run",
+    "log_evaluation_run",
+    "registered_model_checkpoint",
     "resolve_checkpoint",
     "run_id_beside",
 ]

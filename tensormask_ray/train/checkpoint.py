@@ -225,3 +225,24 @@ def load_model_for_inference(path: str | Path, overrides: dict[str, Any] | None 
     model = build_model(cfg)
     load_weights(model, state["model"], path)
     return model.to(device).eval(), cfg, list(state.get("categories") or [])
+
+
+def export_for_inference(checkpoint: str, folder: str | Path) -> int:
+    """Writes `folder/state.pt`: what inference needs of a training checkpoint (weights, config,
+    categories, iteration; no optimiser or RNG state), the weights an MLflow model holds. Returns
+    the checkpoint's iteration. `checkpoint`: a local folder or a storage URI (s3://, gs://)."""
+    import tempfile
+
+    from . import storage
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if "://" in checkpoint:
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.copy_to_local(storage.join(checkpoint, STATE_FILE), Path(tmp) / STATE_FILE)
+            state = read_state(tmp)
+    else:
+        state = read_state(checkpoint)
+    keep = {k: state[k] for k in ("model", "config", "categories", "iteration", "epoch") if k in state}
+    torch.save(keep, folder / STATE_FILE)
+    return int(state.get("iteration", 0))

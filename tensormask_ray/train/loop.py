@@ -127,7 +127,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
         from ..tracking import RunLogger
 
         logger = RunLogger(run.mlflow_uri, run.mlflow_run_id)
-    run_training_loop(cfg, ctx, run, logger)
+    monitor = _start_system_metrics(cfg, run, ctx.world_size)
+    try:
+        run_training_loop(cfg, ctx, run, logger)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _start_system_metrics(cfg: Config, run: RunSettings, world_size: int):
+    """MLflow's system metrics (CPU, memory, GPU) of this node into the run: one sampler per node
+    (its local rank 0), each node's metrics named by node when the run spans several."""
+    import ray.train
+
+    from ..tracking import start_system_metrics
+
+    ctx = ray.train.get_context()
+    if ctx.get_local_rank() != 0 or not run.mlflow_run_id:
+        return None
+    node = f"node_{ctx.get_node_rank()}" if ctx.get_local_world_size() < world_size else None
+    return start_system_metrics(run.mlflow_uri, run.mlflow_run_id, cfg.tracking.system_metrics_interval, node)
 
 
 def run_training_loop(cfg: Config, ctx: WorkerContext, run: RunSettings, logger: MetricsLogger | None = None) -> dict[str, Any]:
@@ -243,7 +262,11 @@ def _validate(model, cfg: Config, ctx: WorkerContext, run: RunSettings, iteratio
     )
     val = {f"val/{k}": v for k, v in ap.items()}
     if logger is not None:
+        from ..evaluation.evaluator import overlay_images
+
         logger.log_metrics(val, step=iteration)
+        for name, overlay in overlay_images(_unwrap(model), run.val_shards, cfg, cfg.tracking.overlay_images, cfg.data.max_val_images):
+            logger.log_image(overlay, key=f"val/overlay/{name}", step=iteration)
     return val
 
 

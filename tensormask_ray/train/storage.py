@@ -57,3 +57,11 @@ def read_json(uri: str) -> Any:
 
 def write_json(uri: str, value: Any) -> None:
     write_text(uri, json.dumps(value, indent=1))
+
+
+def copy_to_local(uri: str, local_path) -> None:
+    """One file of run storage (a local path or a URI) copied to a local path."""
+    import pyarrow.fs
+
+    fs, path = _fs_and_path(uri)
+    pyarrow.fs.copy_files(path, str(local_path), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())

@@ -20,7 +20,15 @@ from ..capacity import check_capacity, train_reservation
 from ..config import Config, ConfigError
 from ..console import init_ray
 from ..errors import UserError
-from ..tracking import RunLogger, check_tracking_uri, resolve_tracking_uri, ui_command
+from ..tracking import (
+    Dataset,
+    RunLogger,
+    check_tracking_uri,
+    register_model,
+    resolve_tracking_uri,
+    ui_command,
+    ui_url,
+)
 from . import storage
 from .loop import PROGRESS_FILE, RunSettings, loop_config, train_loop_per_worker
 
@@ -153,19 +161,87 @@ def _checkpoint_path(ckpt) -> str | None:
     return path
 
 
-def start_mlflow_run(cfg: Config, run_dir: str, mlflow_uri: str, resume: bool, tags: dict | None = None) -> RunLogger:
+def start_mlflow_run(
+    cfg: Config,
+    run_dir: str,
+    mlflow_uri: str,
+    resume: bool,
+    tags: dict | None = None,
+    run_name: str | None = None,
+    context_tags: dict | None = None,
+) -> RunLogger:
+    """The run's MLflow run: reopened when resuming, else a new one named `run_name` (default
+    train.run_name) holding the config (params and config.yaml) and the datasets."""
     run_file = storage.join(run_dir, MLFLOW_RUN_FILE)
     previous = (storage.read_text(run_file) or "").strip() if resume else None
     if previous:
         logger = RunLogger(mlflow_uri, previous)
         logger.reopen()
         return logger
-    logger = RunLogger.create(mlflow_uri, cfg.tracking.experiment, cfg.train.run_name, tags=tags)
+    logger = RunLogger.create(mlflow_uri, cfg.tracking.experiment, run_name or cfg.train.run_name, tags=tags, context_tags=context_tags)
     logger.log_params(cfg.flat())
     logger.log_text(cfg.to_yaml(), "config.yaml")
     logger.set_tags({"run_dir": run_dir})
+    log_datasets(logger, cfg)
     storage.write_text(run_file, logger.run_id)
     return logger
+
+
+def log_datasets(logger: RunLogger, cfg: Config) -> None:
+    """The training and validation shards as the run's dataset inputs."""
+    from ..data.manifest import dataset_summary
+
+    for shards, context in ((cfg.data.train_shards, "training"), (cfg.data.val_shards, "validation")):
+        if shards:
+            logger.log_dataset(Dataset(**dataset_summary(shards)), context)
+
+
+def log_checkpoint_model(logger: RunLogger, checkpoint: str, registered_model: str = "") -> tuple[str, str | None]:
+    """Logs a checkpoint's weights as the run's MLflow model (or finds the one already logged from
+    it) and, given a name, registers it as a new version of that model. Returns (model id,
+    registered version or None)."""
+    import tempfile
+    from pathlib import Path
+
+    from .checkpoint import export_for_inference
+
+    logged = [model_id for model_id, tags in logger.logged_models() if tags.get("checkpoint") == checkpoint]
+    if logged:
+        model_id = logged[-1]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / checkpoint.rstrip("/").rsplit("/", 1)[-1]
+            iteration = export_for_inference(checkpoint, folder)
+            model_id = logger.log_model(folder, step=iteration, tags={"checkpoint": checkpoint, "iteration": iteration})
+    version = None
+    if registered_model:
+        version = register_model(logger.uri, model_id, registered_model)
+        logger.set_tags({"registered_model": f"models:/{registered_model}/{version}"})
+    return model_id, version
+
+
+def publish_model(logger: RunLogger, checkpoint: str, registered_model: str, who: str) -> str | None:
+    """`log_checkpoint_model` at the end of a finished run or sweep: a failure to log or register
+    is a warning (the training is done and its checkpoints are safe), with the tag model_error.
+    Returns the registered version, if any."""
+    try:
+        _, version = log_checkpoint_model(logger, checkpoint, registered_model)
+    except Exception as e:  # noqa: BLE001 - reported, and the run still ends as what it was
+        print(f"[{who}] warning: checkpoint {checkpoint} could not be logged as an MLflow model: {e}", file=sys.stderr, flush=True)
+        logger.set_tags({"model_error": f"{type(e).__name__}: {e}"[:5000]})
+        return None
+    if version:
+        print(f"[{who}] registered checkpoint {checkpoint} as models:/{registered_model}/{version}", flush=True)
+    return version
+
+
+def record_checkpoints(logger: RunLogger, result, metric: str) -> None:
+    """checkpoints.json: the kept checkpoints (their storage URIs), iteration and `metric`."""
+    kept = []
+    for ckpt, metrics in result.best_checkpoints or []:
+        kept.append({"path": _checkpoint_path(ckpt), "iteration": metrics.get("iteration"), metric: metrics.get(metric)})
+    if kept:
+        logger.log_dict(sorted(kept, key=lambda c: c["iteration"] or 0), "checkpoints.json")
 
 
 def run_training(
@@ -200,7 +276,7 @@ def run_training(
         result = trainer.fit()
         error = result.error
     except Exception as e:  # noqa: BLE001 - recorded in MLflow, then re-raised
-        logger.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
+        logger.log_error(e)
         logger.end("FAILED")
         raise
     metric, mode = checkpoint_metric(cfg)
@@ -221,11 +297,17 @@ def run_training(
             "train_seconds": f"{time.time() - t0:.1f}",
         }
     )
+    record_checkpoints(logger, result, metric)
+    if error:
+        logger.log_error(error)
+    elif outcome.best_checkpoint and cfg.tracking.log_model:
+        publish_model(logger, outcome.best_checkpoint, cfg.tracking.registered_model, "train")
     logger.end("FAILED" if error else "FINISHED")
     print(f"[train] {'FAILED' if error else 'finished'}: checkpoint {outcome.checkpoint}", flush=True)
     print(f"[train] best checkpoint ({metric}): {outcome.best_checkpoint}", flush=True)
     print(f"[train] see the run in MLflow: {ui_command(uri)}", flush=True)
+    print(f"[train]   then open {ui_url(uri, cfg.tracking.experiment)}", flush=True)
     return outcome
 
 
-__all__ = ["TrainOutcome", "build_trainer", "check_run", "run_training", "start_mlflow_run"]
+__all__ = ["TrainOutcome", "build_trainer", "check_run", "log_checkpoint_model", "publish_model", "record_checkpoints", "run_training", "start_mlflow_run"]

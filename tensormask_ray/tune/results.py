@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import UserError
 from ..train import storage
 from .spec import SweepSpec, parse_spec
-from .trainable import TRIALS_DIR, trial_run_name
+from .trainable import TRIALS_DIR, trial_display_name, trial_run_name
 
 SWEEP_FILE = "sweep.json"
 
@@ -39,9 +39,11 @@ def _history(trial_path: str) -> list[dict[str, Any]]:
 
 
 def trial_rows(name: str, storage_path: str = "runs") -> list[dict[str, Any]]:
-    """One dict per trial, best first: trial_id, params, status, stopped_early, iterations,
-    metric (the trial's best), checkpoint (the one that scored it), mlflow_run_id, metrics (the
-    reported metrics at that checkpoint)."""
+    """One dict per trial, best first: trial_id, name (its MLflow run's name), params, status,
+    stopped_early, iterations, metric (the trial's best), checkpoint (the one that scored it),
+    mlflow_run_id, metrics (the reported metrics at that checkpoint), reported ([(iteration,
+    metric)] of every report with a finite metric, in order), error (Tune's report of a failed
+    trial, else None)."""
     from ray.tune import ExperimentAnalysis
 
     sweep_dir, record, spec = load_sweep(name, storage_path)
@@ -60,10 +62,12 @@ def trial_rows(name: str, storage_path: str = "runs") -> list[dict[str, Any]]:
         iterations = int(last.get("iteration", 0) or 0)
         run_dir = storage.join(sweep_dir, TRIALS_DIR, trial_run_name(trial.trial_id))
         run_id = (storage.read_text(storage.join(run_dir, "mlflow_run_id")) or "").strip() or None
+        params = {k: trial.config.get(k) for k in spec.search}
         rows.append(
             {
                 "trial_id": trial.trial_id,
-                "params": {k: trial.config.get(k) for k in spec.search},
+                "name": trial_display_name(params, trial.trial_id, spec.num_samples, list(spec.search)),
+                "params": params,
                 "status": trial.status,
                 "stopped_early": trial.status == "TERMINATED" and iterations < max_iter,
                 "iterations": iterations,
@@ -72,6 +76,8 @@ def trial_rows(name: str, storage_path: str = "runs") -> list[dict[str, Any]]:
                 "mlflow_run_id": run_id,
                 "metrics": {k: v for k, v in (best or last).items() if "/" in k and _finite(v) is not None},
                 "run_dir": run_dir,
+                "reported": [(int(h.get("iteration", 0) or 0), float(h[spec.metric])) for h in scored],
+                "error": storage.read_text(storage.join(trial.path, "error.txt")) if trial.status == "ERROR" else None,
             }
         )
     rows.sort(key=lambda r: (r["metric"] is None, -sign * (r["metric"] or 0.0)))

@@ -1,9 +1,17 @@
 """Running a sweep: the Tuner over `trainable.run_trial`, its MLflow parent run, and resuming.
 
 A sweep lives in `<storage>/<name>/`: Tune's experiment state, `sweep.json` (the spec, the base
-config, the parent MLflow run) and `trials/trial-<id>/` (each trial's training run). After Tune
-returns, each trial's MLflow child run gets its final status: FINISHED, KILLED with the tag
-`tune.stopped_early=true` when ASHA stopped it, or FAILED.
+config, the parent MLflow run) and `trials/trial-<id>/` (each trial's training run).
+
+In MLflow the sweep is a parent run named after it: its params are the search space
+(`search.<key>`) and the config every trial shares (searched keys left out), its artifacts the
+spec as run (command-line overrides applied) and, at the end, the comparison plot; its summary
+is the best trial (tags best_trial_id/best_trial_name, metric sweep/best_score) and how many
+trials ASHA stopped early or failed. Each trial is a child run (see trainable.py). After Tune
+returns each child gets its final status: FINISHED (with `tune.stopped_early=true` when ASHA
+stopped it: a decision, not a failure), FAILED with the error, or KILLED when the sweep was
+interrupted. The best trial's checkpoint is logged as its MLflow model (and registered under
+`tracking.registered_model` when set).
 """
 
 from __future__ import annotations
@@ -18,11 +26,20 @@ from typing import Any
 
 from ..config import Config
 from ..errors import UserError
-from ..tracking import RunLogger, check_tracking_uri, get_run, resolve_tracking_uri, ui_command
+from ..tracking import (
+    RunLogger,
+    check_tracking_uri,
+    get_run,
+    metric_history,
+    resolve_tracking_uri,
+    run_context_tags,
+    ui_command,
+    ui_url,
+)
 from ..train import storage
 from .results import SWEEP_FILE
-from .spec import SweepSpec, base_config, param_space, parse_spec
-from .trainable import TRIALS_DIR, run_trial, trial_run_name
+from .spec import VARIANT, SweepSpec, base_config, param_space, parse_spec, space_of
+from .trainable import SCORE, TRIALS_DIR, run_trial, trial_run_name
 
 TRIAL_CPU = 0.01  # the trial function only drives its TorchTrainer
 
@@ -38,8 +55,6 @@ class SweepOutcome:
 
 def _planned_trials(spec: SweepSpec) -> int:
     """Trials the sweep will run: num_samples times the size of the grid."""
-    from .spec import space_of
-
     n = spec.num_samples
     for key, space in spec.search.items():
         kind, values = space_of(key, space, spec.source)
@@ -52,7 +67,8 @@ def sweep_dir_of(storage_path: str, name: str) -> str:
     return storage.join(storage.absolute(storage_path), name)
 
 
-def _context(spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent_run_id: str) -> dict[str, Any]:
+def _train_overrides(spec: SweepSpec) -> dict[str, Any]:
+    """Config overrides every trial gets from the spec's resources."""
     resources = spec.resources
     train_overrides: dict[str, Any] = {}
     if resources.workers is not None:
@@ -61,6 +77,10 @@ def _context(spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent_run_
         train_overrides["train.cpus_per_worker"] = resources.cpus_per_worker
     if resources.gpus_per_worker:
         train_overrides["train.use_gpu"] = True
+    return train_overrides
+
+
+def _context(spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent_run_id: str) -> dict[str, Any]:
     return {
         "sweep": spec.name,
         "config": cfg.to_dict(),
@@ -69,8 +89,60 @@ def _context(spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent_run_
         "parent_run_id": parent_run_id,
         "metric": spec.metric,
         "mode": spec.mode,
-        "train_overrides": train_overrides,
+        "num_samples": spec.num_samples,
+        "search_keys": list(spec.search),  # the order of the values in a trial's name
+        "train_overrides": _train_overrides(spec),
+        "context_tags": run_context_tags(),  # the command's source and git commit, on every trial
     }
+
+
+def searched_keys(spec: SweepSpec) -> set[str]:
+    """The config keys a sweep varies (a variant's keys included)."""
+    keys = {k for k in spec.search if k != VARIANT}
+    if VARIANT in spec.search:
+        _, values = space_of(VARIANT, spec.search[VARIANT], spec.source)
+        keys.update(k for v in values for k in v)
+    return keys
+
+
+def fixed_params(spec: SweepSpec, cfg: Config, sweep_dir: str) -> dict[str, Any]:
+    """The config every trial shares, as dotted params: the base config with what the sweep sets
+    for each trial (checkpoint metric, resources, storage), the searched keys left out."""
+    from ..config import apply_overrides
+
+    shared = {
+        "train.checkpoint_metric": spec.metric,
+        "train.checkpoint_mode": spec.mode,
+        "train.storage_path": storage.join(sweep_dir, TRIALS_DIR),
+        **_train_overrides(spec),
+    }
+    varied = searched_keys(spec) | {"train.run_name"}
+    return {k: v for k, v in apply_overrides(cfg, shared).flat().items() if k not in varied}
+
+
+def effective_spec_yaml(spec: SweepSpec, overrides: list[str] | dict[str, Any] | None) -> str:
+    """The spec as it runs: the command-line overrides written into its `config` (searched keys
+    pinned on the command line are already out of `search`)."""
+    import copy
+
+    import yaml
+
+    from ..config import parse_override
+
+    items = overrides if isinstance(overrides, dict) else dict(parse_override(o) for o in overrides or [])
+    data = spec.to_dict()
+    data.pop("source", None)
+    config = copy.deepcopy(data["config"])
+    for key, value in items.items():
+        *sections, leaf = key.split(".")
+        node = config
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    data["config"] = config
+    given = ", ".join(f"{k}={v}" for k, v in items.items()) or "none"
+    header = f"# sweep spec {spec.source} as run; command-line overrides applied to config: {given}\n"
+    return header + yaml.safe_dump(data, sort_keys=False)
 
 
 def _tuner(spec: SweepSpec, cfg: Config, context: dict[str, Any], restore_path: str | None = None):
@@ -197,11 +269,12 @@ def run_sweep(
     uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
     check_tracking_uri(uri)
     parent = RunLogger.create(uri, cfg.tracking.experiment, spec.name, tags={"sweep": spec.name, "sweep_dir": sweep_dir})
-    # Params: the search space (`search.<key>`, as JSON) and the base config (its dotted keys).
+    # Params: the search space (`search.<key>`, as JSON), the sweep's settings and the config
+    # every trial shares (a searched key's base value would read as fixed: left out).
     parent.log_params({f"search.{k}": json.dumps(v) for k, v in spec.search.items()})
-    parent.log_params(cfg.flat())
     parent.log_params({"metric": spec.metric, "mode": spec.mode, "scheduler": spec.scheduler.type, "search_alg": spec.search_alg, "num_samples": spec.num_samples})
-    parent.log_text(json.dumps(spec.to_dict(), indent=2, default=str), "sweep_spec.json")
+    parent.log_params(fixed_params(spec, cfg, sweep_dir))
+    parent.log_text(effective_spec_yaml(spec, overrides), "sweep_spec.yaml")
     parent.log_text(cfg.to_yaml(), "base_config.yaml")
     record = {"spec": spec.to_dict(), "config": cfg.to_dict(), "mlflow_uri": uri, "parent_run_id": parent.run_id}
     storage.write_json(storage.join(sweep_dir, SWEEP_FILE), record)
@@ -251,11 +324,15 @@ def _fit(tuner, spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent: 
         with hide_worker_lines("[train]"):  # each trial's training progress: in the log file
             tuner.fit()
     except BaseException as e:
-        parent.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
-        parent.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if isinstance(e, KeyboardInterrupt):
+            parent.set_tags({"interrupted": "true"})
+            parent.end("KILLED")
+        else:
+            parent.log_error(e)
+            parent.end("FAILED")
         raise
     rows = trial_rows(spec.name, storage_path=os.path.dirname(sweep_dir))
-    _finish_trial_runs(rows, uri)
+    _finish_trial_runs(rows, uri, spec)
     from .results import format_table
 
     unfinished = [r for r in rows if r["status"] not in ("TERMINATED", "ERROR")]
@@ -269,47 +346,98 @@ def _fit(tuner, spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent: 
         return SweepOutcome(sweep_dir, uri, parent.run_id, rows, interrupted=True)
     best = rows[0] if rows and rows[0]["metric"] is not None else None
     ok = all(r["status"] != "ERROR" for r in rows)
-    parent.set_tags(
-        {
-            "best_trial": best["trial_id"] if best else "",
-            "best_checkpoint": (best or {}).get("checkpoint") or "",
-            "sweep_seconds": f"{time.time() - t0:.1f}",
-        }
-    )
-    if best:
-        parent.log_metrics({f"best/{spec.metric}": best["metric"]}, step=0)
+    _summarise(parent, rows, spec, best, time.time() - t0)
+    if best and best.get("checkpoint") and best.get("mlflow_run_id") and cfg.tracking.log_model:
+        from ..train.trainer import publish_model
+
+        version = publish_model(RunLogger(uri, best["mlflow_run_id"]), best["checkpoint"], cfg.tracking.registered_model, "sweep")
+        if version:
+            parent.set_tags({"registered_model": f"models:/{cfg.tracking.registered_model}/{version}"})
     parent.end("FINISHED" if ok else "FAILED")
     print(format_table(rows, spec), flush=True)
     print(f"[sweep] see the sweep in MLflow: {ui_command(uri)}", flush=True)
+    print(f"[sweep]   then open {ui_url(uri, cfg.tracking.experiment)}", flush=True)
     return SweepOutcome(sweep_dir, uri, parent.run_id, rows)
 
 
-def _finish_trial_runs(rows: list[dict[str, Any]], uri: str) -> None:
+def _summarise(parent: RunLogger, rows: list[dict[str, Any]], spec: SweepSpec, best: dict[str, Any] | None, seconds: float) -> None:
+    """The parent run's summary: the best trial, counts, the table as its description, the plot."""
+    import tempfile
+
+    from .results import format_table, plot_metric
+
+    parent.set_tags(
+        {
+            "best_trial_id": best["trial_id"] if best else "",
+            "best_trial_name": best["name"] if best else "",
+            "best_run_id": (best or {}).get("mlflow_run_id") or "",
+            "best_checkpoint": (best or {}).get("checkpoint") or "",
+            "sweep_seconds": f"{seconds:.1f}",
+        }
+    )
+    summary = {
+        "sweep/num_trials": len(rows),
+        "sweep/num_stopped_early": sum(bool(r["stopped_early"]) for r in rows),
+        "sweep/num_failed": sum(r["status"] == "ERROR" for r in rows),
+    }
+    if best:
+        summary["sweep/best_score"] = best["metric"]
+    parent.log_metrics(summary, step=0)
+    headline = f"Best: **{best['name']}** (trial {best['trial_id']}), {SCORE} = {best['metric']:.6g}\n\n" if best else ""
+    parent.set_note(
+        f"Sweep `{spec.name}`: {spec.metric} ({spec.mode}); a trial's `{SCORE}` is its best {spec.metric}, "
+        f"what Tune and `tensormask-ray runs compare` rank by.\n\n{headline}```\n{format_table(rows, spec)}\n```\n"
+    )
+    if any(r["metric"] is not None for r in rows):
+        with tempfile.TemporaryDirectory() as tmp:
+            parent.log_artifact(plot_metric(rows, spec, f"{tmp}/compare.png"))
+
+
+def _finish_trial_runs(rows: list[dict[str, Any]], uri: str, spec: SweepSpec) -> None:
     """Final status of each trial's MLflow child run, as seen from the driver (a trial stopped by
-    ASHA never gets to close its own run)."""
+    ASHA never gets to close its own run), and its final `sweep/score`: the value `runs compare`
+    shows, whatever report a stopped trial was cut off at."""
     for row in rows:
         run_id = row.get("mlflow_run_id")
         if not run_id:
             continue
         logger = RunLogger(uri, run_id)
+        run = get_run(uri, run_id)
+        logger.set_tags({"tune.status": row["status"]})
         if row["status"] not in ("TERMINATED", "ERROR"):  # interrupted: reopened on --resume
-            logger.set_tags({"tune.status": row["status"]})
             logger.end("KILLED")
             continue
         if row["status"] == "ERROR":
-            logger.set_tags({"tune.status": "ERROR"})
+            if "error" not in run.data.tags:
+                logger.log_error(row.get("error") or f"the trial failed (Tune's report: error.txt of trial {row['trial_id']})")
             logger.end("FAILED")
-        elif row["stopped_early"]:
-            logger.set_tags({"tune.stopped_early": "true", "tune.status": "STOPPED", "status": "STOPPED_EARLY"})
-            logger.end("KILLED")
         else:
-            logger.set_tags({"tune.stopped_early": "false", "tune.status": "TERMINATED"})
-            if get_run(uri, run_id).info.status == "RUNNING":
+            logger.set_tags({"tune.stopped_early": str(bool(row["stopped_early"])).lower()})
+            if run.info.status == "RUNNING":
                 logger.end("FINISHED")
         if row.get("checkpoint"):
             logger.set_tags({"best_checkpoint": row["checkpoint"]})
-        if row["metric"] is not None and math.isfinite(row["metric"]):
-            logger.set_tags({"tune.metric": f"{row['metric']:.6g}"})
+        _complete_sweep_metrics(logger, row, spec)
+
+
+def _complete_sweep_metrics(logger: RunLogger, row: dict[str, Any], spec: SweepSpec) -> None:
+    """Every report Tune received, in the trial's run as `sweep/<metric>` and `sweep/score` (the
+    trial's callback logs them as they come, but a trial torn down by ASHA may not have logged the
+    last), and the ranked value as the last `sweep/score`: a stopped trial's worker may have
+    reported once more than Tune took in."""
+    reported = f"sweep/{spec.metric}"
+    logged = {step for step, _ in metric_history(logger.uri, logger.run_id, reported)}
+    best = None
+    for step, value in row["reported"]:
+        best = value if best is None or (value > best if spec.mode == "max" else value < best) else best
+        if step not in logged:
+            logger.log_metrics({reported: value, SCORE: best}, step=step)
+    if row["metric"] is None:
+        return
+    last_step = max((step for step, _ in metric_history(logger.uri, logger.run_id, SCORE)), default=0)
+    last = get_run(logger.uri, logger.run_id).data.metrics.get(SCORE)  # MLflow's latest: what the UI shows
+    if last is None or not math.isclose(last, row["metric"], rel_tol=1e-9, abs_tol=1e-12):
+        logger.log_metrics({SCORE: row["metric"]}, step=max(last_step, row["iterations"]))
 
 
 __all__ = ["SweepOutcome", "TRIALS_DIR", "resume_sweep", "run_sweep", "sweep_dir_of", "trial_run_name"]

@@ -1,5 +1,6 @@
 """`tensormask-ray evaluate` end to end: shards or COCO json + images, Ray actors or in-process,
-metrics printed, written and logged to the checkpoint's MLflow run, a rerun resuming, AP = 1 when
+metrics printed, written and logged as an evaluation run nested under the checkpoint's MLflow run
+(or under the run that logged a registered model, `--model models:/NAME/1`), a rerun resuming, AP = 1 when
 the "model" returns the ground truth (through the whole CLI path: actors' records, the log,
 detections.json, pycocotools), test-dev result files, and the errors a user can make."""
 
@@ -54,10 +55,13 @@ def evaluate(*args) -> int:
     return cli.main(["evaluate", *map(str, args)])
 
 
-def run_metrics(uri: str, run_id: str) -> dict:
+def evaluation_run(uri: str, run_id: str):
+    """The evaluation run `run_id`, checked to be a finished run."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(uri).get_run(run_id).data.metrics
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("eval ")
+    return run
 
 
 @pytest.mark.ray
@@ -76,13 +80,16 @@ def test_shards_with_actors_print_write_log_and_resume(
     summary = json.loads((out / "metrics.json").read_text())
     assert sorted(summary["metrics"]) == sorted(KEYS)
     assert summary["num_images"] == 6 and summary["iteration"] == 7
-    assert summary["mlflow_run_id"] == trained["run_id"]
+    assert summary["mlflow_parent_run_id"] == trained["run_id"]
+    run = evaluation_run(trained["uri"], summary["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == trained["run_id"]
+    assert run.info.run_name == f"eval checkpoint_0000007 {synth_shards.name}"
     assert summary["inference"]["min_size_test"] == 96  # the checkpoint's config
     gt = coco_gt_from_shards(synth_shards)
     detections = gt.loadRes(str(out / "detections.json"))  # pycocotools takes the raw detections
     assert len(detections.getAnnIds()) == summary["num_detections"] == 6 * 10
 
-    logged = run_metrics(trained["uri"], trained["run_id"])
+    logged = run.data.metrics
     for key in KEYS:
         if summary["metrics"][key] >= 0:
             assert logged[f"eval/{key}"] == pytest.approx(summary["metrics"][key])
@@ -107,7 +114,38 @@ def test_mlflow_run_names_the_checkpoint_and_gets_the_metrics(tmp_path, trained,
                   synth_shards, "--out", tmp_path, "--max-images", 2, "--num-actors", 0,
                   "--metric-prefix", "eval-mlflow")  # fmt: skip
     assert rc == 0
-    assert run_metrics(trained["uri"], trained["run_id"])["eval-mlflow/num_images"] == 2
+    run_id = json.loads((tmp_path / "metrics.json").read_text())["mlflow_run_id"]
+    run = evaluation_run(trained["uri"], run_id)
+    assert run.data.metrics["eval-mlflow/num_images"] == 2
+    assert run.data.tags["mlflow.parentRunId"] == trained["run_id"]
+
+
+def test_a_registered_model_evaluates_under_the_run_that_logged_it(tmp_path, trained, synth_shards, synth_coco):
+    import mlflow
+
+    from tensormask_ray.tracking import RunLogger
+    from tensormask_ray.train.trainer import log_checkpoint_model
+
+    model_id, version = log_checkpoint_model(RunLogger(trained["uri"], trained["run_id"]), str(trained["checkpoint"]), "tiny-model")
+    # logging the same checkpoint again registers the model already logged
+    assert log_checkpoint_model(RunLogger(trained["uri"], trained["run_id"]), str(trained["checkpoint"]), "tiny-model") == (model_id, str(int(version) + 1))
+    rc = evaluate("--model", f"models:/tiny-model/{version}", "--mlflow-uri", trained["uri"], "--shards", synth_shards,
+                  "--out", tmp_path, "--max-images", 2, "--num-actors", 0)  # fmt: skip
+    assert rc == 0
+    assert (tmp_path / "model" / "MLmodel").is_file()  # downloaded into --out
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    run = evaluation_run(trained["uri"], summary["mlflow_run_id"])
+    assert run.info.run_name == f"eval tiny-model v{version} {synth_shards.name}"
+    assert run.data.tags["mlflow.parentRunId"] == trained["run_id"]
+    assert run.data.params["model"] == f"models:/tiny-model/{version}"
+    assert evaluate("--model", "models:/no-such-model/1", "--mlflow-uri", trained["uri"], "--shards", synth_shards,
+                    "--out", tmp_path / "x", "--num-actors", 0) == 2  # fmt: skip
+    # MLflow's own loader runs it too (a pyfunc model): COCO-style detections per image
+    mlflow.set_tracking_uri(trained["uri"])
+    image = sorted(synth_coco.images_dir.iterdir())[0]
+    detections = mlflow.pyfunc.load_model(f"models:/tiny-model/{version}").predict([str(image)])
+    assert len(detections) == 1 and len(detections[0]) == 10  # the tiny config keeps 10 per image
+    assert {"category_id", "bbox", "score", "segmentation"} <= set(detections[0][0])
 
 
 @pytest.fixture

@@ -1,9 +1,11 @@
 """Distributed training on CPU with Ray Train (2 workers, gloo): the loss falls, a worker failure
 is recovered from the last checkpoint with the LR schedule intact, --resume continues a stopped
-run, MLflow holds the run, and a bad config fails before any worker starts."""
+run, MLflow holds the run (as its UI reads it: through a real `mlflow server`), and a bad config
+fails before any worker starts."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ TINY = {
     "input.max_size_train": 200,
     "input.min_size_test": 160,
     "input.max_size_test": 200,
+    "tracking.log_model": False,  # only the uninterrupted run's model is looked at (MLFLOW_EXTRAS)
 }
 
 
@@ -44,16 +47,31 @@ def metric_history(uri: str, run_id: str, key: str) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    return {"root": root, "uri": f"sqlite:///{root / 'mlflow.db'}"}
+def store(tmp_path_factory, mlflow_store):
+    return {"root": tmp_path_factory.mktemp("train"), "uri": mlflow_store["uri"]}
+
+
+# What the uninterrupted run adds for MLflow: validation on 2 images at 16 and 24 (metrics and
+# overlays), system metrics every second, and its best checkpoint registered.
+MLFLOW_EXTRAS = {
+    "data.max_val_images": 2,
+    "train.eval_period": 16,
+    "tracking.overlay_images": 2,
+    "tracking.system_metrics_interval": 1.0,
+    "tracking.log_model": True,
+    "tracking.registered_model": "plain-model",
+}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, synth_shards, store):
+    import shutil
+
     from tensormask_ray.train.trainer import run_training
 
-    cfg = tiny_config(synth_shards, store["root"] / "runs", "plain", **{"solver.max_iter": 24})
+    val = shutil.copytree(synth_shards, store["root"] / "val")  # same data, another dataset name
+    extras = {**MLFLOW_EXTRAS, "data.val_shards": str(val)}
+    cfg = tiny_config(synth_shards, store["root"] / "runs", "plain", **{"solver.max_iter": 24, **extras})
     return cfg, run_training(cfg, mlflow_uri=store["uri"])
 
 
@@ -118,8 +136,6 @@ def test_resume_continues_a_stopped_run(ray_local, synth_shards, store, uninterr
     ref_lr = metric_history(ref.mlflow_uri, ref.mlflow_run_id, "train/lr")
     assert set(lr) == set(range(1, 17))  # 1-8 before the stop, 9-16 after: no restart from 0
     assert all(lr[s] == pytest.approx(ref_lr[s], rel=1e-12) for s in lr)
-    import json
-
     assert json.loads((Path(resumed.run_dir) / PROGRESS_FILE).read_text())["iteration"] == 16
 
 
@@ -145,3 +161,60 @@ def test_bad_config_key_fails_before_any_worker_starts(synth_shards, tmp_path, c
                    "--storage-path", str(tmp_path / "runs")])  # fmt: skip
     assert rc == 2
     assert "model.num_classes" in capsys.readouterr().err
+
+
+def test_the_mlflow_ui_shows_the_run_its_data_overlays_system_metrics_and_model(uninterrupted, mlflow_store, mlflow_server, synth_shards):
+    import subprocess
+
+    from tensormask_ray.tracking import experiment_id
+    from tests.mlflow_server import datasets, metrics, params, tags
+
+    cfg, out = uninterrupted
+    rest = mlflow_server
+    experiment = rest.experiment(cfg.tracking.experiment)
+    # artifacts next to the store, not in the working directory; a server keeps its own
+    assert experiment["artifact_location"].startswith((mlflow_store["dir"] / "mlartifacts").as_uri())
+    served = rest.get("experiments/get", experiment_id=experiment_id(rest.url, "made-through-the-server"))
+    assert served["experiment"]["artifact_location"].startswith("mlflow-artifacts:")
+    run = rest.run(out.mlflow_run_id)
+    assert run["info"]["run_name"] == "plain" and run["info"]["status"] == "FINISHED"
+    assert params(run)["solver.max_iter"] == "24" and params(run)["model.mask_head"] == "bipyramid"
+    tag = tags(run)
+    assert tag["mlflow.user"] and tag["mlflow.source.type"] == "LOCAL" and tag["mlflow.source.name"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI's fresh clone is one)
+        assert tag["mlflow.source.git.commit"] == head.stdout.strip()
+    assert "status" not in tag and "error" not in tag
+
+    # the shards as dataset inputs: name, digest, number of images, role
+    inputs = {context["mlflow.data.context"]: dataset for dataset, context in datasets(run)}
+    assert set(inputs) == {"training", "validation"}
+    assert inputs["training"]["name"] == synth_shards.name and inputs["validation"]["name"] == "val"
+    assert inputs["training"]["digest"] == inputs["validation"]["digest"]  # the content, not the place
+    assert len(inputs["training"]["digest"]) == 10
+    assert json.loads(inputs["training"]["profile"])["num_images"] == 24
+    assert json.loads(inputs["training"]["source"])["uri"] == str(synth_shards)
+
+    # metrics: training, validation at 16 and 24, system metrics sampled while training
+    logged = metrics(run)
+    for key in ("train/loss", "val/segm/AP", "val/bbox/AP", "system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert key in logged, key
+    assert [m["step"] for m in rest.metric_history(out.mlflow_run_id, "val/segm/AP")] == [16, 24]
+
+    # artifacts: the config, the kept checkpoints, an overlay per image and validation
+    assert {"config.yaml", "checkpoints.json", "images"} <= rest.artifacts(out.mlflow_run_id)
+    kept = json.loads(rest.artifact_text(out.mlflow_run_id, "checkpoints.json"))
+    assert [c["iteration"] for c in kept] == [16, 24] and all(Path(c["path"]).is_dir() for c in kept)
+    images = [p for p in rest.artifacts(out.mlflow_run_id, "images") if p.endswith(".png") and "compressed" not in p]
+    steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images)
+    assert steps == [16, 16, 24, 24], images  # 2 images x 2 validations
+
+    # the best checkpoint as a logged model, registered as version 1 of plain-model
+    outputs = run["outputs"]["model_outputs"]
+    assert len(outputs) == 1
+    model = rest.logged_model(outputs[0]["model_id"])
+    assert model["info"]["source_run_id"] == out.mlflow_run_id
+    assert model["info"]["artifact_uri"].startswith((mlflow_store["dir"] / "mlartifacts").as_uri())
+    version = rest.model_version("plain-model", "1")
+    assert version["run_id"] == out.mlflow_run_id and version["source"] == f"models:/{outputs[0]['model_id']}"
+    assert tags(run)["registered_model"] == "models:/plain-model/1"

@@ -184,3 +184,33 @@ def test_resume_of_an_unknown_sweep_names_it(tmp_path, no_ray):
 
     with pytest.raises(UserError, match="--resume: no sweep 'nope'"):
         no_ray.resume_sweep("nope", storage_path=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- MLflow's view
+def test_trials_are_named_by_their_swept_values():
+    from tensormask_ray.tune.trainable import trial_display_name
+
+    params = {"model.upscale_factor": 5.0, "model.mask_head": "upscale_aligned"}
+    order = ["model.mask_head", "model.upscale_factor"]
+    assert trial_display_name(params, "6df1b_00001", 1, order) == "head=upscale_aligned lam=5"
+    assert trial_display_name(params, "6df1b_00003", 2, order) == "head=upscale_aligned lam=5 #3"
+    variant = {"solver.base_lr": 1e-3, "variant": {"model.mask_head": "bipyramid", "model.window_sizes": [15, 11]}}
+    assert trial_display_name(variant, "x_00000") == "lr=0.001 head=bipyramid windows=[15,11]"
+    # two keys ending alike are spelled out in full
+    clash = {"loss.box_weight": 1.0, "model.box_weight": 2.0}
+    assert trial_display_name(clash, "x_00000") == "loss.box_weight=1 model.box_weight=2"
+
+
+def test_the_parent_run_shows_the_spec_as_run_and_only_the_fixed_config(tmp_path):
+    from tensormask_ray.tune.sweep import effective_spec_yaml, fixed_params
+
+    search = {"solver.base_lr": [0.01, 0.02], "variant": {"grid": [{"model.mask_head": "upscale_aligned"}, {"model.window_sizes": [15, 11]}]}}
+    spec = parse_spec(_spec(search=search, metric="train/loss", mode="min", config={"solver": {"max_iter": 24}}), "s.yaml")
+    shown = yaml.safe_load(effective_spec_yaml(spec, ["solver.max_iter=12", "data.train_shards=/d"]))
+    assert shown["config"]["solver"]["max_iter"] == 12 and shown["config"]["data"]["train_shards"] == "/d"
+    assert shown["search"] == search and "source" not in shown
+    params = fixed_params(spec, base_config(spec, ["solver.max_iter=12"]), str(tmp_path / "t"))
+    for searched in ("solver.base_lr", "model.mask_head", "model.window_sizes", "train.run_name"):
+        assert searched not in params
+    assert params["solver.max_iter"] == 12 and params["train.checkpoint_metric"] == "train/loss"
+    assert params["train.storage_path"] == f"{tmp_path / 't'}/trials"

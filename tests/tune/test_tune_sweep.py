@@ -2,7 +2,9 @@
 (SIGINT) once its first trial has finished, then `tensormask-ray sweep --resume` completes it.
 The finished sweep is then checked: ASHA stopped trials early, MLflow holds the parent run and 4
 child runs with params, metrics and statuses, `runs compare` prints the table and writes the PNG,
-and the best checkpoint (`runs best`, `evaluate --best-of`) loads and evaluates."""
+the best checkpoint (`runs best`, `evaluate --best-of`) loads and evaluates, and MLflow's UI
+(through a real `mlflow server`) shows the trials by their values, ranked as `runs compare`
+ranks them, with the summary, the evaluation run and the registered best model."""
 
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ def _spec(shards: Path) -> dict:
             "model": {"num_classes": 4},
             "data": {"train_shards": str(shards), "batch_size_per_worker": 1},
             "input": {"min_size_train": [128, 160], "max_size_train": 160, "min_size_test": 160, "max_size_test": 160},
-            "solver": {"optimizer": "adamw", "base_lr": 0.001, "max_iter": MAX_ITER, "warmup_iters": 1, "steps": []},
+            # max_iter: made MAX_ITER on the command line (the parent's spec artifact shows it)
+            "solver": {"optimizer": "adamw", "base_lr": 0.001, "max_iter": 2 * MAX_ITER, "warmup_iters": 1, "steps": []},
             "train": {"checkpoint_period": 4, "log_period": 4, "keep_checkpoints": 1},
+            "tracking": {"registered_model": "smoke-best"},
         },
         # One trial at a time, in grid order (the last key varies fastest): box weight 1, 20, 1,
         # 20. ASHA compares each trial at iterations 4 and 8 with those before it. A box weight
@@ -63,12 +67,12 @@ def _cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProce
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, synth_shards):
+def sweep(tmp_path_factory, synth_shards, mlflow_store):
     work = tmp_path_factory.mktemp("sweep")
     spec = work / "smoke.yaml"
     spec.write_text(yaml.safe_dump(_spec(synth_shards)))
-    storage, uri = work / "runs", f"sqlite:///{work / 'mlflow.db'}"
-    common = ["--storage-path", str(storage), "--mlflow-uri", uri, "--address", "local"]
+    storage, uri = work / "runs", mlflow_store["uri"]
+    common = [f"solver.max_iter={MAX_ITER}", "--storage-path", str(storage), "--mlflow-uri", uri, "--address", "local"]
     trials = storage / NAME / "trials"
 
     # 1. start, and interrupt once the first trial has finished and the second has begun
@@ -149,7 +153,8 @@ def test_mlflow_holds_the_parent_and_four_child_runs(sweep):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["interrupted"] == "resumed" and parent.data.tags["resumes"] == "1"
     assert "search.loss.box_weight" in parent.data.params and parent.data.tags["best_checkpoint"]
-    assert parent.data.params["model.mask_head"] == "bipyramid"  # the base config
+    assert parent.data.params["model.mask_head"] == "bipyramid"  # the config the trials share
+    assert "loss.box_weight" not in parent.data.params  # searched: not a fixed value
     assert parent.data.tags["sweep"] == NAME and parent.data.tags["sweep_dir"] == str(sweep["storage"] / NAME)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4
@@ -159,7 +164,7 @@ def test_mlflow_holds_the_parent_and_four_child_runs(sweep):
         history = client.get_metric_history(child.info.run_id, "train/loss")
         assert len(history) >= 1
         early = child.data.tags.get("tune.stopped_early") == "true"
-        assert child.info.status == ("KILLED" if early else "FINISHED")
+        assert child.info.status == "FINISHED"  # stopped by ASHA is a decision, not a failure
         # Stopping the Tune trial tore its training down before the end.
         assert max(m.step for m in history) < MAX_ITER if early else max(m.step for m in history) == MAX_ITER
         assert child.data.tags["best_checkpoint"].endswith(tuple(f"checkpoint_{i:07d}" for i in range(1, MAX_ITER + 1)))
@@ -182,3 +187,65 @@ def test_the_best_checkpoint_loads_and_evaluates(sweep, synth_shards):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert "segm/AP" in json.dumps(metrics) and "bbox/AP" in json.dumps(metrics)
+
+
+def test_the_mlflow_ui_ranks_the_trials_as_runs_compare_does(sweep, mlflow_store, mlflow_server, synth_shards):
+    """Last in this module: the evaluation run of the test above is part of what is checked."""
+    from tensormask_ray import cli
+    from tensormask_ray.tune.results import trial_rows
+    from tests.mlflow_server import datasets, metrics, params, tags
+
+    rest = mlflow_server
+    rows = trial_rows(NAME, storage_path=str(sweep["storage"]))
+    experiment = rest.experiment("tensormask")
+    assert experiment["artifact_location"].startswith((mlflow_store["dir"] / "mlartifacts").as_uri())
+    assert not (sweep["work"] / "mlruns").exists()  # nothing in the directory the sweep ran from
+    parent = next(r for r in rest.search_runs(experiment["experiment_id"], f"attributes.run_name = '{NAME}'"))
+    parent_id = parent["info"]["run_id"]
+    trials = rest.search_runs(experiment["experiment_id"], f"tags.mlflow.parentRunId = '{parent_id}'", ["metrics.`sweep/score` ASC"])
+
+    # named by their values; ASHA-stopped = FINISHED + tune.stopped_early; no stale status tag
+    by_run = {r["mlflow_run_id"]: r for r in rows}
+    # (the spec file's order of keys: yaml.safe_dump sorted them)
+    assert {t["info"]["run_name"] for t in trials} == {f"box_weight={b} fg_weight={f}" for f in ("1.5", "1") for b in ("1", "20")}
+    for trial in trials:
+        row, tag = by_run[trial["info"]["run_id"]], tags(trial)
+        assert trial["info"]["run_name"] == row["name"] and trial["info"]["status"] == "FINISHED"
+        assert tag["tune.stopped_early"] == str(row["stopped_early"]).lower() and "status" not in tag
+        # the sweep's metric at every report Tune received, and the ranked value as sweep/score
+        reported = [m["step"] for m in rest.metric_history(trial["info"]["run_id"], "sweep/train/loss")]
+        assert set(range(4, row["iterations"] + 1, 4)) <= set(reported), reported
+        assert metrics(trial)["sweep/score"] == pytest.approx(row["metric"], rel=1e-9)
+        assert [d["name"] for d, context in datasets(trial) if context["mlflow.data.context"] == "training"] == [synth_shards.name]
+        assert tag["mlflow.source.name"] and tag["mlflow.user"]
+    # sorting by sweep/score in MLflow gives runs compare's order
+    assert [t["info"]["run_id"] for t in trials] == [r["mlflow_run_id"] for r in rows]
+
+    # the parent: the space as params, the fixed config (the effective one), the summary
+    p, tag, summary = params(parent), tags(parent), metrics(parent)
+    assert p["search.loss.box_weight"] == '{"grid": [1.0, 20.0]}' and "loss.box_weight" not in p
+    assert p["solver.max_iter"] == str(MAX_ITER) and p["train.checkpoint_metric"] == "train/loss"
+    assert tag["best_trial_id"] == rows[0]["trial_id"] and tag["best_trial_name"] == rows[0]["name"]
+    assert summary["sweep/best_score"] == pytest.approx(rows[0]["metric"]) and summary["sweep/num_stopped_early"] == 2
+    assert rows[0]["name"] in tag["mlflow.note.content"]  # the table as the run's description
+    assert {"compare.png", "sweep_spec.yaml", "base_config.yaml"} <= rest.artifacts(parent_id)
+    spec = yaml.safe_load(rest.artifact_text(parent_id, "sweep_spec.yaml"))
+    assert spec["config"]["solver"]["max_iter"] == MAX_ITER  # the command line's value
+
+    # the best trial's checkpoint: logged, registered, and `runs register` adds a version of it
+    best = rest.run(rows[0]["mlflow_run_id"])
+    model_id = best["outputs"]["model_outputs"][0]["model_id"]
+    assert rest.model_version("smoke-best", "1")["source"] == f"models:/{model_id}"
+    assert cli.main(["runs", "register", NAME, "--storage-path", str(sweep["storage"]), "--name", "smoke-registered"]) == 0
+    again = rest.model_version("smoke-registered", "1")
+    assert again["source"] == f"models:/{model_id}" and again["run_id"] == rows[0]["mlflow_run_id"]
+
+    # the evaluation of `evaluate --best-of`: its own run, nested under the best trial
+    evaluations = rest.search_runs(experiment["experiment_id"], f"tags.mlflow.parentRunId = '{rows[0]['mlflow_run_id']}'")
+    assert len(evaluations) == 1
+    evaluation = evaluations[0]
+    assert evaluation["info"]["run_name"] == f"eval {Path(rows[0]['checkpoint']).name} {synth_shards.name}"
+    assert evaluation["info"]["status"] == "FINISHED" and "eval/segm/AP" in metrics(evaluation)
+    assert {"metrics.json", "detections.json"} <= rest.artifacts(evaluation["info"]["run_id"])
+    assert [c["mlflow.data.context"] for _, c in datasets(evaluation)] == ["evaluation"]
+    assert "eval/segm/AP" not in metrics(best)  # no longer written into the training run
