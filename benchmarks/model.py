@@ -11,12 +11,7 @@ The paper measured 0.38 s vs 0.09 s per image on a V100 (4.2x); our goal is at m
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +19,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from results_md import write_section  # noqa: E402
+from results_md import BenchmarkRun, add_write_args, time_interleaved  # noqa: E402
 
 from tensormask_ray.config import load_config  # noqa: E402
 from tensormask_ray.modeling import build_model  # noqa: E402
@@ -57,16 +52,8 @@ def synthetic_batch(n: int, h: int, w: int, seed: int = 0):
 
 def timeit_pair(fa, fb, repeats: int, warmup: int = 1) -> tuple[float, float]:
     """Medians of fa and fb timed alternately, so that other load on the machine hits both alike."""
-    for _ in range(warmup):
-        fa()
-        fb()
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, out in ((fa, ta), (fb, tb)):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+    t = time_interleaved({"a": fa, "b": fb}, repeats, warmup)
+    return t["a"].median, t["b"].median
 
 
 def tensormask(size: int):
@@ -91,8 +78,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--size", type=int, default=800)
     ap.add_argument("--width", type=int, default=1216, help="image width (height = --size)")
-    ap.add_argument("--write", action="store_true")
+    add_write_args(ap, "Model")
     args = ap.parse_args()
+    run = BenchmarkRun.start(args)
     h, w = args.size, args.width
     images, targets = synthetic_batch(2, h, w)
     tm, mr = tensormask(h), maskrcnn(h)
@@ -129,7 +117,6 @@ def main() -> None:
 
     tm_train, mr_train = timeit_pair(tm_step, mr_step, max(2, args.repeats // 2))
 
-    cpu = subprocess.run(["bash", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'"], capture_output=True, text=True).stdout.strip()
     rows = [
         ("inference, s/image (100 detections)", tm_inf, mr_inf, f"{n_tm} / {n_mr} detections"),
         ("inference, s/image, both in channels_last", tm_inf_cl, mr_inf_cl, "models and input NHWC"),
@@ -142,10 +129,9 @@ def main() -> None:
     verdict = "met" if ratio <= 1.5 else "NOT met"
     text = "\n".join(
         [
-            f"Command: `python benchmarks/model.py --repeats {args.repeats} --size {h} --width {w}` "
-            f"(images {h}x{w}, random weights, median of repeats timed alternately, one process).",
-            f"Machine: {cpu or platform.processor()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"torch threads {torch.get_num_threads()}.",
+            f"Images {h}x{w}, random weights, median of repeats timed alternately, one process.",
+            "",
+            *run.header(threads=torch.get_num_threads(), versions=f"torchvision {torchvision.__version__}"),
             "",
             *table,
             "",
@@ -161,7 +147,7 @@ def main() -> None:
     )
     print(text)
     if args.write:
-        write_section("Model", text)
+        run.write("Model", text)
 
 
 if __name__ == "__main__":
