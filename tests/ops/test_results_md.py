@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "results_md.py"
 _spec = importlib.util.spec_from_file_location("results_md", _PATH)
 results_md = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("results_md", results_md)  # dataclasses look their module up there
 _spec.loader.exec_module(results_md)
 
 OLD = """# Benchmark results
