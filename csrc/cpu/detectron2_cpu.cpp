@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -17,117 +18,228 @@ namespace tensormask {
 namespace cpu {
 namespace {
 
-// One term of a d2 output element: weight, row tap, column tap, and the (v*, u*) plane (nullptr
-// when v* or u* is outside the window grid: the tap reads pad_value).
-template <typename scalar_t, typename opmath_t>
-struct D2Term {
-  opmath_t w;
-  int iy, ix;
-  const scalar_t* plane;
+// Prefetch distances (bilinear_cpu.cpp says why): input rows, and output rows a plane apart.
+constexpr int64_t kD2PrefetchRows = 6;
+constexpr int64_t kD2PrefetchPlanes = 4;
+
+// ---- forward -------------------------------------------------------------------------------
+//
+// Like the paper op's (bilinear_cpu.cpp), per input row: output row (n, v', u', y') reads input
+// rows Y0 = lam*y' + v' - Vo//2 and Y0 + 1 (the second only when Vo is even) of the planes
+// (v*, u*) of its window taps, so the tasks run over (n, Y0), and for each Y0 the V*U input rows
+// at Y0 and Y0 + 1 are staged (split by column phase when lam > 1, converted to opmath, with
+// pad_value in the columns outside [0, W) that output columns read; float input with lam = 1 is
+// read in place), each row once per task chunk. Every output row of this Y0 (the v' with
+// v' = Y0 + Vo//2 mod lam, each with every u') then adds its terms, in the order of
+// d2_forward_element (row tap, column tap, v tap, u tap; zero weights skipped), each term over
+// the whole row: unit-stride loops, vectorised. Taps outside the input (a row outside [0, H), a
+// window index outside the grid, a staged pad column) add w * pad_value, as d2_forward_element
+// does. Read in place, the columns at the rim, where one column tap is outside [0, W), call
+// d2_forward_element itself.
+
+// The columns of output window index u': X = lam*x' + off + ix for x' in [lo, hi) (all x' when
+// staged; else those with both column taps inside [0, W)), found at k = x' + start[ix] of phase
+// row r[ix].
+struct D2Columns {
+  int64_t lo, hi;
+  int64_t start[2], r[2];
 };
 
-// Forward, one (n, v') slab. Per (u', y') row: the columns x' whose two column taps are inside
-// [0, W) add the 16 terms (fewer: zero weights are skipped) term by term over the whole row, in
-// the order of d2_forward_element, into an opmath row buffer; the columns at the rim call
-// d2_forward_element itself.
-template <typename scalar_t, bool kUnit>
-C10_ALWAYS_INLINE void d2_forward_slab(
-    const scalar_t* x, scalar_t* out, const WindowGeometry& g, at::opmath_type<scalar_t> pad,
-    int64_t n, int64_t vp, at::opmath_type<scalar_t>* acc) {
+template <typename scalar_t>
+struct D2Plan {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t lam = kUnit ? 1 : g.s;
-  const int64_t HW = g.H * g.W;
-  const int64_t out_plane = g.Ho * g.Wo;
-  const D2Tap<opmath_t> tv = d2_window_tap<opmath_t>(vp, lam);
-  const int64_t vi[2] = {tv.f, tv.c};
-  const opmath_t wv[2] = {tv.wf, tv.wc};
-  const int64_t off_v = vp - g.Vo / 2;  // Y0 = lam*y' + off_v
-  const int64_t ex = g.Uo % 2 == 0 ? 1 : 0;  // a second column tap
-  const scalar_t* xn = x + n * g.V * g.U * HW;
-  scalar_t* slab = out + (n * g.Vo + vp) * g.Uo * out_plane;
-  D2Term<scalar_t, opmath_t> terms[16];
+  static constexpr bool kSameType = std::is_same<scalar_t, opmath_t>::value;
 
-  for (int64_t up = 0; up < g.Uo; ++up) {
-    const D2Tap<opmath_t> tu = d2_window_tap<opmath_t>(up, lam);
-    const int64_t ui[2] = {tu.f, tu.c};
-    const opmath_t wu[2] = {tu.wf, tu.wc};
-    const int64_t off_u = up - g.Uo / 2;  // X0 = lam*x' + off_u
-    int64_t x_lo, x_hi;  // X0 and X0 + ex inside [0, W)
-    valid_range(off_u, lam, g.W - ex, g.Wo, &x_lo, &x_hi);
-    int n_terms = 0;
+  WindowGeometry g;
+  int64_t lam;
+  int ny, nx;  // row / column taps: 2 when Vo / Uo is even, else 1
+  opmath_t wyx[2][2];  // tm_mul(d2_spatial_weight(Vo, iy), d2_spatial_weight(Uo, ix))
+  std::vector<D2Tap<opmath_t>> v, u;  // (Vo,), (Uo,)
+  std::vector<D2Columns> cols;  // (Uo,)
+  bool staged;
+  // Staged rows: phase row r holds X = lam*(k - k_pad) + r at k, for k in [0, K) (pad_value
+  // outside [0, W)); read in place: K = W, k_pad = 0.
+  int64_t K, k_pad;
+  int64_t plane;  // buffer elements per (v, u): lam * K
+  int64_t y_first, n_rows;  // Y0 in [y_first, y_first + n_rows) per n
+
+  explicit D2Plan(const WindowGeometry& geometry) : g(geometry), lam(geometry.s) {
+    ny = g.Vo % 2 == 0 ? 2 : 1;
+    nx = g.Uo % 2 == 0 ? 2 : 1;
     for (int iy = 0; iy < 2; ++iy) {
       for (int ix = 0; ix < 2; ++ix) {
-        const opmath_t wyx = tm_mul(
+        wyx[iy][ix] = tm_mul(
             d2_spatial_weight<opmath_t>(g.Vo, iy), d2_spatial_weight<opmath_t>(g.Uo, ix));
-        for (int iv = 0; iv < 2; ++iv) {
-          const opmath_t wyxv = tm_mul(wyx, wv[iv]);
-          for (int iu = 0; iu < 2; ++iu) {
-            const opmath_t w = tm_mul(wyxv, wu[iu]);
-            if (w == opmath_t(0)) continue;
-            const bool in = vi[iv] >= 0 && vi[iv] < g.V && ui[iu] >= 0 && ui[iu] < g.U;
-            terms[n_terms++] = {w, iy, ix, in ? xn + (vi[iv] * g.U + ui[iu]) * HW : nullptr};
-          }
-        }
       }
     }
-    for (int64_t yp = 0; yp < g.Ho; ++yp) {
-      scalar_t* row = slab + up * out_plane + yp * g.Wo;
-      const int64_t rim_lo = std::min(x_lo, g.Wo);  // [0, rim_lo) and [x_hi, Wo): the rim
-      for (int64_t q = 0; q < rim_lo; ++q) {
-        row[q] = d2_forward_element<scalar_t, opmath_t>(x, g, n, vp, up, yp, q, pad);
+    v.resize(g.Vo);
+    for (int64_t vp = 0; vp < g.Vo; ++vp) v[vp] = d2_window_tap<opmath_t>(vp, lam);
+    staged = lam > 1 || !kSameType;
+    // Columns read: X in [-(Uo/2), lam*(Wo - 1) + Uo - Uo/2 + 1).
+    k_pad = staged ? (g.Uo / 2 + lam - 1) / lam : 0;
+    const int64_t x_end = std::max(g.W, lam * (g.Wo - 1) + g.Uo - g.Uo / 2 + 1);
+    K = staged ? k_pad + (x_end + lam - 1) / lam : g.W;
+    plane = lam * K;
+    u.resize(g.Uo);
+    cols.resize(g.Uo);
+    for (int64_t up = 0; up < g.Uo; ++up) {
+      u[up] = d2_window_tap<opmath_t>(up, lam);
+      const int64_t off = up - g.Uo / 2;
+      D2Columns& c = cols[up];
+      if (staged) {
+        c.lo = 0;
+        c.hi = g.Wo;
+      } else {
+        valid_range(off, lam, g.W - (nx - 1), g.Wo, &c.lo, &c.hi);
       }
-      for (int64_t q = std::max(x_hi, rim_lo); q < g.Wo; ++q) {
-        row[q] = d2_forward_element<scalar_t, opmath_t>(x, g, n, vp, up, yp, q, pad);
+      for (int ix = 0; ix < 2; ++ix) {
+        c.r[ix] = pos_mod(off + ix, lam);
+        c.start[ix] = floor_div(off + ix, lam) + k_pad;
       }
-      if (x_lo >= x_hi) continue;
-      std::fill(acc + x_lo, acc + x_hi, opmath_t(0));
-      const int64_t Y0 = lam * yp + off_v;
-      for (int k = 0; k < n_terms; ++k) {
-        const D2Term<scalar_t, opmath_t>& t = terms[k];
-        const int64_t Y = Y0 + t.iy;
-        if (t.plane == nullptr || Y < 0 || Y >= g.H) {
-          const opmath_t c = tm_mul(t.w, pad);
-          for (int64_t q = x_lo; q < x_hi; ++q) acc[q] = tm_add(acc[q], c);
+    }
+    y_first = -(g.Vo / 2);
+    n_rows = lam * (g.Ho - 1) + g.Vo;
+  }
+};
+
+// One term of an output row: weight, and the row it reads (nullptr: pad_value).
+template <typename opmath_t>
+struct D2RowTerm {
+  opmath_t w;
+  const opmath_t* src;  // src[q] for x' = q
+};
+
+// Output rows of (n, Y0) for i in [begin, end), i = n*n_rows + (Y0 - y_first). buf: two staged
+// rows (V*U*plane each), acc: Wo.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void d2_forward_rows(
+    const D2Plan<scalar_t>& plan, const scalar_t* x, scalar_t* out, at::opmath_type<scalar_t> pad,
+    int64_t begin, int64_t end, at::opmath_type<scalar_t>* buf, at::opmath_type<scalar_t>* acc) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const WindowGeometry& g = plan.g;
+  const int64_t lam = plan.lam;
+  const int64_t HW = g.H * g.W, VU = g.V * g.U, out_plane = g.Ho * g.Wo;
+  const int64_t buf_rows = VU * plan.plane;
+  int64_t held[2] = {-1, -1};  // the input row i' = n*H + Y each half of buf holds
+  const int64_t vu_stride = plan.staged ? plan.plane : HW;
+  const int64_t r_stride = plan.staged ? plan.K : 0;
+  D2RowTerm<opmath_t> terms[16];
+
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t n = i / plan.n_rows;
+    const int64_t Y0 = plan.y_first + i % plan.n_rows;
+    // The two input rows: opmath rows of (v*, u*, phase r) at base[iy] + (v*U + u*)*vu_stride +
+    // r*r_stride, or nullptr outside [0, H).
+    const opmath_t* base[2] = {nullptr, nullptr};
+    for (int iy = 0; iy < plan.ny; ++iy) {
+      const int64_t Y = Y0 + iy;
+      if (Y < 0 || Y >= g.H) continue;
+      const scalar_t* rows = x + (n * VU * g.H + Y) * g.W;  // row Y of plane (n, 0, 0)
+      if constexpr (D2Plan<scalar_t>::kSameType) {
+        if (!plan.staged) {
+          base[iy] = rows;
           continue;
         }
-        const scalar_t* src = t.plane + Y * g.W + off_u + t.ix;
-        const opmath_t w = t.w;
-        for (int64_t q = x_lo; q < x_hi; ++q) {
-          acc[q] = tm_add(acc[q], tm_mul(w, static_cast<opmath_t>(src[lam * q])));
-        }
       }
-      for (int64_t q = x_lo; q < x_hi; ++q) row[q] = static_cast<scalar_t>(acc[q]);
+      const int64_t key = n * g.H + Y;
+      int slot = held[0] == key ? 0 : held[1] == key ? 1 : -1;
+      if (slot < 0) {
+        // Not over the row of this Y0's other tap (the next Y0's first row is this one's second).
+        const int64_t other = iy == 0 ? key + 1 : key - 1;
+        slot = held[0] == other ? 1 : 0;
+        opmath_t* dst0 = buf + slot * buf_rows;
+        for (int64_t vu = 0; vu < VU; ++vu) {
+          const scalar_t* src = rows + vu * HW;
+          if (vu + kD2PrefetchRows < VU) prefetch_row(src + kD2PrefetchRows * HW, g.W);
+          opmath_t* dst = dst0 + vu * plan.plane;
+          for (int64_t r = 0; r < lam; ++r) {  // pad_value left and right of [0, W)
+            const int64_t n_in = r < g.W ? (g.W - r + lam - 1) / lam : 0;
+            std::fill(dst + r * plan.K, dst + r * plan.K + plan.k_pad, pad);
+            std::fill(dst + r * plan.K + plan.k_pad + n_in, dst + (r + 1) * plan.K, pad);
+          }
+          stage_row(src, dst + plan.k_pad, lam, plan.K, g.W);
+        }
+        held[slot] = key;
+      }
+      base[iy] = buf + slot * buf_rows;
+    }
+
+    for (int64_t vp = pos_mod(Y0 + g.Vo / 2, lam); vp < g.Vo; vp += lam) {
+      const int64_t yp = floor_div(Y0 - vp + g.Vo / 2, lam);  // exact: lam divides it
+      if (yp < 0 || yp >= g.Ho) continue;
+      const D2Tap<opmath_t>& tv = plan.v[vp];
+      const int64_t vi[2] = {tv.f, tv.c};
+      const opmath_t wv[2] = {tv.wf, tv.wc};
+      scalar_t* o = out + (n * g.Vo + vp) * g.Uo * out_plane + yp * g.Wo;
+      for (int64_t up = 0; up < g.Uo; ++up, o += out_plane) {
+        if (up + kD2PrefetchPlanes < g.Uo) prefetch_row_w(o + kD2PrefetchPlanes * out_plane, g.Wo);
+        const D2Columns& c = plan.cols[up];
+        const int64_t lo = std::min(c.lo, g.Wo), hi = std::max(c.hi, lo);
+        for (int64_t q = 0; q < lo; ++q) {
+          o[q] = d2_forward_element<scalar_t, opmath_t>(x, g, n, vp, up, yp, q, pad);
+        }
+        for (int64_t q = hi; q < g.Wo; ++q) {
+          o[q] = d2_forward_element<scalar_t, opmath_t>(x, g, n, vp, up, yp, q, pad);
+        }
+        if (lo >= hi) continue;
+        const D2Tap<opmath_t>& tu = plan.u[up];
+        const int64_t ui[2] = {tu.f, tu.c};
+        const opmath_t wu[2] = {tu.wf, tu.wc};
+        int n_terms = 0;
+        for (int iy = 0; iy < 2; ++iy) {
+          for (int ix = 0; ix < 2; ++ix) {
+            for (int iv = 0; iv < 2; ++iv) {
+              const opmath_t wyxv = tm_mul(plan.wyx[iy][ix], wv[iv]);
+              for (int iu = 0; iu < 2; ++iu) {
+                const opmath_t w = tm_mul(wyxv, wu[iu]);
+                if (w == opmath_t(0)) continue;
+                const bool in = base[iy] != nullptr && vi[iv] >= 0 && vi[iv] < g.V &&
+                                ui[iu] >= 0 && ui[iu] < g.U;
+                terms[n_terms++] = {
+                    w, in ? base[iy] + (vi[iv] * g.U + ui[iu]) * vu_stride + c.r[ix] * r_stride +
+                                c.start[ix]
+                          : nullptr};
+              }
+            }
+          }
+        }
+        std::fill(acc + lo, acc + hi, opmath_t(0));
+        for (int k = 0; k < n_terms; ++k) {
+          const opmath_t w = terms[k].w;
+          const opmath_t* __restrict src = terms[k].src;
+          if (src == nullptr) {
+            const opmath_t t = tm_mul(w, pad);
+            for (int64_t q = lo; q < hi; ++q) acc[q] = tm_add(acc[q], t);
+          } else {
+            for (int64_t q = lo; q < hi; ++q) acc[q] = tm_add(acc[q], tm_mul(w, src[q]));
+          }
+        }
+        for (int64_t q = lo; q < hi; ++q) o[q] = static_cast<scalar_t>(acc[q]);
+      }
     }
   }
 }
 
 template <typename scalar_t>
-using D2ForwardSlabFn = void (*)(const scalar_t*, scalar_t*, const WindowGeometry&,
-                                 at::opmath_type<scalar_t>, int64_t, int64_t,
-                                 at::opmath_type<scalar_t>*);
+using D2ForwardRowsFn = void (*)(
+    const D2Plan<scalar_t>&, const scalar_t*, scalar_t*, at::opmath_type<scalar_t>, int64_t,
+    int64_t, at::opmath_type<scalar_t>*, at::opmath_type<scalar_t>*);
 
-template <typename scalar_t, bool kUnit>
-TM_TARGET_AVX2_FMA void d2_forward_slab_fma(
-    const scalar_t* x, scalar_t* out, const WindowGeometry& g, at::opmath_type<scalar_t> pad,
-    int64_t n, int64_t vp, at::opmath_type<scalar_t>* acc) {
-  d2_forward_slab<scalar_t, kUnit>(x, out, g, pad, n, vp, acc);
-}
-
-template <typename scalar_t, bool kUnit>
-void d2_forward_slab_plain(
-    const scalar_t* x, scalar_t* out, const WindowGeometry& g, at::opmath_type<scalar_t> pad,
-    int64_t n, int64_t vp, at::opmath_type<scalar_t>* acc) {
-  d2_forward_slab<scalar_t, kUnit>(x, out, g, pad, n, vp, acc);
+template <typename scalar_t>
+TM_TARGET_AVX2_FMA void d2_forward_rows_fma(
+    const D2Plan<scalar_t>& plan, const scalar_t* x, scalar_t* out, at::opmath_type<scalar_t> pad,
+    int64_t begin, int64_t end, at::opmath_type<scalar_t>* buf, at::opmath_type<scalar_t>* acc) {
+  d2_forward_rows<scalar_t>(plan, x, out, pad, begin, end, buf, acc);
 }
 
 template <typename scalar_t>
-D2ForwardSlabFn<scalar_t> pick_d2_forward(const WindowGeometry& g) {
-  if (use_fma_clone()) {
-    return g.s == 1 ? &d2_forward_slab_fma<scalar_t, true> : &d2_forward_slab_fma<scalar_t, false>;
-  }
-  return g.s == 1 ? &d2_forward_slab_plain<scalar_t, true>
-                  : &d2_forward_slab_plain<scalar_t, false>;
+void d2_forward_rows_plain(
+    const D2Plan<scalar_t>& plan, const scalar_t* x, scalar_t* out, at::opmath_type<scalar_t> pad,
+    int64_t begin, int64_t end, at::opmath_type<scalar_t>* buf, at::opmath_type<scalar_t>* acc) {
+  d2_forward_rows<scalar_t>(plan, x, out, pad, begin, end, buf, acc);
 }
+
+// ---- backward ------------------------------------------------------------------------------
 
 // A window index d' that reads input index d, with its total weight.
 template <typename opmath_t>
@@ -238,16 +350,17 @@ void detectron2_forward(const at::Tensor& x, at::Tensor& out, const WindowGeomet
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "tensormask_detectron2_forward_cpu", [&] {
         using opmath_t = at::opmath_type<scalar_t>;
+        const D2Plan<scalar_t> plan(g);
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
         scalar_t* op = out.mutable_data_ptr<scalar_t>();
         // The pad value enters the weighted sum: converted to opmath directly.
         const opmath_t pad_o = static_cast<opmath_t>(pad);
-        const D2ForwardSlabFn<scalar_t> slab = pick_d2_forward<scalar_t>(g);
-        at::parallel_for(0, g.N * g.Vo, 1, [&](int64_t begin, int64_t end) {
+        const D2ForwardRowsFn<scalar_t> rows =
+            use_fma_clone() ? &d2_forward_rows_fma<scalar_t> : &d2_forward_rows_plain<scalar_t>;
+        at::parallel_for(0, g.N * plan.n_rows, 1, [&](int64_t begin, int64_t end) {
+          std::vector<opmath_t> buf(plan.staged ? 2 * g.V * g.U * plan.plane : 0);
           std::vector<opmath_t> acc(g.Wo);
-          for (int64_t i = begin; i < end; ++i) {
-            slab(xp, op, g, pad_o, i / g.Vo, i % g.Vo, acc.data());
-          }
+          rows(plan, xp, op, pad_o, begin, end, buf.data(), acc.data());
         });
       });
 }
