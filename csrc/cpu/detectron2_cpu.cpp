@@ -241,107 +241,147 @@ void d2_forward_rows_plain(
 
 // ---- backward ------------------------------------------------------------------------------
 
-// A window index d' that reads input index d, with its total weight.
+// Backward (a gather), per grad_x row (n, Y): an opmath accumulator for the V*U rows of grad_x
+// at Y (phase split like the forward's buffer) receives, in the order of d2_backward_element
+// (row tap iy, v' ascending, column tap ix, u' ascending), the grad rows (n, v', u', y') with
+// lam*y' + v' - Vo//2 = Y - iy: one fma per (v', u') and distinct in-grid target (v, u) of their
+// window taps, with the total weight d2_window_weight gives (both taps when they coincide), over
+// the whole row (unit stride, vectorised). Each row of grad_x is then written once.
+
+// The in-grid window indices d' reads, with their total weights (as d2_window_weight).
 template <typename opmath_t>
-struct D2WindowTerm {
-  int64_t dp;
-  opmath_t w;
+struct D2Targets {
+  int n;
+  int64_t d[2];
+  opmath_t w[2];
 };
 
-// The d' (ascending) that read window index d: at most the candidate range's 3*lam + 3.
 template <typename opmath_t>
-int64_t d2_window_terms(int64_t d, int64_t lam, int64_t out, D2WindowTerm<opmath_t>* terms) {
-  int64_t lo, hi;
-  d2_window_candidates(d, lam, out, &lo, &hi);
-  int64_t n = 0;
-  for (int64_t dp = lo; dp <= hi; ++dp) {
-    opmath_t w;
-    if (d2_window_weight<opmath_t>(dp, d, lam, &w)) terms[n++] = {dp, w};
+std::vector<D2Targets<opmath_t>> d2_targets(int64_t in, int64_t out, int64_t lam) {
+  std::vector<D2Targets<opmath_t>> table(out);
+  for (int64_t dp = 0; dp < out; ++dp) {
+    const D2Tap<opmath_t> t = d2_window_tap<opmath_t>(dp, lam);
+    D2Targets<opmath_t>& e = table[dp];
+    e.n = 0;
+    const int64_t cand[2] = {t.f, t.c};
+    for (int j = 0; j < (t.f == t.c ? 1 : 2); ++j) {
+      const int64_t d = cand[j];
+      opmath_t w;
+      if (d < 0 || d >= in || !d2_window_weight<opmath_t>(dp, d, lam, &w)) continue;
+      e.d[e.n] = d;
+      e.w[e.n] = w;
+      ++e.n;
+    }
   }
-  return n;
+  return table;
 }
 
-// Backward, one (n, v, u) plane of grad_x: each row accumulates, in the order of
-// d2_backward_element (row tap, v' ascending, column tap, u' ascending), the grad_out rows that
-// read it.
-template <typename scalar_t, bool kUnit>
-C10_ALWAYS_INLINE void d2_backward_plane(
-    const scalar_t* grad_out, scalar_t* grad_x, const WindowGeometry& g, int64_t n, int64_t v,
-    int64_t u, at::opmath_type<scalar_t>* acc, D2WindowTerm<at::opmath_type<scalar_t>>* vterms,
-    D2WindowTerm<at::opmath_type<scalar_t>>* uterms) {
+// The columns of grad row u' for column tap ix: X = lam*x' + off + ix in [0, W) for x' in
+// [lo, hi), at k = x' + start of phase row r.
+struct D2BackColumns {
+  int64_t lo, hi, start, r;
+};
+
+template <typename scalar_t>
+struct D2BackPlan {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t lam = kUnit ? 1 : g.s;
-  const int64_t out_plane = g.Ho * g.Wo;
-  const int ny = g.Vo % 2 == 0 ? 2 : 1;
-  const int nx = g.Uo % 2 == 0 ? 2 : 1;
-  const opmath_t syx =
-      tm_mul(d2_spatial_weight<opmath_t>(g.Vo, 0), d2_spatial_weight<opmath_t>(g.Uo, 0));
-  const int64_t n_v = d2_window_terms<opmath_t>(v, lam, g.Vo, vterms);
-  const int64_t n_u = d2_window_terms<opmath_t>(u, lam, g.Uo, uterms);
-  scalar_t* gx = grad_x + ((n * g.V + v) * g.U + u) * g.H * g.W;
-  const scalar_t* go_n = grad_out + n * g.Vo * g.Uo * out_plane;
-  for (int64_t Y = 0; Y < g.H; ++Y) {
-    std::fill(acc, acc + g.W, opmath_t(0));
-    for (int iy = 0; iy < ny; ++iy) {
+  WindowGeometry g;
+  int64_t lam;
+  int ny, nx;
+  opmath_t syx;
+  std::vector<D2Targets<opmath_t>> v, u;  // (Vo,), (Uo,)
+  std::vector<D2BackColumns> cols;  // (2 * Uo,): [ix * Uo + u']
+  int64_t K, plane;
+
+  explicit D2BackPlan(const WindowGeometry& geometry) : g(geometry), lam(geometry.s) {
+    ny = g.Vo % 2 == 0 ? 2 : 1;
+    nx = g.Uo % 2 == 0 ? 2 : 1;
+    syx = tm_mul(d2_spatial_weight<opmath_t>(g.Vo, 0), d2_spatial_weight<opmath_t>(g.Uo, 0));
+    v = d2_targets<opmath_t>(g.V, g.Vo, lam);
+    u = d2_targets<opmath_t>(g.U, g.Uo, lam);
+    cols.resize(2 * g.Uo);
+    for (int ix = 0; ix < 2; ++ix) {
+      for (int64_t up = 0; up < g.Uo; ++up) {
+        const int64_t off = up - g.Uo / 2 + ix;
+        D2BackColumns& c = cols[ix * g.Uo + up];
+        valid_range(off, lam, g.W, g.Wo, &c.lo, &c.hi);
+        c.r = pos_mod(off, lam);
+        c.start = floor_div(off, lam);
+      }
+    }
+    K = (g.W + lam - 1) / lam;
+    plane = lam * K;
+  }
+};
+
+// grad_x rows (n, Y) for i in [begin, end), i = n*H + Y.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void d2_backward_rows(
+    const D2BackPlan<scalar_t>& plan, const scalar_t* grad, scalar_t* grad_x, int64_t begin,
+    int64_t end, at::opmath_type<scalar_t>* acc) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const WindowGeometry& g = plan.g;
+  const int64_t lam = plan.lam;
+  const int64_t HW = g.H * g.W, VU = g.V * g.U, out_plane = g.Ho * g.Wo;
+  const int64_t K = plan.K;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t n = i / g.H, Y = i % g.H;
+    std::fill(acc, acc + VU * plan.plane, opmath_t(0));
+    for (int iy = 0; iy < plan.ny; ++iy) {
       const int64_t rv = Y - iy + g.Vo / 2;  // = lam*y' + v'
-      for (int64_t kv = 0; kv < n_v; ++kv) {
-        const int64_t vp = vterms[kv].dp;
-        if (!kUnit && pos_mod(rv - vp, lam) != 0) continue;
-        const int64_t yp = (rv - vp) / lam;
+      for (int64_t vp = pos_mod(rv, lam); vp < g.Vo; vp += lam) {
+        const int64_t yp = floor_div(rv - vp, lam);
         if (yp < 0 || yp >= g.Ho) continue;
-        const opmath_t wyxv = tm_mul(syx, vterms[kv].w);
-        const scalar_t* go_row = go_n + vp * g.Uo * out_plane + yp * g.Wo;
-        for (int ix = 0; ix < nx; ++ix) {
-          for (int64_t ku = 0; ku < n_u; ++ku) {
-            const int64_t up = uterms[ku].dp;
-            const opmath_t w = tm_mul(wyxv, uterms[ku].w);
-            const int64_t off = up - g.Uo / 2 + ix;  // X = lam*x' + off
-            int64_t lo, hi;
-            valid_range(off, lam, g.W, g.Wo, &lo, &hi);
-            const scalar_t* src = go_row + up * out_plane;
-            for (int64_t q = lo; q < hi; ++q) {
-              const int64_t X = off + lam * q;
-              acc[X] = tm_fma(w, static_cast<opmath_t>(src[q]), acc[X]);
+        const D2Targets<opmath_t>& ev = plan.v[vp];
+        if (ev.n == 0) continue;
+        opmath_t wyxv[2];
+        for (int a = 0; a < ev.n; ++a) wyxv[a] = tm_mul(plan.syx, ev.w[a]);
+        const scalar_t* go_v = grad + (n * g.Vo + vp) * g.Uo * out_plane + yp * g.Wo;
+        for (int ix = 0; ix < plan.nx; ++ix) {
+          const scalar_t* go = go_v;
+          for (int64_t up = 0; up < g.Uo; ++up, go += out_plane) {
+            if (up + kD2PrefetchPlanes < g.Uo) prefetch_row(go + kD2PrefetchPlanes * out_plane, g.Wo);
+            const D2Targets<opmath_t>& eu = plan.u[up];
+            const D2BackColumns& c = plan.cols[ix * g.Uo + up];
+            for (int a = 0; a < ev.n; ++a) {
+              for (int b = 0; b < eu.n; ++b) {
+                const opmath_t w = tm_mul(wyxv[a], eu.w[b]);
+                opmath_t* __restrict d = acc + (ev.d[a] * g.U + eu.d[b]) * plan.plane + c.r * K;
+                const scalar_t* __restrict src = go;
+                const int64_t lo = c.lo, hi = c.hi, start = c.start;
+                for (int64_t q = lo; q < hi; ++q) {
+                  d[q + start] = tm_fma(w, static_cast<opmath_t>(src[q]), d[q + start]);
+                }
+              }
             }
           }
         }
       }
     }
-    scalar_t* out_row = gx + Y * g.W;
-    for (int64_t X = 0; X < g.W; ++X) out_row[X] = static_cast<scalar_t>(acc[X]);
+    scalar_t* rows = grad_x + (n * VU * g.H + Y) * g.W;  // row Y of plane (n, 0, 0)
+    for (int64_t vu = 0; vu < VU; ++vu) {
+      unstage_row(acc + vu * plan.plane, rows + vu * HW, lam, K, g.W);
+    }
   }
 }
 
 template <typename scalar_t>
-using D2BackwardPlaneFn = void (*)(const scalar_t*, scalar_t*, const WindowGeometry&, int64_t,
-                                   int64_t, int64_t, at::opmath_type<scalar_t>*,
-                                   D2WindowTerm<at::opmath_type<scalar_t>>*,
-                                   D2WindowTerm<at::opmath_type<scalar_t>>*);
+using D2BackwardRowsFn = void (*)(
+    const D2BackPlan<scalar_t>&, const scalar_t*, scalar_t*, int64_t, int64_t,
+    at::opmath_type<scalar_t>*);
 
-template <typename scalar_t, bool kUnit>
-TM_TARGET_AVX2_FMA void d2_backward_plane_fma(
-    const scalar_t* grad_out, scalar_t* grad_x, const WindowGeometry& g, int64_t n, int64_t v,
-    int64_t u, at::opmath_type<scalar_t>* acc, D2WindowTerm<at::opmath_type<scalar_t>>* vterms,
-    D2WindowTerm<at::opmath_type<scalar_t>>* uterms) {
-  d2_backward_plane<scalar_t, kUnit>(grad_out, grad_x, g, n, v, u, acc, vterms, uterms);
-}
-
-template <typename scalar_t, bool kUnit>
-void d2_backward_plane_plain(
-    const scalar_t* grad_out, scalar_t* grad_x, const WindowGeometry& g, int64_t n, int64_t v,
-    int64_t u, at::opmath_type<scalar_t>* acc, D2WindowTerm<at::opmath_type<scalar_t>>* vterms,
-    D2WindowTerm<at::opmath_type<scalar_t>>* uterms) {
-  d2_backward_plane<scalar_t, kUnit>(grad_out, grad_x, g, n, v, u, acc, vterms, uterms);
+template <typename scalar_t>
+TM_TARGET_AVX2_FMA void d2_backward_rows_fma(
+    const D2BackPlan<scalar_t>& plan, const scalar_t* grad, scalar_t* grad_x, int64_t begin,
+    int64_t end, at::opmath_type<scalar_t>* acc) {
+  d2_backward_rows<scalar_t>(plan, grad, grad_x, begin, end, acc);
 }
 
 template <typename scalar_t>
-D2BackwardPlaneFn<scalar_t> pick_d2_backward(const WindowGeometry& g) {
-  if (use_fma_clone()) {
-    return g.s == 1 ? &d2_backward_plane_fma<scalar_t, true>
-                    : &d2_backward_plane_fma<scalar_t, false>;
-  }
-  return g.s == 1 ? &d2_backward_plane_plain<scalar_t, true>
-                  : &d2_backward_plane_plain<scalar_t, false>;
+void d2_backward_rows_plain(
+    const D2BackPlan<scalar_t>& plan, const scalar_t* grad, scalar_t* grad_x, int64_t begin,
+    int64_t end, at::opmath_type<scalar_t>* acc) {
+  d2_backward_rows<scalar_t>(plan, grad, grad_x, begin, end, acc);
 }
 
 }  // namespace
@@ -369,18 +409,14 @@ void detectron2_backward(const at::Tensor& grad, at::Tensor& grad_x, const Windo
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "tensormask_detectron2_backward_cpu", [&] {
         using opmath_t = at::opmath_type<scalar_t>;
-        const scalar_t* gop = grad.const_data_ptr<scalar_t>();
+        const D2BackPlan<scalar_t> plan(g);
+        const scalar_t* gp = grad.const_data_ptr<scalar_t>();
         scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
-        const D2BackwardPlaneFn<scalar_t> plane = pick_d2_backward<scalar_t>(g);
-        at::parallel_for(0, g.N * g.V * g.U, 1, [&](int64_t begin, int64_t end) {
-          std::vector<opmath_t> acc(g.W);
-          std::vector<D2WindowTerm<opmath_t>> vterms(3 * g.s + 4), uterms(3 * g.s + 4);
-          for (int64_t i = begin; i < end; ++i) {
-            const int64_t u = i % g.U;
-            const int64_t v = (i / g.U) % g.V;
-            const int64_t n = i / (g.U * g.V);
-            plane(gop, gxp, g, n, v, u, acc.data(), vterms.data(), uterms.data());
-          }
+        const D2BackwardRowsFn<scalar_t> rows =
+            use_fma_clone() ? &d2_backward_rows_fma<scalar_t> : &d2_backward_rows_plain<scalar_t>;
+        at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
+          std::vector<opmath_t> acc(g.V * g.U * plan.plane);
+          rows(plan, gp, gxp, begin, end, acc.data());
         });
       });
 }
