@@ -102,15 +102,15 @@ struct D2Plan {
   }
 };
 
-// One term of an output row: weight, and the row it reads (nullptr: pad_value).
+// One term of an output row: its weight, and the row it reads.
 template <typename opmath_t>
 struct D2RowTerm {
   opmath_t w;
-  const opmath_t* src;  // src[q] for x' = q
+  const opmath_t* src;  // src[q] for x' = q (a row of pad_value for a tap outside the input)
 };
 
 // Output rows of (n, Y0) for i in [begin, end), i = n*n_rows + (Y0 - y_first). buf: two staged
-// rows (V*U*plane each), acc: Wo.
+// rows (V*U*plane each; filled with pad_value by the caller), acc: Wo (holds a row of pad_value).
 template <typename scalar_t>
 C10_ALWAYS_INLINE void d2_forward_rows(
     const D2Plan<scalar_t>& plan, const scalar_t* x, scalar_t* out, at::opmath_type<scalar_t> pad,
@@ -124,6 +124,10 @@ C10_ALWAYS_INLINE void d2_forward_rows(
   const int64_t vu_stride = plan.staged ? plan.plane : HW;
   const int64_t r_stride = plan.staged ? plan.K : 0;
   D2RowTerm<opmath_t> terms[16];
+  constexpr int kBlock = 8;
+  // What a tap outside the input reads: pad_value at every column.
+  const opmath_t* pad_row = acc;
+  std::fill(acc, acc + g.Wo, pad);
 
   for (int64_t i = begin; i < end; ++i) {
     const int64_t n = i / plan.n_rows;
@@ -151,13 +155,8 @@ C10_ALWAYS_INLINE void d2_forward_rows(
         for (int64_t vu = 0; vu < VU; ++vu) {
           const scalar_t* src = rows + vu * HW;
           if (vu + kD2PrefetchRows < VU) prefetch_row(src + kD2PrefetchRows * HW, g.W);
-          opmath_t* dst = dst0 + vu * plan.plane;
-          for (int64_t r = 0; r < lam; ++r) {  // pad_value left and right of [0, W)
-            const int64_t n_in = r < g.W ? (g.W - r + lam - 1) / lam : 0;
-            std::fill(dst + r * plan.K, dst + r * plan.K + plan.k_pad, pad);
-            std::fill(dst + r * plan.K + plan.k_pad + n_in, dst + (r + 1) * plan.K, pad);
-          }
-          stage_row(src, dst + plan.k_pad, lam, plan.K, g.W);
+          // Only the columns in [0, W): the others hold pad_value since buf was made.
+          stage_row(src, dst0 + vu * plan.plane + plan.k_pad, lam, plan.K, g.W);
         }
         held[slot] = key;
       }
@@ -169,7 +168,14 @@ C10_ALWAYS_INLINE void d2_forward_rows(
       if (yp < 0 || yp >= g.Ho) continue;
       const D2Tap<opmath_t>& tv = plan.v[vp];
       const int64_t vi[2] = {tv.f, tv.c};
-      const opmath_t wv[2] = {tv.wf, tv.wc};
+      const bool v_in[2] = {tv.f >= 0 && tv.f < g.V, tv.c >= 0 && tv.c < g.V};
+      opmath_t wyxv[2][2][2];  // [iy][ix][iv]
+      for (int iy = 0; iy < 2; ++iy) {
+        for (int ix = 0; ix < 2; ++ix) {
+          wyxv[iy][ix][0] = tm_mul(plan.wyx[iy][ix], tv.wf);
+          wyxv[iy][ix][1] = tm_mul(plan.wyx[iy][ix], tv.wc);
+        }
+      }
       scalar_t* o = out + (n * g.Vo + vp) * g.Uo * out_plane + yp * g.Wo;
       for (int64_t up = 0; up < g.Uo; ++up, o += out_plane) {
         if (up + kD2PrefetchPlanes < g.Uo) prefetch_row_w(o + kD2PrefetchPlanes * out_plane, g.Wo);
@@ -184,37 +190,45 @@ C10_ALWAYS_INLINE void d2_forward_rows(
         if (lo >= hi) continue;
         const D2Tap<opmath_t>& tu = plan.u[up];
         const int64_t ui[2] = {tu.f, tu.c};
+        const bool u_in[2] = {tu.f >= 0 && tu.f < g.U, tu.c >= 0 && tu.c < g.U};
         const opmath_t wu[2] = {tu.wf, tu.wc};
         int n_terms = 0;
         for (int iy = 0; iy < 2; ++iy) {
           for (int ix = 0; ix < 2; ++ix) {
             for (int iv = 0; iv < 2; ++iv) {
-              const opmath_t wyxv = tm_mul(plan.wyx[iy][ix], wv[iv]);
               for (int iu = 0; iu < 2; ++iu) {
-                const opmath_t w = tm_mul(wyxv, wu[iu]);
+                const opmath_t w = tm_mul(wyxv[iy][ix][iv], wu[iu]);
                 if (w == opmath_t(0)) continue;
-                const bool in = base[iy] != nullptr && vi[iv] >= 0 && vi[iv] < g.V &&
-                                ui[iu] >= 0 && ui[iu] < g.U;
+                const bool in = base[iy] != nullptr && v_in[iv] && u_in[iu];
                 terms[n_terms++] = {
                     w, in ? base[iy] + (vi[iv] * g.U + ui[iu]) * vu_stride + c.r[ix] * r_stride +
                                 c.start[ix]
-                          : nullptr};
+                          : pad_row};
               }
             }
           }
         }
-        std::fill(acc + lo, acc + hi, opmath_t(0));
-        for (int k = 0; k < n_terms; ++k) {
-          const opmath_t w = terms[k].w;
-          const opmath_t* __restrict src = terms[k].src;
-          if (src == nullptr) {
-            const opmath_t t = tm_mul(w, pad);
-            for (int64_t q = lo; q < hi; ++q) acc[q] = tm_add(acc[q], t);
-          } else {
-            for (int64_t q = lo; q < hi; ++q) acc[q] = tm_add(acc[q], tm_mul(w, src[q]));
+        // Blocks of kBlock columns, the sums in registers.
+        int64_t q = lo;
+        for (; q + kBlock <= hi; q += kBlock) {
+          opmath_t a[kBlock] = {};
+          for (int k = 0; k < n_terms; ++k) {
+            const opmath_t w = terms[k].w;
+            const opmath_t* __restrict src = terms[k].src + q;
+            for (int j = 0; j < kBlock; ++j) a[j] = tm_add(a[j], tm_mul(w, src[j]));
           }
+          for (int j = 0; j < kBlock; ++j) o[q + j] = static_cast<scalar_t>(a[j]);
         }
-        for (int64_t q = lo; q < hi; ++q) o[q] = static_cast<scalar_t>(acc[q]);
+        if (q < hi) {
+          const int m = static_cast<int>(hi - q);
+          opmath_t a[kBlock] = {};
+          for (int k = 0; k < n_terms; ++k) {
+            const opmath_t w = terms[k].w;
+            const opmath_t* __restrict src = terms[k].src + q;
+            for (int j = 0; j < m; ++j) a[j] = tm_add(a[j], tm_mul(w, src[j]));
+          }
+          for (int j = 0; j < m; ++j) o[q + j] = static_cast<scalar_t>(a[j]);
+        }
       }
     }
   }
@@ -398,7 +412,7 @@ void detectron2_forward(const at::Tensor& x, at::Tensor& out, const WindowGeomet
         const D2ForwardRowsFn<scalar_t> rows =
             use_fma_clone() ? &d2_forward_rows_fma<scalar_t> : &d2_forward_rows_plain<scalar_t>;
         at::parallel_for(0, g.N * plan.n_rows, 1, [&](int64_t begin, int64_t end) {
-          std::vector<opmath_t> buf(plan.staged ? 2 * g.V * g.U * plan.plane : 0);
+          std::vector<opmath_t> buf(plan.staged ? 2 * g.V * g.U * plan.plane : 0, pad_o);
           std::vector<opmath_t> acc(g.Wo);
           rows(plan, xp, op, pad_o, begin, end, buf.data(), acc.data());
         });
