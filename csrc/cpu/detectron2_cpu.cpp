@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -21,6 +22,9 @@ namespace {
 // Prefetch distances (bilinear_cpu.cpp says why): input rows, and output rows a plane apart.
 constexpr int64_t kD2PrefetchRows = 6;
 constexpr int64_t kD2PrefetchPlanes = 4;
+
+// D2Plan::uoff of a window tap outside the grid (offsets can be negative when read in place).
+constexpr int64_t kOutside = std::numeric_limits<int64_t>::min();
 
 // ---- forward -------------------------------------------------------------------------------
 //
@@ -56,6 +60,9 @@ struct D2Plan {
   opmath_t wyx[2][2];  // tm_mul(d2_spatial_weight(Vo, iy), d2_spatial_weight(Uo, ix))
   std::vector<D2Tap<opmath_t>> v, u;  // (Vo,), (Uo,)
   std::vector<D2Columns> cols;  // (Uo,)
+  // (Uo, 2, 2): offset of column tap ix of window tap iu of u' from the row of plane (v*, 0)
+  // (u* * vu_stride + r * r_stride + start); kOutside when u* is outside the grid.
+  std::vector<int64_t> uoff;
   bool staged;
   // Staged rows: phase row r holds X = lam*(k - k_pad) + r at k, for k in [0, K) (pad_value
   // outside [0, W)); read in place: K = W, k_pad = 0.
@@ -97,6 +104,19 @@ struct D2Plan {
         c.start[ix] = floor_div(off + ix, lam) + k_pad;
       }
     }
+    const int64_t vu_stride = staged ? plane : g.H * g.W;
+    const int64_t r_stride = staged ? K : 0;
+    uoff.resize(4 * g.Uo);
+    for (int64_t up = 0; up < g.Uo; ++up) {
+      const int64_t ui[2] = {u[up].f, u[up].c};
+      for (int ix = 0; ix < 2; ++ix) {
+        for (int iu = 0; iu < 2; ++iu) {
+          const bool in = ui[iu] >= 0 && ui[iu] < g.U;
+          uoff[4 * up + 2 * ix + iu] =
+              in ? ui[iu] * vu_stride + cols[up].r[ix] * r_stride + cols[up].start[ix] : kOutside;
+        }
+      }
+    }
     y_first = -(g.Vo / 2);
     n_rows = lam * (g.Ho - 1) + g.Vo;
   }
@@ -109,12 +129,52 @@ struct D2RowTerm {
   const opmath_t* src;  // src[q] for x' = q (a row of pad_value for a tap outside the input)
 };
 
+// Columns summed at once, in registers.
+constexpr int kD2Block = 8;
+
+// o[q] for q in [lo, hi): the sum of the terms' w * src[q], added in order from +0. kN: the
+// number of terms as a compile-time constant (16: every weight nonzero), 0 for n_terms. With
+// `overread`, the last partial block reads (and drops) up to kD2Block - 1 values past hi.
+template <int kN, typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void d2_row_sum(
+    const D2RowTerm<opmath_t>* terms, int n_terms, scalar_t* o, int64_t lo, int64_t hi,
+    bool overread) {
+  const int n = kN > 0 ? kN : n_terms;
+  int64_t q = lo;
+  const int64_t full_end = overread ? hi : hi - kD2Block + 1;
+  for (; q < full_end; q += kD2Block) {
+    opmath_t a[kD2Block] = {};
+    for (int k = 0; k < n; ++k) {
+      const opmath_t w = terms[k].w;
+      const opmath_t* __restrict src = terms[k].src + q;
+      for (int j = 0; j < kD2Block; ++j) a[j] = tm_add(a[j], tm_mul(w, src[j]));
+    }
+    const int m = static_cast<int>(std::min<int64_t>(kD2Block, hi - q));
+    if (m == kD2Block) {
+      for (int j = 0; j < kD2Block; ++j) o[q + j] = static_cast<scalar_t>(a[j]);
+    } else {
+      for (int j = 0; j < m; ++j) o[q + j] = static_cast<scalar_t>(a[j]);
+    }
+  }
+  if (q < hi) {
+    const int m = static_cast<int>(hi - q);
+    opmath_t a[kD2Block] = {};
+    for (int k = 0; k < n; ++k) {
+      const opmath_t w = terms[k].w;
+      const opmath_t* __restrict src = terms[k].src + q;
+      for (int j = 0; j < m; ++j) a[j] = tm_add(a[j], tm_mul(w, src[j]));
+    }
+    for (int j = 0; j < m; ++j) o[q + j] = static_cast<scalar_t>(a[j]);
+  }
+}
+
 // Output rows of (n, Y0) for i in [begin, end), i = n*n_rows + (Y0 - y_first). buf: two staged
-// rows (V*U*plane each; filled with pad_value by the caller), acc: Wo (holds a row of pad_value).
+// rows (V*U*plane each, then kD2Block spare values; filled with pad_value by the caller).
+// pad_row: Wo + kD2Block values of pad_value, what a tap outside the input reads.
 template <typename scalar_t>
 C10_ALWAYS_INLINE void d2_forward_rows(
     const D2Plan<scalar_t>& plan, const scalar_t* x, scalar_t* out, at::opmath_type<scalar_t> pad,
-    int64_t begin, int64_t end, at::opmath_type<scalar_t>* buf, at::opmath_type<scalar_t>* acc) {
+    int64_t begin, int64_t end, at::opmath_type<scalar_t>* buf, const at::opmath_type<scalar_t>* pad_row) {
   using opmath_t = at::opmath_type<scalar_t>;
   const WindowGeometry& g = plan.g;
   const int64_t lam = plan.lam;
@@ -124,10 +184,6 @@ C10_ALWAYS_INLINE void d2_forward_rows(
   const int64_t vu_stride = plan.staged ? plan.plane : HW;
   const int64_t r_stride = plan.staged ? plan.K : 0;
   D2RowTerm<opmath_t> terms[16];
-  constexpr int kBlock = 8;
-  // What a tap outside the input reads: pad_value at every column.
-  const opmath_t* pad_row = acc;
-  std::fill(acc, acc + g.Wo, pad);
 
   for (int64_t i = begin; i < end; ++i) {
     const int64_t n = i / plan.n_rows;
@@ -168,7 +224,13 @@ C10_ALWAYS_INLINE void d2_forward_rows(
       if (yp < 0 || yp >= g.Ho) continue;
       const D2Tap<opmath_t>& tv = plan.v[vp];
       const int64_t vi[2] = {tv.f, tv.c};
-      const bool v_in[2] = {tv.f >= 0 && tv.f < g.V, tv.c >= 0 && tv.c < g.V};
+      const opmath_t* vrow[2][2];  // [iy][iv]: the rows of plane (v*, 0), nullptr: pad_value
+      for (int iy = 0; iy < 2; ++iy) {
+        for (int iv = 0; iv < 2; ++iv) {
+          const bool in = base[iy] != nullptr && vi[iv] >= 0 && vi[iv] < g.V;
+          vrow[iy][iv] = in ? base[iy] + vi[iv] * g.U * vu_stride : nullptr;
+        }
+      }
       opmath_t wyxv[2][2][2];  // [iy][ix][iv]
       for (int iy = 0; iy < 2; ++iy) {
         for (int ix = 0; ix < 2; ++ix) {
@@ -189,9 +251,8 @@ C10_ALWAYS_INLINE void d2_forward_rows(
         }
         if (lo >= hi) continue;
         const D2Tap<opmath_t>& tu = plan.u[up];
-        const int64_t ui[2] = {tu.f, tu.c};
-        const bool u_in[2] = {tu.f >= 0 && tu.f < g.U, tu.c >= 0 && tu.c < g.U};
         const opmath_t wu[2] = {tu.wf, tu.wc};
+        const int64_t* uoff = plan.uoff.data() + 4 * up;  // [ix][iu]
         int n_terms = 0;
         for (int iy = 0; iy < 2; ++iy) {
           for (int ix = 0; ix < 2; ++ix) {
@@ -199,35 +260,17 @@ C10_ALWAYS_INLINE void d2_forward_rows(
               for (int iu = 0; iu < 2; ++iu) {
                 const opmath_t w = tm_mul(wyxv[iy][ix][iv], wu[iu]);
                 if (w == opmath_t(0)) continue;
-                const bool in = base[iy] != nullptr && v_in[iv] && u_in[iu];
-                terms[n_terms++] = {
-                    w, in ? base[iy] + (vi[iv] * g.U + ui[iu]) * vu_stride + c.r[ix] * r_stride +
-                                c.start[ix]
-                          : pad_row};
+                const int64_t off = uoff[2 * ix + iu];
+                const bool in = vrow[iy][iv] != nullptr && off != kOutside;
+                terms[n_terms++] = {w, in ? vrow[iy][iv] + off : pad_row};
               }
             }
           }
         }
-        // Blocks of kBlock columns, the sums in registers.
-        int64_t q = lo;
-        for (; q + kBlock <= hi; q += kBlock) {
-          opmath_t a[kBlock] = {};
-          for (int k = 0; k < n_terms; ++k) {
-            const opmath_t w = terms[k].w;
-            const opmath_t* __restrict src = terms[k].src + q;
-            for (int j = 0; j < kBlock; ++j) a[j] = tm_add(a[j], tm_mul(w, src[j]));
-          }
-          for (int j = 0; j < kBlock; ++j) o[q + j] = static_cast<scalar_t>(a[j]);
-        }
-        if (q < hi) {
-          const int m = static_cast<int>(hi - q);
-          opmath_t a[kBlock] = {};
-          for (int k = 0; k < n_terms; ++k) {
-            const opmath_t w = terms[k].w;
-            const opmath_t* __restrict src = terms[k].src + q;
-            for (int j = 0; j < m; ++j) a[j] = tm_add(a[j], tm_mul(w, src[j]));
-          }
-          for (int j = 0; j < m; ++j) o[q + j] = static_cast<scalar_t>(a[j]);
+        if (n_terms == 16) {
+          d2_row_sum<16>(terms, n_terms, o, lo, hi, plan.staged);
+        } else {
+          d2_row_sum<0>(terms, n_terms, o, lo, hi, plan.staged);
         }
       }
     }
@@ -237,20 +280,20 @@ C10_ALWAYS_INLINE void d2_forward_rows(
 template <typename scalar_t>
 using D2ForwardRowsFn = void (*)(
     const D2Plan<scalar_t>&, const scalar_t*, scalar_t*, at::opmath_type<scalar_t>, int64_t,
-    int64_t, at::opmath_type<scalar_t>*, at::opmath_type<scalar_t>*);
+    int64_t, at::opmath_type<scalar_t>*, const at::opmath_type<scalar_t>*);
 
 template <typename scalar_t>
 TM_TARGET_AVX2_FMA void d2_forward_rows_fma(
     const D2Plan<scalar_t>& plan, const scalar_t* x, scalar_t* out, at::opmath_type<scalar_t> pad,
-    int64_t begin, int64_t end, at::opmath_type<scalar_t>* buf, at::opmath_type<scalar_t>* acc) {
-  d2_forward_rows<scalar_t>(plan, x, out, pad, begin, end, buf, acc);
+    int64_t begin, int64_t end, at::opmath_type<scalar_t>* buf, const at::opmath_type<scalar_t>* pad_row) {
+  d2_forward_rows<scalar_t>(plan, x, out, pad, begin, end, buf, pad_row);
 }
 
 template <typename scalar_t>
 void d2_forward_rows_plain(
     const D2Plan<scalar_t>& plan, const scalar_t* x, scalar_t* out, at::opmath_type<scalar_t> pad,
-    int64_t begin, int64_t end, at::opmath_type<scalar_t>* buf, at::opmath_type<scalar_t>* acc) {
-  d2_forward_rows<scalar_t>(plan, x, out, pad, begin, end, buf, acc);
+    int64_t begin, int64_t end, at::opmath_type<scalar_t>* buf, const at::opmath_type<scalar_t>* pad_row) {
+  d2_forward_rows<scalar_t>(plan, x, out, pad, begin, end, buf, pad_row);
 }
 
 // ---- backward ------------------------------------------------------------------------------
@@ -412,9 +455,9 @@ void detectron2_forward(const at::Tensor& x, at::Tensor& out, const WindowGeomet
         const D2ForwardRowsFn<scalar_t> rows =
             use_fma_clone() ? &d2_forward_rows_fma<scalar_t> : &d2_forward_rows_plain<scalar_t>;
         at::parallel_for(0, g.N * plan.n_rows, 1, [&](int64_t begin, int64_t end) {
-          std::vector<opmath_t> buf(plan.staged ? 2 * g.V * g.U * plan.plane : 0, pad_o);
-          std::vector<opmath_t> acc(g.Wo);
-          rows(plan, xp, op, pad_o, begin, end, buf.data(), acc.data());
+          std::vector<opmath_t> buf(plan.staged ? 2 * g.V * g.U * plan.plane + kD2Block : 0, pad_o);
+          const std::vector<opmath_t> pad_row(g.Wo + kD2Block, pad_o);
+          rows(plan, xp, op, pad_o, begin, end, buf.data(), pad_row.data());
         });
       });
 }
