@@ -343,6 +343,10 @@ def report(args, dtype, grid, others, peaks, ref_rows) -> str:
             f"#### The other ops at P2 size, N = {args.other_n}, {dt}, {dev}",
             "",
             *clone_table(others, "op", lambda r: r["name"]),
+            "",
+            "up_align2nat's grad is (Vo/V)^2 times the size of its grad_x (9x from 5x5, 2.25x "
+            "from 10x10): its backward reads that many times more bytes than it writes, so its "
+            "ratio to a clone of grad_x is not a distance from memory speed as the others are.",
         ]
     mem_what = (
         "torch.cuda.max_memory_allocated growth"

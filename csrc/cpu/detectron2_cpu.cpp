@@ -182,7 +182,6 @@ C10_ALWAYS_INLINE void d2_forward_rows(
   const int64_t buf_rows = VU * plan.plane;
   int64_t held[2] = {-1, -1};  // the input row i' = n*H + Y each half of buf holds
   const int64_t vu_stride = plan.staged ? plan.plane : HW;
-  const int64_t r_stride = plan.staged ? plan.K : 0;
   D2RowTerm<opmath_t> terms[16];
 
   for (int64_t i = begin; i < end; ++i) {
