@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 export MLFLOW_DISABLE_TELEMETRY=true
 export RAY_USAGE_STATS_ENABLED=0
 
-SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: install test demo lint bench clean gpu-check
 
@@ -34,7 +34,9 @@ $(STAMP): $(SOURCES)
 	@mkdir -p build
 	@if [ -n "$(CUDA_HOME)" ]; then echo "Building tensormask_ray._C: CPU kernels + CUDA kernels (CUDA_HOME=$(CUDA_HOME), arch $(TORCH_CUDA_ARCH_LIST))"; \
 	  else echo "Building tensormask_ray._C: CPU kernels (no CUDA toolkit found)"; fi
-	@CUDA_HOME="$(CUDA_HOME)" TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" MAX_JOBS=$(MAX_JOBS) \
+	@# An empty CUDA_HOME means a CPU-only build: torch would otherwise find nvcc on PATH itself.
+	@CUDA_HOME="$(CUDA_HOME)" TENSORMASK_NO_CUDA=$(if $(CUDA_HOME),$${TENSORMASK_NO_CUDA:-0},1) \
+	  TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" MAX_JOBS=$(MAX_JOBS) \
 	  $(PIP) install -v --no-build-isolation -e '.[dev]' > build/install.log 2>&1 \
 	  || { grep -v "is ignored" build/install.log | tail -n 80; echo "ERROR: building/installing tensormask-ray failed (full log: build/install.log)"; exit 1; }
 	@echo "nvcc compilations in this build: $$(grep -cE '/nvcc .* -c .*\.cu' build/install.log || true)"

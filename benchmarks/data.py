@@ -27,10 +27,7 @@ Prints a markdown block; with --write, replaces the "## Data" section of benchma
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -50,7 +47,7 @@ if str(ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
 
 import torch  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
-from results_md import RESULTS, write_section  # noqa: E402
+from results_md import BenchmarkRun, add_write_args  # noqa: E402
 
 from tensormask_ray.config import Config, load_config  # noqa: E402
 from tensormask_ray.data import transforms  # noqa: E402
@@ -175,14 +172,7 @@ def measure_data_wait(
     return meter.summary()
 
 
-def _load_average() -> str:
-    try:
-        return "/".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def run(args) -> str:
+def run(args, bench: BenchmarkRun) -> str:
     import ray
 
     cfg = load_config(overrides=[f"data.seed={args.seed}"])
@@ -199,7 +189,6 @@ def run(args) -> str:
         flush=True,
     )
 
-    load_before = _load_average()
     ray.init(
         num_cpus=args.workers, include_dashboard=False, logging_level="error", log_to_driver=False
     )
@@ -235,7 +224,6 @@ def run(args) -> str:
                 flush=True,
             )
     ray.shutdown()
-    load_after = _load_average()
 
     def med(name, key):
         return statistics.median(r[key] for r in results[name])
@@ -244,7 +232,6 @@ def run(args) -> str:
     ray_epoch = args.num_images / med("ray", "total_s") if results["ray"] else 0.0
     dl_epoch = args.num_images / med("dataloader", "total_s")
     ratio = ray_rate / dl_rate
-    cmd = "python benchmarks/data.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rows = [
         ("Ray Data, ordered (as Ray Train gets it)", "ray"),
         ("Ray Data, unordered", "ray_unordered"),
@@ -253,11 +240,7 @@ def run(args) -> str:
     lines = [
         "Images per second delivered to one training worker as collated, padded batches; produced by `benchmarks/data.py --write`.",
         "",
-        f"- Command: `{cmd}` ({time.perf_counter() - T0:.0f} s)",
-        f"- Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), no GPU; "
-        f"load average (1/5/15 min) {load_before} before, {load_after} after (other jobs share the machine)",
-        f"- torch {torch.__version__}, ray {ray.__version__}, Python {platform.python_version()}, "
-        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        *bench.header(versions=f"ray {ray.__version__}"),
         f"- Data: `data synth --num-images {args.num_images} --image-size {args.image_size}` (COCO-like sizes), "
         f"{len(prep.manifest['shards'])} shards of {args.shard_size}; default input config "
         f"(shorter side U[{cfg.input.min_size_train[0]}, {cfg.input.min_size_train[1]}], longer <= "
@@ -287,9 +270,6 @@ def run(args) -> str:
     return "\n".join(lines) + "\n"
 
 
-T0 = time.perf_counter()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=96)
@@ -307,15 +287,13 @@ def main() -> None:
     parser.add_argument(
         "--data-dir", default="", help="where to make the data (default: a temp dir)"
     )
-    parser.add_argument(
-        "--write", action="store_true", help="update the Data section of RESULTS.md"
-    )
+    add_write_args(parser, "Data")
     args = parser.parse_args()
-    block = run(args)
+    bench = BenchmarkRun.start(args)
+    block = run(args, bench)
     print("\n" + block)
     if args.write:
-        write_section("Data", block)
-        print(f"wrote the Data section of {RESULTS.relative_to(ROOT)}")
+        bench.write("Data", block)
 
 
 if __name__ == "__main__":

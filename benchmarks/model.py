@@ -14,12 +14,7 @@ model (e.g. one `tensormask-ray convert detectron2` wrote) with its config. --wr
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +22,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from results_md import write_section  # noqa: E402
+from results_md import BenchmarkRun, add_write_args, time_interleaved  # noqa: E402
 
 from tensormask_ray.config import load_config  # noqa: E402
 from tensormask_ray.modeling import build_model  # noqa: E402
@@ -60,16 +55,8 @@ def synthetic_batch(n: int, h: int, w: int, seed: int = 0):
 
 def timeit_pair(fa, fb, repeats: int, warmup: int = 1) -> tuple[float, float]:
     """Medians of fa and fb timed alternately, so that other load on the machine hits both alike."""
-    for _ in range(warmup):
-        fa()
-        fb()
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, out in ((fa, ta), (fb, tb)):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+    t = time_interleaved({"a": fa, "b": fb}, repeats, warmup)
+    return t["a"].median, t["b"].median
 
 
 DEFAULT_PRESET = "table2c-bipyramid"
@@ -111,8 +98,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=1216, help="image width (height = --size)")
     ap.add_argument("--preset", default=DEFAULT_PRESET, help=f"TensorMask config (default {DEFAULT_PRESET})")
     ap.add_argument("--checkpoint", help="time this checkpoint's model (its config; e.g. a converted one)")
-    ap.add_argument("--write", action="store_true")
+    add_write_args(ap, "Model")
     args = ap.parse_args()
+    run = BenchmarkRun.start(args)
     h, w = args.size, args.width
     images, targets = synthetic_batch(2, h, w)
     (tm, cfg), mr = tensormask(h, args.preset, args.checkpoint), maskrcnn(h)
@@ -148,7 +136,6 @@ def main() -> None:
 
     tm_train, mr_train = timeit_pair(tm_step, mr_step, max(2, args.repeats // 2))
 
-    cpu = subprocess.run(["bash", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'"], capture_output=True, text=True).stdout.strip()
     rows = [
         ("inference, s/image (100 detections)", tm_inf, mr_inf, f"{n_tm} / {n_mr} detections"),
         ("inference, s/image, both in channels_last", tm_inf_cl, mr_inf_cl, "models and input NHWC"),
@@ -162,12 +149,9 @@ def main() -> None:
     verdict = "met" if ratio <= 1.5 else "NOT met"
     text = "\n".join(
         [
-            f"Command: `python benchmarks/model.py --repeats {args.repeats} --size {h} --width {w}"
-            f"{'' if label == DEFAULT_PRESET else (' --checkpoint ' if args.checkpoint else ' --preset ') + label}` "
-            f"(images {h}x{w}, {'the checkpoint' if args.checkpoint else 'random'} weights, median of repeats timed "
-            "alternately, one process).",
-            f"Machine: {cpu or platform.processor()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"torch threads {torch.get_num_threads()}.",
+            f"Images {h}x{w}, {"the checkpoint's" if args.checkpoint else "random"} weights ({label}), median of repeats timed alternately, one process.",
+            "",
+            *run.header(threads=torch.get_num_threads(), versions=f"torchvision {torchvision.__version__}"),
             "",
             *table,
             "",
@@ -183,7 +167,7 @@ def main() -> None:
     )
     print(text)
     if args.write:
-        write_section("Model" if label == DEFAULT_PRESET else f"Model ({args.preset if not args.checkpoint else cfg.model.geometry + ' checkpoint'})", text)
+        run.write("Model" if label == DEFAULT_PRESET else f"Model ({args.preset if not args.checkpoint else cfg.model.geometry + ' checkpoint'})", text)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +25,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PYTHONPATH", str(ROOT))  # Ray workers import the project
 
-from results_md import write_section  # noqa: E402
+from results_md import BenchmarkRun, add_write_args  # noqa: E402
 
 from tensormask_ray.config import load_config  # noqa: E402
 from tensormask_ray.data.coco_to_parquet import prepare  # noqa: E402
@@ -87,8 +85,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="longer side of the synthetic images")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
-    parser.add_argument("--write", action="store_true", help="update the Training section of RESULTS.md")
+    add_write_args(parser, "Training")
     args = parser.parse_args()
+    run = BenchmarkRun.start(args)
 
     import ray
 
@@ -101,7 +100,6 @@ def main() -> None:
         results = {w: measure(w, shards, work, args.iterations, args.use_gpu) for w in args.workers}
         ray.shutdown()
 
-    cpu = subprocess.run(["bash", "-c", "lscpu | grep 'Model name' | sed 's/.*: *//'"], capture_output=True, text=True).stdout.strip()
     base = results[min(results)]
     table = [
         "| workers | images/s (all workers) | speed-up | step time, s | data wait | peak RSS per worker | run wall time |",
@@ -115,12 +113,11 @@ def main() -> None:
     device = "GPU (NCCL)" if args.use_gpu else "CPU (gloo)"
     text = "\n".join(
         [
-            f"Command: `python benchmarks/train.py --iterations {args.iterations} --num-images {args.num_images} "
-            f"--image-size {args.image_size}{' --use-gpu' if args.use_gpu else ''}` (cpu-small preset: R-18-FPN, "
-            f"64 channels, P3-P6, bipyramid, 9x9 windows; batch 2 per worker; {device}; averages over the logging "
-            f"windows of {LOG_PERIOD} iterations after the first).",
-            f"Machine: {cpu or platform.processor()}, {os.cpu_count()} cores, torch threads per worker as Ray sets "
-            "them (1 per worker CPU).",
+            f"cpu-small preset: R-18-FPN, 64 channels, P3-P6, bipyramid, 9x9 windows; batch 2 per worker; "
+            f"{device}; averages over the logging windows of {LOG_PERIOD} iterations after the first; "
+            "torch threads per worker as Ray sets them (1 per worker CPU).",
+            "",
+            *run.header(versions=f"ray {ray.__version__}"),
             "",
             *table,
             "",
@@ -131,7 +128,7 @@ def main() -> None:
     )
     print(text)
     if args.write:
-        write_section("Training", text)
+        run.write("Training", text)
 
 
 if __name__ == "__main__":

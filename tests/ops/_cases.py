@@ -196,6 +196,8 @@ def kernel_results() -> dict[str, torch.Tensor]:
         d2_case(3, 4, 4),
         d2_case(8, 3, 2, N=1),
         d2_case(2, 3, 3, hw=(2, 1)),
+        d2_case(1, 15, 15, N=1, hw=(9, 40)),  # float read in place, rim columns on both sides
+        d2_case(16, 2, 3, N=1, hw=(40, 37)),  # window wider than the input: mostly pad columns
     ]
     results = {}
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
