@@ -42,6 +42,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from . import schema
+from .coco_io import load_coco_json
 from .errors import DataError
 from .manifest import write_manifest
 
@@ -103,31 +104,6 @@ class CocoSource:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     num_source_images: int = 0
     num_source_annotations: int = 0
-
-
-def load_coco_json(path: str | Path) -> tuple[dict[str, Any], str]:
-    """(the parsed JSON object, its sha256). A missing or malformed file is a `DataError` in any
-    mode: without a readable JSON there is nothing to skip to."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: COCO JSON file not found")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the COCO JSON ({e})") from e
-    try:
-        data = json.loads(raw)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: malformed JSON, not UTF-8 text ({e})") from e
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        ) from e
-    if not isinstance(data, dict):
-        raise DataError(
-            f"{path}: malformed COCO JSON: expected an object, got {type(data).__name__}"
-        )
-    return data, hashlib.sha256(raw).hexdigest()
 
 
 def _check_categories(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:

@@ -17,8 +17,9 @@ from PIL import Image
 
 from ..config import Config
 from ..data import schema
+from ..data.manifest import CategoryMap, read_manifest
 from .coco import evaluate_coco, predictions_to_coco
-from .ground_truth import category_mapping, coco_gt_from_shards, read_manifest
+from .ground_truth import coco_gt_from_shards
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
@@ -76,7 +77,7 @@ def predict_shards(
 ) -> tuple[list[dict], list[int]]:
     """COCO result dicts and the image ids predicted, for this rank's slice of the shards'
     images (see `iter_shard_images`)."""
-    category_ids, _ = category_mapping(read_manifest(shards_dir))
+    category_ids = CategoryMap.from_manifest(read_manifest(shards_dir)).ids
     results, image_ids = [], []
     for image_id, image in iter_shard_images(shards_dir, max_images, rank, world_size):
         results.extend(predictions_to_coco(predict_image(model, image, cfg), image_id, category_ids))
@@ -110,7 +111,8 @@ def overlay_images(model, shards_dir: str | Path, cfg: Config, num_images: int, 
     manifest = read_manifest(shards_dir)
     total = min(max_images or manifest["num_images"], manifest["num_images"])
     wanted = {round(i * (total - 1) / max(num_images - 1, 1)) for i in range(min(num_images, total))}
-    category_ids, class_names = category_mapping(manifest)
+    categories = CategoryMap.from_manifest(manifest)
+    category_ids, class_names = categories.ids, list(categories.names)
     coco_gt = coco_gt_from_shards(shards_dir)
     out = []
     for index, (image_id, image) in enumerate(iter_shard_images(shards_dir, total)):

@@ -48,7 +48,7 @@ class TrainOutcome:
 
 # ----------------------------------------------------------------------------- checks
 def load_categories(shards_dir: str) -> list[dict]:
-    from ..evaluation.ground_truth import read_manifest
+    from ..data.manifest import read_manifest
 
     if not shards_dir:
         raise ConfigError("config key 'data.train_shards': no training shards given")

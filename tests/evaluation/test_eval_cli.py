@@ -16,6 +16,7 @@ import torch
 from pycocotools.coco import COCO
 
 from tensormask_ray import cli
+from tensormask_ray.data.manifest import read_manifest
 from tensormask_ray.evaluation import inference
 from tensormask_ray.evaluation.coco import METRIC_NAMES
 from tensormask_ray.evaluation.evaluator import decode_rgb
@@ -23,7 +24,6 @@ from tensormask_ray.evaluation.ground_truth import (
     coco_gt_from_json,
     coco_gt_from_shards,
     instances_from_coco,
-    read_manifest,
 )
 
 from .checkpoints import make_checkpoint

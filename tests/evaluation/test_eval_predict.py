@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from tensormask_ray import cli
+from tensormask_ray.data.manifest import read_manifest
 from tensormask_ray.evaluation.evaluator import decode_rgb
-from tensormask_ray.evaluation.ground_truth import read_manifest
 from tensormask_ray.evaluation.predict_cli import record_to_prediction
 from tensormask_ray.evaluation.visualize import draw_instances
 

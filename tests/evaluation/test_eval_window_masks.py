@@ -101,7 +101,7 @@ def test_summary_buckets_by_coco_size_and_counts_the_unscored():
 
 
 def test_evaluate_writes_the_window_mask_figures(tmp_path, synth_shards, capsys):
-    from tensormask_ray.evaluation.ground_truth import read_manifest
+    from tensormask_ray.data.manifest import read_manifest
 
     ckpt = make_checkpoint(tmp_path / "run" / "checkpoint_0000003", read_manifest(synth_shards)["categories"])
     rc = cli.main(["evaluate", "--checkpoint", str(ckpt), "--shards", str(synth_shards), "--out", str(tmp_path / "o"),
