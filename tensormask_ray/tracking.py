@@ -431,15 +431,16 @@ class TensorMaskPredictor:
     def predict(self, model_input: Any, params: dict | None = None) -> list[list[dict]]:
         import numpy as np
 
+        from .data.transforms import decode_image
         from .evaluation.coco import predictions_to_coco
-        from .evaluation.evaluator import decode_rgb, predict_image
+        from .evaluation.evaluator import predict_image
 
         if hasattr(model_input, "iloc"):  # a DataFrame: the first column
             model_input = list(model_input.iloc[:, 0])
         single = isinstance(model_input, (str, Path)) or (isinstance(model_input, np.ndarray) and model_input.ndim == 3)
         out = []
         for item in [model_input] if single else model_input:
-            image = decode_rgb(Path(item).read_bytes()) if isinstance(item, (str, Path)) else np.asarray(item, dtype=np.uint8)
+            image = decode_image(Path(item).read_bytes()) if isinstance(item, (str, Path)) else np.asarray(item, dtype=np.uint8)
             prediction = predict_image(self.model, image, self.cfg, self.device)
             out.append(predictions_to_coco(prediction, 0, self.category_ids))
         return out

@@ -38,9 +38,10 @@ from typing import Any
 
 import numpy as np
 
+from ..data.transforms import decode_image
 from ..errors import UserError
 from .coco import describe_ids, predictions_to_coco
-from .evaluator import decode_rgb, predict_image
+from .evaluator import predict_image
 
 LOG_NAME = "predictions.jsonl"
 LOG_VERSION = 1
@@ -114,7 +115,7 @@ class Predictor:
         try:
             if data is None:
                 data = Path(path).read_bytes()
-            image = decode_rgb(bytes(data))  # (H, W, 3) uint8
+            image = decode_image(bytes(data))  # (H, W, 3) uint8
         except Exception as e:  # noqa: BLE001 - whatever fails here is the file's fault
             error = f"cannot read or decode the image ({_reason(e)})"
             return _record(image_id, file_name, 0, 0, error, t0, "[]")

@@ -78,8 +78,8 @@ def record_to_prediction(
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.transforms import decode_image
     from ..train.checkpoint import load_model_for_inference
-    from .evaluator import decode_rgb
     from .inference import (
         LOG_NAME,
         FileSource,
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         h, w = int(record["height"]), int(record["width"])
         prediction = record_to_prediction(results, h, w, category_ids)
         overlay = save_overlay(
-            out / png_names[image_id], decode_rgb(path.read_bytes()), prediction, class_names,
+            out / png_names[image_id], decode_image(path.read_bytes()), prediction, class_names,
             score_thresh=args.score_thresh, alpha=args.alpha,
         )  # fmt: skip
         instances = [
