@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .finite import is_finite_number
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -225,7 +225,7 @@ class RunLogger:
         items = [
             Metric(k.replace("@", "_"), float(v), now, int(step))
             for k, v in metrics.items()
-            if isinstance(v, (int, float)) and math.isfinite(float(v))
+            if is_finite_number(v)
         ]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH])

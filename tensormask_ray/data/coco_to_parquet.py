@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ..finite import is_finite_number
 from . import schema
 from .coco_io import load_coco_json
 from .errors import DataError
@@ -85,10 +86,6 @@ class _Skips:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -290,7 +287,7 @@ def segmentation_to_rle(
         if not seg:
             return None, "empty polygon (no rings)"
         for k, ring in enumerate(seg):
-            if not isinstance(ring, list) or not all(_is_number(v) for v in ring):
+            if not isinstance(ring, list) or not all(is_finite_number(v) for v in ring):
                 return None, f"degenerate polygon: ring {k} is not a list of finite numbers"
             if len(ring) < 6 or len(ring) % 2:
                 return None, (
@@ -345,7 +342,7 @@ def segmentation_to_rle(
 
 
 def box_problem(bbox: Any, height: int, width: int) -> str | None:
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_finite_number(v) for v in bbox)):
         return f"'bbox' is {bbox!r:.80}, expected [x, y, width, height]"
     x, y, w, h = bbox
     if w <= 0 or h <= 0:
@@ -452,7 +449,7 @@ def build_rows(task: ShardTask) -> tuple[dict[str, list[Any]], list[dict[str, An
                 skips.add(image_id, ann["id"], f"{ann_where}: {problem}")
                 continue
             area = ann.get("area")
-            if not _is_number(area) or area < 0:
+            if not is_finite_number(area) or area < 0:
                 area = float(mask_utils.area(_c_rle(rle)))
             row["ann_ids"].append(ann["id"])
             row["category_ids"].append(ann["category_id"])

@@ -8,7 +8,6 @@ run keeps logging to the same MLflow run.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ from ..capacity import check_capacity, train_reservation
 from ..config import Config, ConfigError
 from ..console import init_ray
 from ..errors import UserError
+from ..finite import is_finite_number
 from ..tracking import (
     Dataset,
     RunLogger,
@@ -285,7 +285,7 @@ def run_training(
         run_dir=run_dir,
         mlflow_uri=uri,
         mlflow_run_id=logger.run_id,
-        metrics={k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        metrics={k: v for k, v in (result.metrics or {}).items() if is_finite_number(v)},
         checkpoint=_checkpoint_path(result.checkpoint),
         best_checkpoint=_checkpoint_path(best),
         error=error,

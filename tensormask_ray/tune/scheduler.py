@@ -17,7 +17,7 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
-from .spec import is_number
+from ..finite import is_finite_number
 
 RESULT_FILE = "result.json"  # Tune's JSON lines of a trial's reported results
 
@@ -58,7 +58,7 @@ class ResumableASHA(ASHAScheduler):
         bracket = self._trial_info[trial.trial_id]
         for result in reported_results(trial):
             t, value = result.get(self._time_attr), result.get(self._metric)
-            if is_number(t) and is_number(value):
+            if is_finite_number(t) and is_finite_number(value):
                 bracket.on_result(trial, t, self._metric_op * value)  # records; the decision is moot
 
     def rungs(self) -> list[tuple[float, dict[str, float]]]:

@@ -15,9 +15,10 @@ sort and compare view agree with `runs compare`.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
+
+from ..finite import is_finite_number
 
 TRIALS_DIR = "trials"
 STARTS_FILE = "trial_starts.log"  # one line per start of the trial function (retries, resumes)
@@ -90,7 +91,7 @@ def _sweep_metric_logger(uri: str, run_id: str, metric: str, mode: str):
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
             value, step = metrics[0].get(metric), metrics[0].get("iteration", 0)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not is_finite_number(value):
                 return  # e.g. val/segm/AP before the first validation
             if self.reports is None:
                 self.reports = queue.Queue()
