@@ -40,6 +40,7 @@ import numpy as np
 
 from ..data.transforms import decode_image
 from ..errors import UserError
+from ..train.checkpoint import state_path
 from .coco import describe_ids, predictions_to_coco
 from .evaluator import predict_image
 
@@ -586,7 +587,7 @@ def log_header(spec: ModelSpec, cfg, source_description: str) -> dict[str, Any]:
     """What must match for a log to be resumed: the checkpoint (path, size, modification time),
     the test-time settings, the class -> category id map and the data."""
     path = Path(spec.checkpoint).resolve()
-    state = path / "state.pt" if path.is_dir() else path
+    state = state_path(path)
     stat = state.stat() if state.is_file() else None
     return {
         "checkpoint": str(path),

@@ -30,9 +30,8 @@ from ..tracking import (
     ui_url,
 )
 from . import storage
+from .checkpoint import MLFLOW_RUN_FILE, state_path
 from .loop import PROGRESS_FILE, RunSettings, loop_config, train_loop_per_worker
-
-MLFLOW_RUN_FILE = "mlflow_run_id"
 
 
 @dataclass
@@ -65,7 +64,7 @@ def check_run(cfg: Config, resume: bool) -> tuple[str, str, list[dict]]:
         )
     if cfg.model.weights:
         weights = Path(cfg.model.weights)
-        if not (weights / "state.pt").is_file() and not weights.is_file():
+        if not state_path(weights).is_file():
             raise ConfigError(f"config key 'model.weights': no checkpoint at {weights} (a folder holding state.pt, or the file)")
     if cfg.data.val_shards:
         val = load_categories(cfg.data.val_shards)

@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import UserError
 from ..finite import is_finite_number
 from ..train import storage
+from ..train.checkpoint import MLFLOW_RUN_FILE, TRIAL_RESULT_FILE
 from .spec import SweepSpec, parse_spec
 from .trainable import TRIALS_DIR, trial_display_name, trial_run_name
 
@@ -30,7 +31,7 @@ def load_sweep(name: str, storage_path: str = "runs") -> tuple[str, dict[str, An
 
 
 def _history(trial_path: str) -> list[dict[str, Any]]:
-    text = storage.read_text(storage.join(trial_path, "result.json")) or ""
+    text = storage.read_text(storage.join(trial_path, TRIAL_RESULT_FILE)) or ""
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -57,7 +58,7 @@ def trial_rows(name: str, storage_path: str = "runs") -> list[dict[str, Any]]:
         last = history[-1] if history else {}
         iterations = int(last.get("iteration", 0) or 0)
         run_dir = storage.join(sweep_dir, TRIALS_DIR, trial_run_name(trial.trial_id))
-        run_id = (storage.read_text(storage.join(run_dir, "mlflow_run_id")) or "").strip() or None
+        run_id = (storage.read_text(storage.join(run_dir, MLFLOW_RUN_FILE)) or "").strip() or None
         params = {k: trial.config.get(k) for k in spec.search}
         rows.append(
             {

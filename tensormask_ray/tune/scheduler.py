@@ -18,8 +18,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler
 
 from ..finite import is_finite_number
-
-RESULT_FILE = "result.json"  # Tune's JSON lines of a trial's reported results
+from ..train.checkpoint import TRIAL_RESULT_FILE
 
 
 def reported_results(trial) -> list[dict[str, Any]]:
@@ -27,13 +26,13 @@ def reported_results(trial) -> list[dict[str, Any]]:
     its folder in the sweep's storage, whichever holds more; [] for a new trial."""
     texts: list[str] = []
     try:
-        local = Path(trial.local_path or "", RESULT_FILE)
+        local = Path(trial.local_path or "", TRIAL_RESULT_FILE)
         if trial.local_path and local.is_file():
             texts.append(local.read_text())
     except (OSError, AttributeError, RuntimeError):  # RuntimeError: a trial without a folder yet
         pass
     try:
-        with trial.storage.storage_filesystem.open_input_stream(f"{trial.path}/{RESULT_FILE}") as f:
+        with trial.storage.storage_filesystem.open_input_stream(f"{trial.path}/{TRIAL_RESULT_FILE}") as f:
             texts.append(f.readall().decode())
     except (OSError, AttributeError, RuntimeError, TypeError):  # no file yet (pyarrow: OSError)
         pass

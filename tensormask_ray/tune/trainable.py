@@ -111,7 +111,8 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
 
     from ..config import apply_overrides, from_dict
     from ..train import storage
-    from ..train.trainer import MLFLOW_RUN_FILE, build_trainer, check_run, start_mlflow_run
+    from ..train.checkpoint import MLFLOW_RUN_FILE
+    from ..train.trainer import build_trainer, check_run, start_mlflow_run
     from .spec import trial_overrides
 
     # Progress bars from inside a trial are only noise in the sweep's log.
