@@ -216,6 +216,18 @@ class Config:
         return self
 
 
+# The config keys whose values are paths (files, folders, storage URIs): made absolute before a
+# config travels to other processes (sweep trials), warned about when relative in a cluster job.
+PATH_KEYS = (
+    "data.train_shards",
+    "data.val_shards",
+    "data.val_json",
+    "model.backbone.weights",
+    "model.weights",
+    "train.storage_path",
+)
+
+
 # ----------------------------------------------------------------------------- presets
 # Each preset is a set of dotted overrides on the defaults. The table presets follow the paper's
 # ResNet-50-FPN ablations (Tables 1, 2a-d) and final models (Table 3).

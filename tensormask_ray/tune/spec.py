@@ -34,14 +34,20 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError, apply_overrides, known_keys, load_config, parse_override
+from ..config import (
+    PATH_KEYS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    known_keys,
+    load_config,
+    parse_override,
+)
 from ..errors import UserError
 from ..finite import is_finite_number
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 VARIANT = "variant"  # a search entry whose values are mappings of config overrides, applied together
-# Paths in the config that the trials (other processes, maybe other machines) must see absolute.
-PATH_KEYS = ("data.train_shards", "data.val_shards", "model.backbone.weights", "model.weights", "train.storage_path")
 
 
 class SpecError(UserError):
