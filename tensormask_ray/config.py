@@ -64,7 +64,7 @@ class ModelConfig:
     box_channels: int = 128  # box tower: 4 x (3x3 conv, 128, ReLU)
     mask_channels: int = 128  # mask tower: 4 x (3x3 conv, 128, ReLU)
     tower_depth: int = 4
-    pad_value: float = -6.0  # logit for reads outside the image in the tensor ops
+    pad_value: float = -6.0  # logit for reads outside the image: the tensor ops have no default
     prior_prob: float = 0.01  # class-logit bias init, as RetinaNet
     geometry: Geometry = "paper"
     # Box-delta weights (wx, wy, ww, wh): targets are (wx*dx, wy*dy, ww*dw, wh*dh); Detectron2's

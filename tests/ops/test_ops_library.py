@@ -21,7 +21,7 @@ def test_missing_extension_raises_an_actionable_error(monkeypatch):
     # The public ops report the same error instead of silently using the references.
     monkeypatch.delenv(api.BACKEND_ENV, raising=False)
     with pytest.raises(ImportError, match="could not be loaded"):
-        api.swap_align2nat(rand((1, 3, 3, 4, 4)), 2)
+        api.swap_align2nat(rand((1, 3, 3, 4, 4)), 2, -6.0)
 
 
 def test_reference_backend_is_an_explicit_opt_in(monkeypatch):
@@ -37,7 +37,7 @@ def test_reference_backend_is_an_explicit_opt_in(monkeypatch):
     assert torch.equal(out, reference.swap_align2nat_detectron2(x, 2, -1.0))
     monkeypatch.setenv(api.BACKEND_ENV, "bogus")
     with pytest.raises(ValueError, match="TENSORMASK_OPS"):
-        api.align2nat(x)
+        api.align2nat(x, 1, -6.0)
 
 
 @requires_ext
@@ -46,12 +46,23 @@ def test_public_api_uses_the_fused_ops(monkeypatch):
     assert api.backend() == "fused"
     x = rand((2, 5, 3, 6, 7))
     ops = torch.ops.tensormask
-    assert torch.equal(api.align2nat(x, 2, -1.0), ops.align2nat(x, 2, -1.0))
-    assert torch.equal(api.nat2align(x, 1), ops.nat2align(x, 1, -6.0))
-    assert torch.equal(api.up_align2nat(x, 9), ops.up_align2nat(x, 9, 9, "bilinear", -6.0))
-    assert torch.equal(api.swap_align2nat(x, 3), ops.swap_align2nat(x, 3, -6.0))
+    expected = {
+        "align2nat": ops.align2nat(x, 2, -1.0),
+        "nat2align": ops.nat2align(x, 1, -6.0),
+        "up_align2nat": ops.up_align2nat(x, 9, 7, "nearest", -2.0),
+        "swap_align2nat": ops.swap_align2nat(x, 3, -6.0),
+        "swap_align2nat_detectron2": ops.swap_align2nat_detectron2(x, 3, -6.0),
+    }
+    # The references give the same numbers, so equal outputs alone would not show which ran:
+    # with every reference made to fail, the public API must still answer.
+    for name in expected:
+        monkeypatch.setattr(reference, name, lambda *a, _n=name, **k: pytest.fail(f"api ran reference.{_n}"))
+    assert torch.equal(api.align2nat(x, 2, -1.0), expected["align2nat"])
+    assert torch.equal(api.nat2align(x, 1, -6.0), expected["nat2align"])
+    assert torch.equal(api.up_align2nat(x, (9, 7), "nearest", -2.0), expected["up_align2nat"])
+    assert torch.equal(api.swap_align2nat(x, 3, -6.0), expected["swap_align2nat"])
     assert torch.equal(
-        api.swap_align2nat(x, 3, geometry="detectron2"), ops.swap_align2nat_detectron2(x, 3, -6.0)
+        api.swap_align2nat(x, 3, -6.0, geometry="detectron2"), expected["swap_align2nat_detectron2"]
     )
 
 
