@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -539,17 +538,13 @@ def _ray_batches(
     import ray
 
     from ..capacity import check_capacity, inference_reservation
-    from ..console import init_ray
+    from ..console import ensure_ray
 
     # Ray Data's re-blocking step (below) is a task that asks for one CPU, which Ray Data offers
     # no way to lower: if the actors held every CPU it would wait forever. A local Ray started
-    # here gets one logical CPU more than the actors need (the step is light); on a cluster with
-    # no CPU to spare, check_capacity fails at once.
-    needed = num_actors * cpus_per_actor + 1
-    if not ray.is_initialized():
-        local = address is None and not os.environ.get("RAY_ADDRESS")
-        extra = {"num_cpus": max(os.cpu_count() or 1, math.ceil(needed))} if local else {}
-        init_ray(address=address, **extra)
+    # here gets at least one logical CPU more than the actors need (the step is light); on a
+    # cluster with no CPU to spare, check_capacity fails at once.
+    ensure_ray(address, needed_cpus=num_actors * cpus_per_actor + 1)
     check_capacity(inference_reservation(num_actors, cpus_per_actor, gpus_per_actor), "batch inference")
     remote_args: dict[str, Any] = {"num_cpus": cpus_per_actor}
     if gpus_per_actor > 0:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..capacity import check_capacity, train_reservation
 from ..config import Config, ConfigError
-from ..console import init_ray
+from ..console import ensure_ray
 from ..errors import UserError
 from ..finite import is_finite_number
 from ..tracking import (
@@ -251,19 +251,11 @@ def run_training(
     mlflow_uri: str | None = None,
 ) -> TrainOutcome:
     """Validates, starts (or resumes) the run and blocks until it ends."""
-    import ray
-
     store, run_dir, categories = check_run(cfg, resume)
-    init_ray(address=address)
+    ensure_ray(address)
     check_capacity(train_reservation(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu), "training")
     uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
     check_tracking_uri(uri)
-    if not sys.stdout.isatty():
-        # Ray Data's progress bars (from the split coordinator) become hundreds of log lines
-        # when the output is a file or a job log; the workers print their own progress.
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
     logger = start_mlflow_run(cfg, run_dir, uri, resume)
     print(f"[train] run '{cfg.train.run_name}' in {run_dir}; MLflow run {logger.run_id} ({uri})", flush=True)
     t0 = time.time()

@@ -110,13 +110,13 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ..config import apply_overrides, from_dict
+    from ..console import quiet_ray_data
     from ..train import storage
     from ..train.checkpoint import MLFLOW_RUN_FILE
     from ..train.trainer import build_trainer, check_run, start_mlflow_run
     from .spec import trial_overrides
 
-    # Progress bars from inside a trial are only noise in the sweep's log.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data()  # progress bars from inside a trial are only noise in the sweep's log
     trial_id = ray.tune.get_context().get_trial_id()
     overrides = {
         **trial_overrides(params),
