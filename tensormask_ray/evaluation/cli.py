@@ -30,6 +30,7 @@ from .options import (
     add_test_time_arguments,
     check_execution,
     inference_overrides,
+    load_model,
     report_failures,
 )
 
@@ -149,7 +150,6 @@ def _category_ids(
 def run(args: argparse.Namespace) -> int:
     from ..data.manifest import dataset_summary
     from ..tracking import resolve_tracking_uri
-    from ..train.checkpoint import load_model_for_inference
     from .coco import evaluate_coco, format_metrics_table
     from .found import format_found, instances_found
     from .ground_truth import coco_gt_from_json, coco_gt_from_shards
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         log_header,
         run_inference,
     )
-    from .runs import checkpoint_iteration, log_evaluation_run, resolve_checkpoint
+    from .runs import checkpoint_iteration, log_evaluation_run
     from .testdev import results_file_name, write_test_dev_results
 
     _check_data_arguments(args)
@@ -172,14 +172,8 @@ def run(args: argparse.Namespace) -> int:
         results_file_name(args.name)  # a bad --name fails now, not after inference
 
     # The model: loaded here once, so that a checkpoint not matching its config fails at once.
-    ref = resolve_checkpoint(
-        args.checkpoint, args.mlflow_run, args.best_of, args.mlflow_uri, args.sweep_storage,
-        args.model, Path(args.out) / "model",
-    )  # fmt: skip
+    ref, model, cfg, categories = load_model(args, overrides)
     local = args.num_actors == 0
-    model, cfg, categories = load_model_for_inference(
-        ref.path, overrides, args.device if local else "cpu"
-    )
     print(f"[evaluate] model {ref.path} ({ref.how})", file=sys.stderr)
 
     # The data: ground truth (or the image-info file) and where the images are.

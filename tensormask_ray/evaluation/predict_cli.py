@@ -24,6 +24,7 @@ from .options import (
     add_test_time_arguments,
     check_execution,
     inference_overrides,
+    load_model,
 )
 
 DEFAULT_SCORE_THRESH = 0.5
@@ -79,7 +80,6 @@ def record_to_prediction(
 
 def run(args: argparse.Namespace) -> int:
     from ..data.transforms import decode_image
-    from ..train.checkpoint import load_model_for_inference
     from .inference import (
         LOG_NAME,
         FileSource,
@@ -89,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
         log_header,
         run_inference,
     )
-    from .runs import resolve_checkpoint
     from .visualize import save_overlay
 
     check_execution(args)
@@ -97,14 +96,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--alpha {args.alpha}: must be in [0, 1]")
     files = image_files(args.inputs)
     overrides = inference_overrides(args)
-    ref = resolve_checkpoint(
-        args.checkpoint, args.mlflow_run, args.best_of, args.mlflow_uri, args.sweep_storage,
-        args.model, Path(args.out) / "model",
-    )  # fmt: skip
+    ref, model, cfg, categories = load_model(args, overrides)
     local = args.num_actors == 0
-    model, cfg, categories = load_model_for_inference(
-        ref.path, overrides, args.device if local else "cpu"
-    )
     k = cfg.model.num_classes
     if categories and len(categories) != k:
         raise UserError(
