@@ -332,10 +332,16 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def get_run(uri: str, run_id: str):
+    """The MLflow run `run_id`; a UserError that says whether the store has no such run or could
+    not be asked (a server down, a network error), never one for the other."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return _client(uri).get_run(run_id)
-    except Exception as e:  # mlflow raises MlflowException for unknown ids
-        raise UserError(f"MLflow run {run_id} not found in {uri}: {e}") from e
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise UserError(f"MLflow run {run_id} not found in {uri}: {e.message}") from e
+        raise UserError(f"could not read MLflow run {run_id} from {uri} ({e.error_code}): {e.message}") from e
 
 
 # ----------------------------------------------------------------------------- models

@@ -474,7 +474,8 @@ def _c_rle(rle: dict[str, Any]) -> dict[str, Any]:
 
 def _shard_meta(path: Path) -> dict[str, Any] | None:
     """The footer metadata of a complete shard, or None if the file is not one (missing,
-    truncated, foreign, or its row count disagrees with what its footer says it holds)."""
+    truncated, foreign, or its row count disagrees with what its footer says it holds). Only
+    those are answered None (the shard is rewritten); any other error is a bug and raised."""
     try:
         pf = pq.ParquetFile(path)
         meta = json.loads((pf.schema_arrow.metadata or {})[SHARD_META_KEY])
@@ -483,7 +484,9 @@ def _shard_meta(path: Path) -> dict[str, Any] | None:
         if not pf.schema_arrow.remove_metadata().equals(schema.SHARD_SCHEMA):
             return None
         return meta
-    except Exception:
+    # OSError: missing or unreadable; ArrowException / ValueError: not Parquet, truncated, a bad
+    # JSON footer or count; KeyError / TypeError: a footer without our key or of another shape.
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
         return None
 
 

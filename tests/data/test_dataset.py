@@ -228,3 +228,21 @@ def test_data_wait_meter():
     s = meter.summary()
     assert s["batches"] == 4 and s["first_batch_s"] >= 0.04
     assert 0.3 < s["data_wait_fraction"] < 0.7
+
+
+def test_world_rank_is_zero_outside_ray_train_and_errors_are_not_hidden(monkeypatch):
+    import ray.train
+
+    from tensormask_ray.data import dataset
+
+    assert dataset._world_rank() == 0  # Ray Train's RuntimeError outside a training function
+
+    class Context:
+        def get_world_rank(self):
+            return 3
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: Context())
+    assert dataset._world_rank() == 3
+    monkeypatch.setattr(ray.train, "get_context", lambda: object())  # a context without the method
+    with pytest.raises(AttributeError):
+        dataset._world_rank()
