@@ -67,9 +67,28 @@ def test_public_api_uses_the_fused_ops(monkeypatch):
 
 
 @requires_ext
-def test_ensure_loaded_is_idempotent():
+def test_ensure_loaded_registers_once_even_from_many_threads(monkeypatch):
+    """Registering a fake or autograd implementation twice is an error in torch.library: the
+    first load registers, every later or concurrent call does nothing."""
+    import threading
+    import time
+
+    calls = []
+
+    def register_autograd():
+        time.sleep(0.01)  # widen the window in which a second thread could slip in
+        calls.append("autograd")
+
+    monkeypatch.setattr(library, "_LOADED", False)  # as in a fresh process (restored after)
+    monkeypatch.setattr(library, "_register_fakes", lambda: calls.append("fakes"))
+    monkeypatch.setattr(library, "_register_autograd", register_autograd)
+    threads = [threading.Thread(target=library.ensure_loaded) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     library.ensure_loaded()
-    library.ensure_loaded()
+    assert calls == ["fakes", "autograd"] and library._LOADED
 
 
 @requires_ext
@@ -79,3 +98,13 @@ def test_build_info_reports_every_op(capsys):
     for name in library.OPS + library.BACKWARD_OPS:
         assert name in printed
     assert "CUDA kernels registered" in printed
+
+
+def test_a_missing_extension_fails_in_ci_and_skips_elsewhere():
+    from .conftest import extension_check
+
+    extension_check(None, in_ci=True)  # built: the test runs
+    with pytest.raises(pytest.fail.Exception, match="CI=true and the extension is not built"):
+        extension_check("no module named tensormask_ray._C", in_ci=True)
+    with pytest.raises(pytest.skip.Exception, match="extension not built: no module"):
+        extension_check("no module named tensormask_ray._C", in_ci=False)
