@@ -447,7 +447,7 @@ class TensorMaskPredictor:
         out = []
         for item in [model_input] if single else model_input:
             image = decode_image(Path(item).read_bytes()) if isinstance(item, (str, Path)) else np.asarray(item, dtype=np.uint8)
-            prediction = predict_image(self.model, image, self.cfg, self.device)
+            prediction = predict_image(self.model, image, self.cfg)  # on the model's device
             out.append(predictions_to_coco(prediction, 0, self.category_ids))
         return out
 
