@@ -428,11 +428,12 @@ class TensorMaskPredictor:
     segmentation as compressed RLE)."""
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu"):
+        from .data.manifest import CategoryMap
         from .train.checkpoint import load_model_for_inference
 
         self.model, self.cfg, categories = load_model_for_inference(checkpoint, device=device)
         self.device = device
-        self.category_ids = [int(c["id"]) for c in categories] or list(range(self.cfg.model.num_classes))
+        self.category_ids = list(CategoryMap.of_model(categories, self.cfg.model.num_classes, f"checkpoint {checkpoint}").ids)
 
     def predict(self, model_input: Any, params: dict | None = None) -> list[list[dict]]:
         import numpy as np

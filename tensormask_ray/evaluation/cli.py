@@ -130,16 +130,18 @@ def _check_data_arguments(args: argparse.Namespace) -> None:
 def _category_ids(
     categories: list[dict], dataset_categories: list[dict], num_classes: int, where: str
 ) -> list[int]:
-    """COCO id of each class index: the checkpoint's categories (those it was trained with),
-    checked against the data's."""
-    ids = [int(c["id"]) for c in categories] or sorted(int(c["id"]) for c in dataset_categories)
-    if len(ids) != num_classes:
+    """COCO id of each class index: the checkpoint's categories (those it was trained with), or
+    for a checkpoint without them the data's in id order; checked against the data's."""
+    from ..data.manifest import CategoryMap
+
+    data = CategoryMap.from_categories(dataset_categories)
+    model = CategoryMap.of_model(categories, num_classes, "checkpoint") if categories else data
+    if model.num_classes != num_classes:
         raise UserError(
-            f"the checkpoint's model has {num_classes} classes but {len(ids)} categories "
-            f"({'checkpoint' if categories else where})"
+            f"the checkpoint's model has {num_classes} classes but {where} has {data.num_classes} categories"
         )
-    known = {int(c["id"]) for c in dataset_categories}
-    unknown = [i for i in ids if i not in known]
+    ids = list(model.ids)
+    unknown = [i for i in ids if i not in data]
     if unknown:
         raise UserError(
             f"category ids {unknown} of the checkpoint are not among the categories of {where}"

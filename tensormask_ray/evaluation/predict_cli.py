@@ -79,6 +79,7 @@ def record_to_prediction(
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.manifest import CategoryMap
     from ..data.transforms import decode_image
     from .inference import (
         LOG_NAME,
@@ -98,15 +99,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = inference_overrides(args)
     ref, model, cfg, categories = load_model(args, overrides)
     local = args.num_actors == 0
-    k = cfg.model.num_classes
-    if categories and len(categories) != k:
-        raise UserError(
-            f"checkpoint {ref.path}: {len(categories)} categories for a {k}-class model"
-        )
-    category_ids = [int(c["id"]) for c in categories] or list(range(k))
-    class_names = [str(c.get("name", c["id"])) for c in categories] or [
-        f"class {i}" for i in range(k)
-    ]
+    model_categories = CategoryMap.of_model(categories, cfg.model.num_classes, f"checkpoint {ref.path}")
+    category_ids, class_names = list(model_categories.ids), list(model_categories.names)
     names_by_id = dict(zip(category_ids, class_names))
 
     out = Path(args.out)

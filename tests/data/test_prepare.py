@@ -529,3 +529,12 @@ def test_shard_meta_answers_none_for_a_file_that_is_no_shard_and_raises_on_a_bug
     monkeypatch.setattr(c2p.pq, "ParquetFile", bug)
     with pytest.raises(RuntimeError, match="a bug in the reader"):
         c2p._shard_meta(good)
+
+
+def test_a_models_category_map_keeps_its_checkpoint_order():
+    cats = [{"id": 9, "name": "zebra"}, {"id": 2, "name": "cat"}]  # the order the model learned
+    m = CategoryMap.of_model(cats, 2, "checkpoint c")
+    assert m.ids == (9, 2) and m.names == ("zebra", "cat") and m.index(2) == 1 and m.category_id(0) == 9
+    assert CategoryMap.of_model([], 3, "checkpoint c").names == ("class 0", "class 1", "class 2")
+    with pytest.raises(DataError, match="checkpoint c: 2 categories for a 3-class model"):
+        CategoryMap.of_model(cats, 3, "checkpoint c")
