@@ -51,3 +51,35 @@ def test_get_run_tells_a_missing_run_from_a_store_that_cannot_be_asked(monkeypat
     monkeypatch.setattr(tracking, "_client", lambda uri: _Client(TypeError("a bug")))
     with pytest.raises(TypeError, match="a bug"):  # not turned into a user error
         tracking.get_run("http://h:5000", "abc")
+
+
+class _Recorder:
+    def __init__(self):
+        self.batches = []
+
+    def log_batch(self, run_id, metrics=(), params=()):
+        self.batches.append((run_id, list(metrics), list(params)))
+
+
+def test_log_metrics_logs_finite_numbers_only_in_batches(monkeypatch):
+    """NaN, infinities, bools and non-numbers are not metrics (MLflow would store NaN or fail);
+    '@' (in names like AP@0.5) is not allowed in MLflow metric names; at most _BATCH per call."""
+    import math
+
+    import numpy as np
+
+    from tensormask_ray import tracking
+
+    recorder = _Recorder()
+    monkeypatch.setattr(tracking, "_client", lambda uri: recorder)
+    logger = tracking.RunLogger("sqlite:///m.db", "run1")
+    logger.log_metrics(
+        {"loss": 0.5, "ap@0.5": np.float32(0.25), "nan": math.nan, "inf": math.inf, "flag": True, "name": "x"},
+        step=7,
+    )
+    ((run_id, metrics, _),) = recorder.batches
+    assert run_id == "run1"
+    assert {(m.key, m.value, m.step) for m in metrics} == {("loss", 0.5, 7), ("ap_0.5", 0.25, 7)}
+    recorder.batches.clear()
+    logger.log_metrics({f"m{i}": float(i) for i in range(tracking._BATCH + 1)}, step=1)
+    assert [len(m) for _, m, _ in recorder.batches] == [tracking._BATCH, 1]
