@@ -31,7 +31,7 @@ from ..tracking import (
 )
 from . import storage
 from .checkpoint import MLFLOW_RUN_FILE, state_path
-from .loop import PROGRESS_FILE, RunSettings, loop_config, train_loop_per_worker
+from .loop import PROGRESS_FILE, RunSettings, Validation, loop_config, train_loop_per_worker
 
 
 @dataclass
@@ -96,6 +96,14 @@ def checkpoint_metric(cfg: Config) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- trainer
+def _check_validation(cfg: Config, validation: Validation | None) -> None:
+    if cfg.data.val_shards and validation is None:
+        raise ValueError(
+            "config key 'data.val_shards' is set but no validation was handed to the trainer "
+            "(validation=evaluation.validation.validate_on_shards)"
+        )
+
+
 def build_trainer(
     cfg: Config,
     store: str,
@@ -104,12 +112,15 @@ def build_trainer(
     mlflow_run_id: str,
     callbacks: list | None = None,
     start_epoch: int = 0,
+    validation: Validation | None = None,
 ):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ..data.dataset import build_train_dataset, train_data_config
     from .events import WorkerFailures
+
+    _check_validation(cfg, validation)
 
     metric, mode = checkpoint_metric(cfg)
     resources = {"CPU": cfg.train.cpus_per_worker}
@@ -125,7 +136,7 @@ def build_trainer(
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, run),
+        train_loop_config=loop_config(cfg, run, validation),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources,
@@ -249,8 +260,11 @@ def run_training(
     resume: bool = False,
     address: str | None = None,
     mlflow_uri: str | None = None,
+    validation: Validation | None = None,
 ) -> TrainOutcome:
-    """Validates, starts (or resumes) the run and blocks until it ends."""
+    """Validates, starts (or resumes) the run and blocks until it ends. `validation`: what runs
+    on `data.val_shards` (evaluation.validation.validate_on_shards; needed when they are set)."""
+    _check_validation(cfg, validation)
     store, run_dir, categories = check_run(cfg, resume)
     ensure_ray(address)
     check_capacity(train_reservation(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu), "training")
@@ -261,7 +275,7 @@ def run_training(
     t0 = time.time()
     progress = storage.read_json(storage.join(run_dir, PROGRESS_FILE)) if resume else None
     start_epoch = progress["epoch"] + 1 if progress else 0
-    trainer = build_trainer(cfg, store, categories, uri, logger.run_id, start_epoch=start_epoch)
+    trainer = build_trainer(cfg, store, categories, uri, logger.run_id, start_epoch=start_epoch, validation=validation)
     error: BaseException | None = None
     try:
         result = trainer.fit()

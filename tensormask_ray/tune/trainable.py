@@ -111,6 +111,7 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
 
     from ..config import apply_overrides, from_dict
     from ..console import quiet_ray_data
+    from ..evaluation.validation import validate_on_shards
     from ..train import storage
     from ..train.checkpoint import MLFLOW_RUN_FILE
     from ..train.trainer import build_trainer, check_run, start_mlflow_run
@@ -144,7 +145,7 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
         logger.log_params({f"sweep.{k}": v for k, v in params.items()})
     # Tune first: ASHA's decisions wait for nothing else.
     callbacks = [TuneReportCallback(), _sweep_metric_logger(uri, logger.run_id, context["metric"], context["mode"])]
-    trainer = build_trainer(cfg, store, categories, uri, logger.run_id, callbacks=callbacks)
+    trainer = build_trainer(cfg, store, categories, uri, logger.run_id, callbacks=callbacks, validation=validate_on_shards)
     try:
         result = trainer.fit()
         error = result.error
