@@ -64,7 +64,7 @@ class ModelConfig:
     box_channels: int = 128  # box tower: 4 x (3x3 conv, 128, ReLU)
     mask_channels: int = 128  # mask tower: 4 x (3x3 conv, 128, ReLU)
     tower_depth: int = 4
-    pad_value: float = -6.0  # logit for reads outside the image in the tensor ops
+    pad_value: float = -6.0  # logit for reads outside the image: the tensor ops have no default
     prior_prob: float = 0.01  # class-logit bias init, as RetinaNet
     geometry: Geometry = "paper"
     # Box-delta weights (wx, wy, ww, wh): targets are (wx*dx, wy*dy, ww*dw, wh*dh); Detectron2's
@@ -214,6 +214,18 @@ class Config:
     def validate(self) -> Config:
         validate(self)
         return self
+
+
+# The config keys whose values are paths (files, folders, storage URIs): made absolute before a
+# config travels to other processes (sweep trials), warned about when relative in a cluster job.
+PATH_KEYS = (
+    "data.train_shards",
+    "data.val_shards",
+    "data.val_json",
+    "model.backbone.weights",
+    "model.weights",
+    "train.storage_path",
+)
 
 
 # ----------------------------------------------------------------------------- presets

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import re
 import sys
@@ -283,25 +284,47 @@ def announce_log() -> None:
         _current.announce()
 
 
-def init_ray(**kwargs) -> None:
-    """`ray.init(**kwargs)` unless Ray is up, with our output settings: worker output forwarded
-    to this process (where the routers sort it), Ray Data without progress bars unless verbose.
-    Prints where the logs go and the cluster it started."""
-    import ray
+# A local Ray started here has at least this many logical CPUs: on a small machine, room for
+# Ray Data tasks beside fractional-CPU Train workers or inference actors (../shared/NOTES.md).
+MIN_LOCAL_CPUS = 4
+
+
+def local_ray_cpus(address: str | None, needed: float = 0) -> int | None:
+    """The `num_cpus` for `ray.init(address)`: for a local Ray started here (`address` None or
+    "local", and RAY_ADDRESS not naming a cluster for None) max(MIN_LOCAL_CPUS, the machine's
+    CPUs, ceil(needed)); None when joining a running cluster, which has its own count."""
+    if address not in (None, "local") or (address is None and os.environ.get("RAY_ADDRESS")):
+        return None
+    return max(MIN_LOCAL_CPUS, os.cpu_count() or 1, math.ceil(needed))
+
+
+def quiet_ray_data() -> None:
+    """No Ray Data progress bars in this process: bars drawn from its coordinator would cut
+    through our lines, and in a log file they become hundreds of lines. Its execution plans
+    still reach the log file."""
     import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def ensure_ray(address: str | None = None, needed_cpus: float = 0) -> None:
+    """Ray up, the one way every command starts or joins it: `ray.init(address)` unless Ray is
+    up already, with worker output forwarded to this process (where the routers sort it) and a
+    local Ray given `local_ray_cpus(address, needed_cpus)` logical CPUs. Ray Data progress bars
+    are off unless verbose on a terminal. Prints where the logs go and the cluster it started."""
+    import ray
 
     announce_log()
     if not ray.is_initialized():
-        context = ray.init(log_to_driver=True, **kwargs)
+        cpus = local_ray_cpus(address, needed_cpus)
+        context = ray.init(address=address, log_to_driver=True, **({"num_cpus": cpus} if cpus else {}))
         if _current is not None:
             _current.started_ray = True
-        cpus = ray.cluster_resources().get("CPU", 0)
+        total = ray.cluster_resources().get("CPU", 0)
         dashboard = f", dashboard http://{context.dashboard_url}" if getattr(context, "dashboard_url", None) else ""
-        print(f"Ray cluster with {cpus:g} CPUs{dashboard}", flush=True)
-    if _current is not None and not _current.verbose:
-        # Bars drawn from Ray Data's coordinator would cut through our lines; its execution
-        # plans still reach the log file.
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        print(f"Ray cluster with {total:g} CPUs{dashboard}", flush=True)
+    if (_current is not None and not _current.verbose) or not sys.stdout.isatty():
+        quiet_ray_data()
 
 
 __all__ = [
@@ -309,10 +332,12 @@ __all__ = [
     "TAGS",
     "VERBOSE_ENV",
     "announce_log",
+    "ensure_ray",
     "hide_worker_lines",
-    "init_ray",
+    "local_ray_cpus",
     "is_verbose",
     "log_only",
     "log_path",
+    "quiet_ray_data",
     "routed",
 ]

@@ -177,11 +177,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"held out (never trained on): {args.heldout_images} more synthetic shape images, to see what generalises")
     overrides = _train_overrides(shards, args.iterations)
 
-    from .console import init_ray
+    from .console import ensure_ray
 
-    # Logical CPUs above the physical count leave room for Ray Data beside fractional-CPU
-    # Train workers on a small machine (see ../shared/NOTES.md).
-    init_ray(num_cpus=max(4, os.cpu_count() or 1))
+    ensure_ray()  # a local Ray with room for Ray Data beside the Train workers (console.py)
 
     _step(f"2/6 train: {args.num_workers} Ray Train workers (CPU, gloo), MLflow at {mlflow_uri}")
     _cli("train", "--preset", "cpu-small", *overrides, "--num-workers", str(args.num_workers),

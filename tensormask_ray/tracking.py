@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .finite import is_finite_number
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -225,7 +225,7 @@ class RunLogger:
         items = [
             Metric(k.replace("@", "_"), float(v), now, int(step))
             for k, v in metrics.items()
-            if isinstance(v, (int, float)) and math.isfinite(float(v))
+            if is_finite_number(v)
         ]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
@@ -332,10 +332,16 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def get_run(uri: str, run_id: str):
+    """The MLflow run `run_id`; a UserError that says whether the store has no such run or could
+    not be asked (a server down, a network error), never one for the other."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return _client(uri).get_run(run_id)
-    except Exception as e:  # mlflow raises MlflowException for unknown ids
-        raise UserError(f"MLflow run {run_id} not found in {uri}: {e}") from e
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise UserError(f"MLflow run {run_id} not found in {uri}: {e.message}") from e
+        raise UserError(f"could not read MLflow run {run_id} from {uri} ({e.error_code}): {e.message}") from e
 
 
 # ----------------------------------------------------------------------------- models
@@ -422,25 +428,27 @@ class TensorMaskPredictor:
     segmentation as compressed RLE)."""
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu"):
+        from .data.manifest import CategoryMap
         from .train.checkpoint import load_model_for_inference
 
         self.model, self.cfg, categories = load_model_for_inference(checkpoint, device=device)
         self.device = device
-        self.category_ids = [int(c["id"]) for c in categories] or list(range(self.cfg.model.num_classes))
+        self.category_ids = list(CategoryMap.of_model(categories, self.cfg.model.num_classes, f"checkpoint {checkpoint}").ids)
 
     def predict(self, model_input: Any, params: dict | None = None) -> list[list[dict]]:
         import numpy as np
 
+        from .data.transforms import decode_image
         from .evaluation.coco import predictions_to_coco
-        from .evaluation.evaluator import decode_rgb, predict_image
+        from .evaluation.evaluator import predict_image
 
         if hasattr(model_input, "iloc"):  # a DataFrame: the first column
             model_input = list(model_input.iloc[:, 0])
         single = isinstance(model_input, (str, Path)) or (isinstance(model_input, np.ndarray) and model_input.ndim == 3)
         out = []
         for item in [model_input] if single else model_input:
-            image = decode_rgb(Path(item).read_bytes()) if isinstance(item, (str, Path)) else np.asarray(item, dtype=np.uint8)
-            prediction = predict_image(self.model, image, self.cfg, self.device)
+            image = decode_image(Path(item).read_bytes()) if isinstance(item, (str, Path)) else np.asarray(item, dtype=np.uint8)
+            prediction = predict_image(self.model, image, self.cfg)  # on the model's device
             out.append(predictions_to_coco(prediction, 0, self.category_ids))
         return out
 

@@ -107,3 +107,18 @@ def test_verbose_from_the_environment(monkeypatch):
     assert console.is_verbose()
     monkeypatch.setenv(console.VERBOSE_ENV, "0")
     assert not console.is_verbose() and console.is_verbose(True)
+
+
+def test_a_local_ray_gets_room_for_ray_data_and_a_cluster_its_own_count(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(console.os, "cpu_count", lambda: 2)
+    assert console.local_ray_cpus(None) == console.MIN_LOCAL_CPUS == 4
+    assert console.local_ray_cpus("local", needed=6.5) == 7  # e.g. inference actors + 1
+    monkeypatch.setattr(console.os, "cpu_count", lambda: 16)
+    assert console.local_ray_cpus(None, needed=3) == 16
+    # Joining a running cluster: ray.init must not be given num_cpus.
+    assert console.local_ray_cpus("ray://head:10001") is None
+    assert console.local_ray_cpus("auto") is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert console.local_ray_cpus(None) is None
+    assert console.local_ray_cpus("local") == 16  # "local" starts one even where RAY_ADDRESS is set

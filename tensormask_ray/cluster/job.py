@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..config import PATH_KEYS
 from ..errors import UserError
 
 # Commands that can run as a job, and the module each entrypoint runs.
@@ -101,14 +102,10 @@ _PATH_OPTIONS = (
     "--coco-json",
     "--images-dir",
 )
-_PATH_KEYS = (
-    "storage_path",
-    "train_shards",
-    "val_shards",
-    "val_json",
-    "mlflow_uri",
-    "checkpoint",
-    "out_dir",
+# Keys of config and sweep-spec files, by their last name, that hold paths: the config's
+# PATH_KEYS, and the spec's and tracking's own.
+_PATH_KEYS = frozenset(
+    [key.rsplit(".", 1)[-1] for key in PATH_KEYS] + ["storage_path", "mlflow_uri", "checkpoint", "out_dir"]
 )
 # Environment variable names that look like credentials: never put in a job's runtime env,
 # whose env_vars anyone who can read the dashboard can see.

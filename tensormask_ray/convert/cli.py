@@ -35,9 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..train.checkpoint import STATE_FILE
     from .detectron2 import convert_detectron2
 
     out = convert_detectron2(args.checkpoint, args.out, args.preset, list(args.overrides), args.overwrite)
-    print(f"[convert] wrote {out / 'state.pt'} (preset {args.preset}, 80 COCO categories)")
+    print(f"[convert] wrote {out / STATE_FILE} (preset {args.preset}, 80 COCO categories)")
     print(f"[convert] evaluate it: tensormask-ray evaluate --checkpoint {out} --shards SHARDS --out EVAL_DIR")
     return 0

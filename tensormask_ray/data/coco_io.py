@@ -3,6 +3,7 @@ makers `synth.py` and `imgviz_set.py`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -11,6 +12,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from .errors import DataError
 from .manifest import atomic_write_bytes
 
 JSON_NAME = "instances.json"
@@ -22,6 +24,31 @@ class CocoFiles(NamedTuple):
 
     json: Path
     images_dir: Path
+
+
+def load_coco_json(path: str | Path) -> tuple[dict[str, Any], str]:
+    """(the parsed JSON object, its sha256). A missing or malformed file is a `DataError` in any
+    mode: without a readable JSON there is nothing to skip to."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: COCO JSON file not found")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the COCO JSON ({e})") from e
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: malformed JSON, not UTF-8 text ({e})") from e
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from e
+    if not isinstance(data, dict):
+        raise DataError(
+            f"{path}: malformed COCO JSON: expected an object, got {type(data).__name__}"
+        )
+    return data, hashlib.sha256(raw).hexdigest()
 
 
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:

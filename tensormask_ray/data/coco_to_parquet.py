@@ -41,7 +41,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ..finite import is_finite_number
 from . import schema
+from .coco_io import load_coco_json
 from .errors import DataError
 from .manifest import write_manifest
 
@@ -86,10 +88,6 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 @dataclass
 class CocoSource:
     """A COCO JSON, structurally checked: images (sorted by id) and their annotations."""
@@ -103,31 +101,6 @@ class CocoSource:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     num_source_images: int = 0
     num_source_annotations: int = 0
-
-
-def load_coco_json(path: str | Path) -> tuple[dict[str, Any], str]:
-    """(the parsed JSON object, its sha256). A missing or malformed file is a `DataError` in any
-    mode: without a readable JSON there is nothing to skip to."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: COCO JSON file not found")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the COCO JSON ({e})") from e
-    try:
-        data = json.loads(raw)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: malformed JSON, not UTF-8 text ({e})") from e
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        ) from e
-    if not isinstance(data, dict):
-        raise DataError(
-            f"{path}: malformed COCO JSON: expected an object, got {type(data).__name__}"
-        )
-    return data, hashlib.sha256(raw).hexdigest()
 
 
 def _check_categories(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -314,7 +287,7 @@ def segmentation_to_rle(
         if not seg:
             return None, "empty polygon (no rings)"
         for k, ring in enumerate(seg):
-            if not isinstance(ring, list) or not all(_is_number(v) for v in ring):
+            if not isinstance(ring, list) or not all(is_finite_number(v) for v in ring):
                 return None, f"degenerate polygon: ring {k} is not a list of finite numbers"
             if len(ring) < 6 or len(ring) % 2:
                 return None, (
@@ -369,7 +342,7 @@ def segmentation_to_rle(
 
 
 def box_problem(bbox: Any, height: int, width: int) -> str | None:
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_finite_number(v) for v in bbox)):
         return f"'bbox' is {bbox!r:.80}, expected [x, y, width, height]"
     x, y, w, h = bbox
     if w <= 0 or h <= 0:
@@ -476,7 +449,7 @@ def build_rows(task: ShardTask) -> tuple[dict[str, list[Any]], list[dict[str, An
                 skips.add(image_id, ann["id"], f"{ann_where}: {problem}")
                 continue
             area = ann.get("area")
-            if not _is_number(area) or area < 0:
+            if not is_finite_number(area) or area < 0:
                 area = float(mask_utils.area(_c_rle(rle)))
             row["ann_ids"].append(ann["id"])
             row["category_ids"].append(ann["category_id"])
@@ -501,7 +474,8 @@ def _c_rle(rle: dict[str, Any]) -> dict[str, Any]:
 
 def _shard_meta(path: Path) -> dict[str, Any] | None:
     """The footer metadata of a complete shard, or None if the file is not one (missing,
-    truncated, foreign, or its row count disagrees with what its footer says it holds)."""
+    truncated, foreign, or its row count disagrees with what its footer says it holds). Only
+    those are answered None (the shard is rewritten); any other error is a bug and raised."""
     try:
         pf = pq.ParquetFile(path)
         meta = json.loads((pf.schema_arrow.metadata or {})[SHARD_META_KEY])
@@ -510,7 +484,9 @@ def _shard_meta(path: Path) -> dict[str, Any] | None:
         if not pf.schema_arrow.remove_metadata().equals(schema.SHARD_SCHEMA):
             return None
         return meta
-    except Exception:
+    # OSError: missing or unreadable; ArrowException / ValueError: not Parquet, truncated, a bad
+    # JSON footer or count; KeyError / TypeError: a footer without our key or of another shape.
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
         return None
 
 

@@ -207,10 +207,12 @@ class TrainCollate(NumpyBatchCollateFn):
 
 
 def _world_rank() -> int:
+    """This Train worker's rank; 0 outside Ray Train (local training, tests)."""
     try:
-        return int(ray.train.get_context().get_world_rank())
-    except Exception:  # not in a Ray Train worker
+        context = ray.train.get_context()
+    except RuntimeError:  # Ray Train's answer outside a training function
         return 0
+    return int(context.get_world_rank())
 
 
 def local_shuffle_seed(seed: int, epoch: int, rank: int) -> int:

@@ -64,6 +64,17 @@ class CategoryMap:
     def indices(self, category_ids: Sequence[int]) -> list[int]:
         return [self._lookup[int(c)] for c in category_ids]
 
+    @classmethod
+    def of_model(cls, categories: Sequence[dict[str, Any]], num_classes: int, where: str) -> CategoryMap:
+        """A trained model's map: its checkpoint's categories in the order it was trained with
+        (not re-sorted); for a checkpoint without categories, ids 0 .. K-1 named "class i".
+        DataError (naming `where`) when their number is not the model's class count."""
+        if not categories:
+            return cls(tuple(range(num_classes)), tuple(f"class {i}" for i in range(num_classes)))
+        if len(categories) != num_classes:
+            raise DataError(f"{where}: {len(categories)} categories for a {num_classes}-class model")
+        return cls(tuple(int(c["id"]) for c in categories), tuple(str(c.get("name", c["id"])) for c in categories))
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()

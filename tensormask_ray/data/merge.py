@@ -11,13 +11,12 @@ held-out shapes carry the photos' categories).
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .coco_io import IMAGES_DIR, CocoFiles, write_coco_json
+from .coco_io import IMAGES_DIR, CocoFiles, load_coco_json, write_coco_json
 from .errors import DataError
 
 
@@ -49,10 +48,7 @@ def _load(source: MergeSource) -> dict[str, Any]:
         raise DataError(f"merge source {source.json}: repeat must be >= 0, got {source.repeat}")
     if source.repeat and not source.images_dir.is_dir():
         raise DataError(f"merge source {source.json}: images folder {source.images_dir} does not exist")
-    try:
-        data = json.loads(source.json.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"merge source {source.json}: cannot read the COCO JSON ({e})") from e
+    data, _ = load_coco_json(source.json)
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(f"merge source {source.json}: '{key}' is missing or not a list")

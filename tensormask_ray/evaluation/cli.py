@@ -30,6 +30,7 @@ from .options import (
     add_test_time_arguments,
     check_execution,
     inference_overrides,
+    load_model,
     report_failures,
 )
 
@@ -129,16 +130,18 @@ def _check_data_arguments(args: argparse.Namespace) -> None:
 def _category_ids(
     categories: list[dict], dataset_categories: list[dict], num_classes: int, where: str
 ) -> list[int]:
-    """COCO id of each class index: the checkpoint's categories (those it was trained with),
-    checked against the data's."""
-    ids = [int(c["id"]) for c in categories] or sorted(int(c["id"]) for c in dataset_categories)
-    if len(ids) != num_classes:
+    """COCO id of each class index: the checkpoint's categories (those it was trained with), or
+    for a checkpoint without them the data's in id order; checked against the data's."""
+    from ..data.manifest import CategoryMap
+
+    data = CategoryMap.from_categories(dataset_categories)
+    model = CategoryMap.of_model(categories, num_classes, "checkpoint") if categories else data
+    if model.num_classes != num_classes:
         raise UserError(
-            f"the checkpoint's model has {num_classes} classes but {len(ids)} categories "
-            f"({'checkpoint' if categories else where})"
+            f"the checkpoint's model has {num_classes} classes but {where} has {data.num_classes} categories"
         )
-    known = {int(c["id"]) for c in dataset_categories}
-    unknown = [i for i in ids if i not in known]
+    ids = list(model.ids)
+    unknown = [i for i in ids if i not in data]
     if unknown:
         raise UserError(
             f"category ids {unknown} of the checkpoint are not among the categories of {where}"
@@ -149,7 +152,6 @@ def _category_ids(
 def run(args: argparse.Namespace) -> int:
     from ..data.manifest import dataset_summary
     from ..tracking import resolve_tracking_uri
-    from ..train.checkpoint import load_model_for_inference
     from .coco import evaluate_coco, format_metrics_table
     from .found import format_found, instances_found
     from .ground_truth import coco_gt_from_json, coco_gt_from_shards
@@ -162,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         log_header,
         run_inference,
     )
-    from .runs import checkpoint_iteration, log_evaluation_run, resolve_checkpoint
+    from .runs import checkpoint_iteration, log_evaluation_run
     from .testdev import results_file_name, write_test_dev_results
 
     _check_data_arguments(args)
@@ -172,14 +174,8 @@ def run(args: argparse.Namespace) -> int:
         results_file_name(args.name)  # a bad --name fails now, not after inference
 
     # The model: loaded here once, so that a checkpoint not matching its config fails at once.
-    ref = resolve_checkpoint(
-        args.checkpoint, args.mlflow_run, args.best_of, args.mlflow_uri, args.sweep_storage,
-        args.model, Path(args.out) / "model",
-    )  # fmt: skip
+    ref, model, cfg, categories = load_model(args, overrides)
     local = args.num_actors == 0
-    model, cfg, categories = load_model_for_inference(
-        ref.path, overrides, args.device if local else "cpu"
-    )
     print(f"[evaluate] model {ref.path} ({ref.how})", file=sys.stderr)
 
     # The data: ground truth (or the image-info file) and where the images are.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ..errors import UserError
+from ..finite import is_finite_number
 
 IOU_TYPES = ("segm", "bbox")
 METRIC_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")  # COCOeval.stats[0:6], in order
@@ -181,7 +181,7 @@ def format_metrics_table(metrics: dict[str, float]) -> str:
         cells = []
         for name in METRIC_NAMES:
             value = metrics.get(f"{iou_type}/{name}")
-            known = value is not None and value >= 0 and math.isfinite(value)
+            known = is_finite_number(value) and value >= 0
             cells.append(f"{100 * value:7.1f}" if known else f"{'-':>7}")
         lines.append(f"{iou_type:6}" + "".join(cells))
     return "\n".join(lines)

@@ -6,25 +6,19 @@ slice of the images (`predict_shards(..., rank, world_size)`) and rank 0 scores 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from ..config import Config
 from ..data import schema
+from ..data.manifest import CategoryMap, read_manifest
+from ..data.transforms import decode_image, pad_images, preprocess_for_test
 from .coco import evaluate_coco, predictions_to_coco
-from .ground_truth import category_mapping, coco_gt_from_shards, read_manifest
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> (H, W, 3) uint8 RGB."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+from .ground_truth import coco_gt_from_shards
 
 
 def iter_shard_images(
@@ -41,7 +35,7 @@ def iter_shard_images(
         table = pq.read_table(Path(shards_dir) / shard["file"], columns=["image_id", "image_bytes"])
         for image_id, data in zip(table.column("image_id").to_pylist(), table.column("image_bytes").to_pylist()):
             if seen % world_size == rank:
-                yield int(image_id), decode_rgb(data)
+                yield int(image_id), decode_image(data)
             seen += 1
             if max_images and seen >= max_images:
                 return
@@ -56,14 +50,9 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def predict_image(model, image: np.ndarray, cfg: Config) -> dict:
     """One RGB uint8 image -> predictions at its own resolution (boxes, scores, labels, masks),
     on the CPU. The image is run on the model's device."""
-    from ..data.transforms import preprocess_for_test
-
     tensor, _ = preprocess_for_test(image, cfg.input)  # (3, h, w) normalised
     _, h, w = tensor.shape
-    d = cfg.input.size_divisibility
-    H, W = -(-h // d) * d, -(-w // d) * d
-    batch = torch.zeros((1, 3, H, W), dtype=tensor.dtype)
-    batch[0, :, :h, :w] = tensor
+    batch = pad_images([tensor], cfg.input.size_divisibility)  # (1, 3, H, W)
     was_training = model.training
     model.eval()
     out = model(batch.to(model_device(model)), image_sizes=[(h, w)], output_sizes=[image.shape[:2]])[0]
@@ -76,7 +65,7 @@ def predict_shards(
 ) -> tuple[list[dict], list[int]]:
     """COCO result dicts and the image ids predicted, for this rank's slice of the shards'
     images (see `iter_shard_images`)."""
-    category_ids, _ = category_mapping(read_manifest(shards_dir))
+    category_ids = CategoryMap.from_manifest(read_manifest(shards_dir)).ids
     results, image_ids = [], []
     for image_id, image in iter_shard_images(shards_dir, max_images, rank, world_size):
         results.extend(predictions_to_coco(predict_image(model, image, cfg), image_id, category_ids))
@@ -110,7 +99,8 @@ def overlay_images(model, shards_dir: str | Path, cfg: Config, num_images: int, 
     manifest = read_manifest(shards_dir)
     total = min(max_images or manifest["num_images"], manifest["num_images"])
     wanted = {round(i * (total - 1) / max(num_images - 1, 1)) for i in range(min(num_images, total))}
-    category_ids, class_names = category_mapping(manifest)
+    categories = CategoryMap.from_manifest(manifest)
+    category_ids, class_names = categories.ids, list(categories.names)
     coco_gt = coco_gt_from_shards(shards_dir)
     out = []
     for index, (image_id, image) in enumerate(iter_shard_images(shards_dir, total)):
@@ -124,7 +114,6 @@ def overlay_images(model, shards_dir: str | Path, cfg: Config, num_images: int, 
 
 
 __all__ = [
-    "decode_rgb",
     "evaluate_model",
     "iter_shard_images",
     "model_device",

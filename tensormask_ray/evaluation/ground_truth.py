@@ -7,7 +7,6 @@ next to a prediction (and for tests that feed the ground truth back as detection
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import pyarrow.parquet as pq
 import torch
 from pycocotools.coco import COCO
 
-from ..data import schema
+from ..data.coco_io import load_coco_json
+from ..data.manifest import read_manifest, shard_paths
 from ..errors import UserError
 from .coco import quiet_stdout
 
@@ -25,36 +25,6 @@ _GT_COLUMNS = [
     "image_id", "file_name", "height", "width",
     "ann_ids", "category_ids", "boxes", "areas", "iscrowd", "rle_counts",
 ]  # fmt: skip
-
-
-def read_manifest(shards_dir: str | Path) -> dict:
-    """The manifest.json of a shards folder, checked for the fields evaluation reads."""
-    path = Path(shards_dir) / schema.MANIFEST_NAME
-    if not path.is_file():
-        raise UserError(
-            f"{path}: no such file; is {shards_dir} a folder written by `data prepare`?"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable JSON file ({e})") from e
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
-    if manifest.get("version") != schema.MANIFEST_VERSION:
-        raise UserError(
-            f"{path}: manifest version {manifest.get('version')!r}, this code reads "
-            f"{schema.MANIFEST_VERSION}; rewrite the shards with `data prepare`"
-        )
-    for key in ("categories", "shards"):
-        if not isinstance(manifest.get(key), list):
-            raise UserError(f"{path}: no {key!r} list")
-    return manifest
-
-
-def category_mapping(manifest: dict) -> tuple[list[int], list[str]]:
-    """(COCO category ids, names), indexed by the model's contiguous class index."""
-    categories = manifest["categories"]
-    return [int(c["id"]) for c in categories], [str(c["name"]) for c in categories]
 
 
 def coco_gt_from_shards(shards_dir: str | Path) -> COCO:
@@ -66,10 +36,7 @@ def coco_gt_from_shards(shards_dir: str | Path) -> COCO:
     shards_dir = Path(shards_dir)
     manifest = read_manifest(shards_dir)
     images, annotations = [], []
-    for shard in manifest["shards"]:
-        path = shards_dir / shard["file"]
-        if not path.is_file():
-            raise UserError(f"{path}: listed in {shards_dir / schema.MANIFEST_NAME} but missing")
+    for path in shard_paths(shards_dir, manifest, nonempty=False):
         try:
             rows = pq.read_table(path, columns=_GT_COLUMNS).to_pylist()
         except Exception as e:  # pyarrow raises several types for a damaged or foreign file
@@ -107,16 +74,7 @@ def coco_gt_from_json(path: str | Path) -> COCO:
 
     The file needs "images" and "categories"; "annotations" may be absent (image-info files).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        with path.open() as f:
-            dataset = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable JSON file ({e})") from e
-    if not isinstance(dataset, dict):
-        raise UserError(f"{path}: expected a COCO JSON object, got {type(dataset).__name__}")
+    dataset, _ = load_coco_json(path)
     return _coco_from_dataset(dataset, source=str(path))
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,9 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from ..data.transforms import decode_image
 from ..errors import UserError
+from ..train.checkpoint import state_path
 from .coco import describe_ids, predictions_to_coco
-from .evaluator import decode_rgb, predict_image
+from .evaluator import predict_image
 
 LOG_NAME = "predictions.jsonl"
 LOG_VERSION = 1
@@ -114,7 +115,7 @@ class Predictor:
         try:
             if data is None:
                 data = Path(path).read_bytes()
-            image = decode_rgb(bytes(data))  # (H, W, 3) uint8
+            image = decode_image(bytes(data))  # (H, W, 3) uint8
         except Exception as e:  # noqa: BLE001 - whatever fails here is the file's fault
             error = f"cannot read or decode the image ({_reason(e)})"
             return _record(image_id, file_name, 0, 0, error, t0, "[]")
@@ -537,17 +538,13 @@ def _ray_batches(
     import ray
 
     from ..capacity import check_capacity, inference_reservation
-    from ..console import init_ray
+    from ..console import ensure_ray
 
     # Ray Data's re-blocking step (below) is a task that asks for one CPU, which Ray Data offers
     # no way to lower: if the actors held every CPU it would wait forever. A local Ray started
-    # here gets one logical CPU more than the actors need (the step is light); on a cluster with
-    # no CPU to spare, check_capacity fails at once.
-    needed = num_actors * cpus_per_actor + 1
-    if not ray.is_initialized():
-        local = address is None and not os.environ.get("RAY_ADDRESS")
-        extra = {"num_cpus": max(os.cpu_count() or 1, math.ceil(needed))} if local else {}
-        init_ray(address=address, **extra)
+    # here gets at least one logical CPU more than the actors need (the step is light); on a
+    # cluster with no CPU to spare, check_capacity fails at once.
+    ensure_ray(address, needed_cpus=num_actors * cpus_per_actor + 1)
     check_capacity(inference_reservation(num_actors, cpus_per_actor, gpus_per_actor), "batch inference")
     remote_args: dict[str, Any] = {"num_cpus": cpus_per_actor}
     if gpus_per_actor > 0:
@@ -585,7 +582,7 @@ def log_header(spec: ModelSpec, cfg, source_description: str) -> dict[str, Any]:
     """What must match for a log to be resumed: the checkpoint (path, size, modification time),
     the test-time settings, the class -> category id map and the data."""
     path = Path(spec.checkpoint).resolve()
-    state = path / "state.pt" if path.is_dir() else path
+    state = state_path(path)
     stat = state.stat() if state.is_file() else None
     return {
         "checkpoint": str(path),

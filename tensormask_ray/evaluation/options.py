@@ -165,6 +165,25 @@ class Progress:
             )
 
 
+def load_model(args: argparse.Namespace, overrides: dict[str, Any]):
+    """The model the model options name, loaded once here (so a checkpoint that does not match
+    its config fails before any inference): (CheckpointRef, model, Config, categories). The model
+    is on --device for in-process inference (--num-actors 0), else on the CPU (the actors load
+    their own copy)."""
+    from pathlib import Path
+
+    from ..train.checkpoint import load_model_for_inference
+    from .runs import resolve_checkpoint
+
+    ref = resolve_checkpoint(
+        args.checkpoint, args.mlflow_run, args.best_of, args.mlflow_uri, args.sweep_storage,
+        args.model, Path(args.out) / "model",
+    )  # fmt: skip
+    local = args.num_actors == 0
+    model, cfg, categories = load_model_for_inference(ref.path, overrides, args.device if local else "cpu")
+    return ref, model, cfg, categories
+
+
 def report_failures(command: str, failures: dict[int, tuple[str, str]], limit: int = 20) -> None:
     """Names the images that could not be decoded (skipped), on stderr."""
     if not failures:

@@ -24,6 +24,7 @@ from .options import (
     add_test_time_arguments,
     check_execution,
     inference_overrides,
+    load_model,
 )
 
 DEFAULT_SCORE_THRESH = 0.5
@@ -78,8 +79,8 @@ def record_to_prediction(
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.checkpoint import load_model_for_inference
-    from .evaluator import decode_rgb
+    from ..data.manifest import CategoryMap
+    from ..data.transforms import decode_image
     from .inference import (
         LOG_NAME,
         FileSource,
@@ -89,7 +90,6 @@ def run(args: argparse.Namespace) -> int:
         log_header,
         run_inference,
     )
-    from .runs import resolve_checkpoint
     from .visualize import save_overlay
 
     check_execution(args)
@@ -97,23 +97,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--alpha {args.alpha}: must be in [0, 1]")
     files = image_files(args.inputs)
     overrides = inference_overrides(args)
-    ref = resolve_checkpoint(
-        args.checkpoint, args.mlflow_run, args.best_of, args.mlflow_uri, args.sweep_storage,
-        args.model, Path(args.out) / "model",
-    )  # fmt: skip
+    ref, model, cfg, categories = load_model(args, overrides)
     local = args.num_actors == 0
-    model, cfg, categories = load_model_for_inference(
-        ref.path, overrides, args.device if local else "cpu"
-    )
-    k = cfg.model.num_classes
-    if categories and len(categories) != k:
-        raise UserError(
-            f"checkpoint {ref.path}: {len(categories)} categories for a {k}-class model"
-        )
-    category_ids = [int(c["id"]) for c in categories] or list(range(k))
-    class_names = [str(c.get("name", c["id"])) for c in categories] or [
-        f"class {i}" for i in range(k)
-    ]
+    model_categories = CategoryMap.of_model(categories, cfg.model.num_classes, f"checkpoint {ref.path}")
+    category_ids, class_names = list(model_categories.ids), list(model_categories.names)
     names_by_id = dict(zip(category_ids, class_names))
 
     out = Path(args.out)
@@ -133,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         h, w = int(record["height"]), int(record["width"])
         prediction = record_to_prediction(results, h, w, category_ids)
         overlay = save_overlay(
-            out / png_names[image_id], decode_rgb(path.read_bytes()), prediction, class_names,
+            out / png_names[image_id], decode_image(path.read_bytes()), prediction, class_names,
             score_thresh=args.score_thresh, alpha=args.alpha,
         )  # fmt: skip
         instances = [

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-
-MLFLOW_RUN_FILE = "mlflow_run_id"  # train/trainer.py writes it in the run folder
+from ..train.checkpoint import MLFLOW_RUN_FILE, state_path
+from ..train.context import checkpoint_folders
 
 
 @dataclass
@@ -113,8 +113,7 @@ def checkpoint_of_run(run_id: str, mlflow_uri: str) -> str:
         if path and Path(path).exists():
             return path
     run_dir = Path(tags.get("run_dir", ""))
-    found = sorted(run_dir.glob("checkpoint_*")) if tags.get("run_dir") and run_dir.is_dir() else []
-    found = [p for p in found if (p / "state.pt").is_file()]
+    found = checkpoint_folders(run_dir) if tags.get("run_dir") else []
     if found:
         return str(found[-1])
     raise UserError(
@@ -146,10 +145,8 @@ def checkpoint_iteration(path: str | Path) -> int | None:
     mapped, so the weights are not read."""
     import torch
 
-    p = Path(path)
-    p = p / "state.pt" if p.is_dir() else p
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(state_path(path), map_location="cpu", weights_only=True, mmap=True)
         return int(state.get("iteration", 0))
     except Exception:  # noqa: BLE001 - only a step number; load_model_for_inference reports errors
         return None

@@ -10,7 +10,6 @@ written only if they cover the image-info file.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import zipfile
@@ -24,6 +23,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from ..errors import UserError
+from ..finite import is_finite_number
 from .coco import describe_ids, rle_areas
 from .ground_truth import coco_gt_from_json
 
@@ -139,13 +139,13 @@ def _validate_chunk(
             continue
         if r.get("category_id") not in category_ids:
             problems["unknown category ids"].add(r.get("category_id"))
-        if not _is_finite_number(r.get("score")):
+        if not is_finite_number(r.get("score")):
             problems["images with a missing or non-finite score"].add(image_id)
         box = r.get("bbox")
         if not (
             isinstance(box, (list, tuple, np.ndarray))
             and len(box) == 4
-            and all(_is_finite_number(v) for v in box)
+            and all(is_finite_number(v) for v in box)
             and box[2] >= 0
             and box[3] >= 0
         ):
@@ -172,14 +172,6 @@ def _validate_chunk(
         h, w = sizes[image_id]
         if area > h * w or box[0] + box[2] > w or box[1] + box[3] > h:
             problems["images with an RLE that does not fit the image"].add(image_id)
-
-
-def _is_finite_number(value) -> bool:
-    return (
-        isinstance(value, (int, float, np.number))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
 
 
 def _plain(value):

@@ -27,6 +27,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from ..config import BackboneConfig
 from ..errors import UserError
 
 _RESNETS = {
@@ -71,11 +72,11 @@ class ResNetBackbone(nn.Module):
 
     def __init__(
         self,
-        depth: int = 50,
-        weights: str | None = None,
-        freeze_at: int = 2,
-        norm: str = "FrozenBN",
-        stride_in_1x1: bool = False,
+        depth: int,
+        weights: str | None,
+        freeze_at: int,
+        norm: str,
+        stride_in_1x1: bool,
     ):
         super().__init__()
         if depth not in _RESNETS:
@@ -137,3 +138,8 @@ def load_torchvision_weights(net: nn.Module, path: str) -> None:
             f"{' ...' if len(unexpected) > 5 else ''}"
         )
     net.load_state_dict(state, strict=False)
+
+
+def build_backbone(b: BackboneConfig) -> ResNetBackbone:
+    """The backbone `model.backbone` describes (config.py holds every default)."""
+    return ResNetBackbone(b.depth, b.weights, b.freeze_at, b.norm, b.stride_in_1x1)

@@ -17,9 +17,9 @@ class FPN(nn.Module):
         self,
         in_channels: dict[str, int],
         channels: int,
-        min_level: int = 2,
-        max_level: int = 7,
-        fuse: str = "avg",
+        min_level: int,
+        max_level: int,
+        fuse: str,
     ):
         super().__init__()
         if fuse not in ("avg", "sum"):

@@ -36,11 +36,11 @@ class TensorMaskHead(nn.Module):
         window_sizes: list[int],
         coarse_sizes: list[int],
         bipyramid: bool,
-        cls_channels: int = 256,
-        box_channels: int = 128,
-        mask_channels: int = 128,
-        tower_depth: int = 4,
-        prior_prob: float = 0.01,
+        cls_channels: int,
+        box_channels: int,
+        mask_channels: int,
+        tower_depth: int,
+        prior_prob: float,
     ):
         super().__init__()
         A = len(window_sizes)

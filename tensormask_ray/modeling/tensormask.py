@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import Config
 from ..ops.sparse import decode_windows
-from .backbone import ResNetBackbone
+from .backbone import ResNetBackbone, build_backbone
 from .bipyramid import LazyBipyramidMasks
 from .fpn import FPN
 from .heads import TensorMaskHead
@@ -28,7 +28,7 @@ from .postprocess import (
     select_detections_detectron2,
 )
 from .targets import build_targets
-from .windows import UNIT_WEIGHTS, WindowGroup, build_window_groups, coarse_size
+from .windows import WindowGroup, build_window_groups, coarse_size
 
 
 class TensorMask(nn.Module):
@@ -40,20 +40,23 @@ class TensorMask(nn.Module):
         groups: list[WindowGroup],
         num_classes: int,
         window_sizes: list[int],
-        pad_value: float = -6.0,
-        loss_weights: tuple[float, float, float] = (1.0, 1.0, 2.0),  # cls, box, mask
-        focal_gamma: float = 3.0,
-        focal_alpha: float = 0.3,
-        mask_fg_weight: float = 1.5,
-        assign_kwargs: dict | None = None,
-        score_thresh: float = 0.05,
-        topk_candidates: int = 6000,
-        nms_thresh: float = 0.5,
-        detections_per_image: int = 100,
-        mask_threshold: float = 0.5,
-        geometry: str = "paper",
-        box_weights: tuple[float, float, float, float] = UNIT_WEIGHTS,
+        pad_value: float,
+        *,
+        loss_weights: tuple[float, float, float],  # cls, box, mask
+        focal_gamma: float,
+        focal_alpha: float,
+        mask_fg_weight: float,
+        assign_kwargs: dict,
+        score_thresh: float,
+        topk_candidates: int,
+        nms_thresh: float,
+        detections_per_image: int,
+        mask_threshold: float,
+        geometry: str,
+        box_weights: tuple[float, float, float, float],
     ):
+        """Built by `build_model(cfg)`: every argument comes from the config, the one home of
+        their defaults."""
         super().__init__()
         self.geometry, self.box_weights = geometry, tuple(box_weights)
         self.backbone, self.fpn, self.head = backbone, fpn, head
@@ -226,8 +229,7 @@ class TensorMask(nn.Module):
 
 def build_model(cfg: Config) -> TensorMask:
     m = cfg.model
-    b = m.backbone
-    backbone = ResNetBackbone(b.depth, b.weights, b.freeze_at, b.norm, b.stride_in_1x1)
+    backbone = build_backbone(m.backbone)
     fpn = FPN(backbone.out_channels, m.fpn_channels, m.min_level, m.max_level, m.fpn_fuse)
     coarse = [coarse_size(m.mask_head, v, m.upscale_factor) for v in m.window_sizes]
     head = TensorMaskHead(

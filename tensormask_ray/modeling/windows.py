@@ -85,9 +85,9 @@ def build_window_groups(
     window_sizes: list[int],
     min_level: int,
     max_level: int,
-    upscale_factor: float = 1.0,
-    upscale_mode: str = "bilinear",
-    geometry: str = "paper",
+    upscale_factor: float,
+    upscale_mode: str,
+    geometry: str,
 ) -> list[WindowGroup]:
     """All (level, window size) groups, level-major: the order of every flattened window list."""
     if geometry not in GEOMETRIES:

@@ -6,6 +6,8 @@ is an explicit opt-in. If the extension is missing or broken and no opt-in is gi
 call raises an error that says why: there is no silent fallback.
 
 Shapes: 5-D (N, V, U, H, W); (V, U) is the window grid, (H, W) the position grid.
+`pad_value` (what a read outside the position grid returns) has no default here: the model passes
+its `model.pad_value`, whose one default is in config.py.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _check_pos_int(value, name: str, op: str) -> int:
     return value
 
 
-def align2nat(x: torch.Tensor, alpha: int = 1, pad_value: float = -6.0) -> torch.Tensor:
+def align2nat(x: torch.Tensor, alpha: int, pad_value: float) -> torch.Tensor:
     """Aligned -> natural (eq. 1). (N, V, U, H, W) -> (N, V, U, H, W).
 
     out[n,v,u,y,x] = x[n, v, u, y + alpha*(v - V//2), x + alpha*(u - U//2)], pad_value outside.
@@ -65,7 +67,7 @@ def align2nat(x: torch.Tensor, alpha: int = 1, pad_value: float = -6.0) -> torch
     return reference.align2nat(x, alpha, pad_value)
 
 
-def nat2align(x: torch.Tensor, alpha: int = 1, pad_value: float = -6.0) -> torch.Tensor:
+def nat2align(x: torch.Tensor, alpha: int, pad_value: float) -> torch.Tensor:
     """Natural -> aligned. (N, V, U, H, W) -> (N, V, U, H, W).
 
     out[n,v,u,y,x] = x[n, v, u, y - alpha*(v - V//2), x - alpha*(u - U//2)], pad_value outside.
@@ -80,8 +82,8 @@ def nat2align(x: torch.Tensor, alpha: int = 1, pad_value: float = -6.0) -> torch
 def up_align2nat(
     x: torch.Tensor,
     out_size: tuple[int, int] | int,
-    mode: str = "bilinear",
-    pad_value: float = -6.0,
+    mode: str,
+    pad_value: float,
 ) -> torch.Tensor:
     """Coarse aligned -> fine natural (§3.5). (N, V, U, H, W) -> (N, Vo, Uo, H, W).
 
@@ -110,7 +112,7 @@ def check_geometry(geometry: str, where: str) -> str:
 
 
 def swap_align2nat(
-    x: torch.Tensor, lam: int, pad_value: float = -6.0, geometry: str = "paper"
+    x: torch.Tensor, lam: int, pad_value: float, geometry: str = "paper"
 ) -> torch.Tensor:
     """Tensor-bipyramid op (§3.6). (N, V, U, H, W) -> (N, lam*V, lam*U, ceil(H/lam), ceil(W/lam)).
 

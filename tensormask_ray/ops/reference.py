@@ -27,12 +27,12 @@ def _shift_gather(x: torch.Tensor, step_v: int, step_u: int, pad_value: float) -
     return torch.where(valid, out, out.new_full((), pad_value))  # (N, V, U, H, W)
 
 
-def align2nat(x: torch.Tensor, alpha: int = 1, pad_value: float = -6.0) -> torch.Tensor:
+def align2nat(x: torch.Tensor, alpha: int, pad_value: float) -> torch.Tensor:
     """Aligned -> natural, eq. (1): out[n,v,u,y,x] = x[n,v,u, y+alpha*(v-V//2), x+alpha*(u-U//2)]."""
     return _shift_gather(x, alpha, alpha, pad_value)
 
 
-def nat2align(x: torch.Tensor, alpha: int = 1, pad_value: float = -6.0) -> torch.Tensor:
+def nat2align(x: torch.Tensor, alpha: int, pad_value: float) -> torch.Tensor:
     """Natural -> aligned: out[n,v,u,y,x] = x[n,v,u, y-alpha*(v-V//2), x-alpha*(u-U//2)]."""
     return _shift_gather(x, -alpha, -alpha, pad_value)
 
@@ -52,13 +52,13 @@ def resize_window_grid(x: torch.Tensor, out_size: tuple[int, int], mode: str) ->
 
 
 def up_align2nat(
-    x: torch.Tensor, out_size: tuple[int, int], mode: str = "bilinear", pad_value: float = -6.0
+    x: torch.Tensor, out_size: tuple[int, int], mode: str, pad_value: float
 ) -> torch.Tensor:
     """§3.5 / Fig. 4: resize (V, U) to `out_size` (coarse aligned -> fine aligned), then align2nat."""
     return align2nat(resize_window_grid(x, out_size, mode), 1, pad_value)  # (N, Vo, Uo, H, W)
 
 
-def swap_align2nat(x: torch.Tensor, lam: int, pad_value: float = -6.0) -> torch.Tensor:
+def swap_align2nat(x: torch.Tensor, lam: int, pad_value: float) -> torch.Tensor:
     """§3.6 / Fig. 5: up_align2nat by lam (bilinear), then subsample (H, W) by lam.
 
     (N, V, U, H, W) -> (N, lam*V, lam*U, ceil(H/lam), ceil(W/lam)). This reference materialises the
@@ -69,7 +69,7 @@ def swap_align2nat(x: torch.Tensor, lam: int, pad_value: float = -6.0) -> torch.
     return full[..., ::lam, ::lam]  # (N, lam*V, lam*U, ceil(H/lam), ceil(W/lam))
 
 
-def swap_align2nat_detectron2(x: torch.Tensor, lam: int, pad_value: float = -6.0) -> torch.Tensor:
+def swap_align2nat_detectron2(x: torch.Tensor, lam: int, pad_value: float) -> torch.Tensor:
     """Detectron2's swap_align2nat (projects/TensorMask, SwapAlign2Nat_cuda.cu), written straight
     from its formula. (N, V, U, H, W) -> (N, lam*V, lam*U, ceil(H/lam), ceil(W/lam)).
 

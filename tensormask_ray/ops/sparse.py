@@ -122,7 +122,7 @@ def decode_windows(
     batch_idx: torch.Tensor,
     ys: torch.Tensor,
     xs: torch.Tensor,
-    pad_value: float = -6.0,
+    pad_value: float,
     origin: tuple[int, int] = (0, 0),
     bounds: tuple[int, int] | None = None,
 ) -> torch.Tensor:

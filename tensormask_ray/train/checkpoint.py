@@ -22,20 +22,29 @@ import torch
 from ..config import Config, ConfigError, from_dict
 from ..errors import UserError
 
+# The names in a run folder, here and nowhere else:
+#   <run folder>/checkpoint_0000500/state.pt   a checkpoint (CHECKPOINT_PREFIX + iteration)
+#   <run folder>/progress.json                 the newest checkpoint's {"iteration", "epoch"}
+#   <run folder>/mlflow_run_id                 the MLflow run the training logs to
+#   <trial folder>/result.json                 Ray Tune's JSON lines of a trial's reports
 STATE_FILE = "state.pt"
-PROGRESS_FILE = "progress.json"  # in the run folder: {"iteration", "epoch"} of the newest checkpoint
+CHECKPOINT_PREFIX = "checkpoint_"
+PROGRESS_FILE = "progress.json"
+MLFLOW_RUN_FILE = "mlflow_run_id"
+TRIAL_RESULT_FILE = "result.json"
 
 
 def checkpoint_dir_name(iteration: int) -> str:
     """The run folder's name for the checkpoint written at `iteration` (deterministic, so that its
     path can travel with the metrics and be found again)."""
-    return f"checkpoint_{int(iteration):07d}"
+    return f"{CHECKPOINT_PREFIX}{int(iteration):07d}"
 
 
 def iteration_of(path: str) -> int | None:
     """The iteration in a checkpoint folder's name, or None for another name."""
     name = str(path).rstrip("/").rsplit("/", 1)[-1]
-    return int(name.split("_", 1)[1]) if name.startswith("checkpoint_") and name.split("_", 1)[1].isdigit() else None
+    digits = name[len(CHECKPOINT_PREFIX) :]
+    return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else None
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -132,6 +141,13 @@ _WHAT_A_CHECKPOINT_IS = (
     "a checkpoint is a folder holding state.pt, like <run folder>/checkpoint_0000500 written by "
     "`tensormask-ray train`, or that state.pt"
 )
+
+
+def state_path(path: str | Path) -> Path:
+    """The state.pt a path names: `path/state.pt` for a folder, else `path` itself (unchecked;
+    `checkpoint_file` checks it)."""
+    p = Path(path)
+    return p / STATE_FILE if p.is_dir() else p
 
 
 def checkpoint_file(path: str | Path) -> Path:

@@ -35,8 +35,11 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluation.validation import validate_on_shards
     from .trainer import run_training
 
     cfg = config_from_args(args)
-    outcome = run_training(cfg, resume=args.resume, address=args.address, mlflow_uri=args.mlflow_uri)
+    outcome = run_training(
+        cfg, resume=args.resume, address=args.address, mlflow_uri=args.mlflow_uri, validation=validate_on_shards
+    )
     return 1 if outcome.error else 0

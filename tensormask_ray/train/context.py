@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-CHECKPOINT_PREFIX = "checkpoint_"
+from .checkpoint import CHECKPOINT_PREFIX, STATE_FILE
 
 
 class WorkerContext(Protocol):
@@ -79,7 +79,7 @@ def checkpoint_folders(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.pt").is_file()]
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 

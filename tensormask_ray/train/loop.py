@@ -8,7 +8,8 @@ It is written against `context.WorkerContext`, so one loop serves two callers:
   torch (the GPU check's training run, device tests).
 
 Every rank reports the same number of times (at each checkpoint). Side effects (MLflow, console
-progress, checkpoint files) happen on rank 0 only. Validation is spread over the ranks: each
+progress, checkpoint files) happen on rank 0 only. Validation is handed in by the caller (a
+`Validation`, e.g. evaluation.validation.validate_on_shards) and spread over the ranks: each
 predicts its slice of the images, rank 0 gathers and scores them. Each checkpoint holds every
 rank's RNG state, and each rank of a resumed run restores its own.
 """
@@ -67,6 +68,16 @@ class MetricsLogger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
 
+class Validation(Protocol):
+    """The periodic validation, handed to the loop by its caller (evaluation.validation's
+    `validate_on_shards`; train does not import evaluation). A collective: every rank calls it
+    at the same iterations; it returns the val/* metrics on rank 0 and {} on the others."""
+
+    def __call__(
+        self, model: torch.nn.Module, cfg: Config, ctx: WorkerContext, run: RunSettings, iteration: int, logger
+    ) -> dict[str, float]: ...
+
+
 def validation_due(train: TrainConfig, iteration: int, max_iter: int) -> bool:
     """Validation runs at the end, and every `eval_period` iterations when it is > 0."""
     return iteration == max_iter or (train.eval_period > 0 and iteration % train.eval_period == 0)
@@ -116,7 +127,8 @@ class _Window:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train's entry point: {"config": Config dict, "run": RunSettings fields}."""
+    """Ray Train's entry point: {"config": Config dict, "run": RunSettings fields, "validation":
+    a `Validation` or None}."""
     from .ray_context import RayTrainContext
 
     cfg: Config = from_dict(loop_config["config"])
@@ -129,7 +141,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logger = RunLogger(run.mlflow_uri, run.mlflow_run_id)
     monitor = _start_system_metrics(cfg, run, ctx.world_size)
     try:
-        run_training_loop(cfg, ctx, run, logger)
+        run_training_loop(cfg, ctx, run, logger, loop_config.get("validation"))
     finally:
         if monitor is not None:
             monitor.finish()
@@ -149,9 +161,18 @@ def _start_system_metrics(cfg: Config, run: RunSettings, world_size: int):
     return start_system_metrics(run.mlflow_uri, run.mlflow_run_id, cfg.tracking.system_metrics_interval, node)
 
 
-def run_training_loop(cfg: Config, ctx: WorkerContext, run: RunSettings, logger: MetricsLogger | None = None) -> dict[str, Any]:
-    """Trains this rank from the latest checkpoint (or from scratch) to `cfg.solver.max_iter`.
-    Returns the metrics of this rank's last report."""
+def run_training_loop(
+    cfg: Config,
+    ctx: WorkerContext,
+    run: RunSettings,
+    logger: MetricsLogger | None = None,
+    validation: Validation | None = None,
+) -> dict[str, Any]:
+    """Trains this rank from the latest checkpoint (or from scratch) to `cfg.solver.max_iter`,
+    validating on `run.val_shards` with `validation` when both are given. Returns the metrics
+    of this rank's last report."""
+    if run.val_shards and validation is None:
+        raise ValueError(f"validation shards {run.val_shards} but no validation: pass validation=")
     from ..modeling import build_model
 
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
@@ -228,8 +249,8 @@ def run_training_loop(cfg: Config, ctx: WorkerContext, run: RunSettings, logger:
                     logger.log_metrics(metrics, step=iteration)
                 window = _Window()
 
-            if run.val_shards and validation_due(cfg.train, iteration, max_iter):
-                last_val = _validate(model, cfg, ctx, run, iteration, logger) or last_val
+            if validation is not None and run.val_shards and validation_due(cfg.train, iteration, max_iter):
+                last_val = validation(_unwrap(model), cfg, ctx, run, iteration, logger) or last_val
 
             if iteration % cfg.train.checkpoint_period == 0 or iteration == max_iter:
                 mean_loss = since_report[0] / max(since_report[1], 1)
@@ -238,36 +259,6 @@ def run_training_loop(cfg: Config, ctx: WorkerContext, run: RunSettings, logger:
         batches.close()
         epoch += 1
     return reported
-
-
-def _validate(model, cfg: Config, ctx: WorkerContext, run: RunSettings, iteration: int, logger) -> dict[str, float]:
-    """COCO AP on the validation shards: every rank predicts its slice of the images (image i on
-    rank i % world_size), rank 0 gathers the results and scores them. A collective; returns the
-    val/* metrics on rank 0 and {} on the others."""
-    from ..evaluation.evaluator import predict_shards, score_predictions
-
-    t0 = time.perf_counter()
-    mine = predict_shards(_unwrap(model), run.val_shards, cfg, cfg.data.max_val_images, ctx.rank, ctx.world_size)
-    gathered = gather_to_rank0(mine)
-    if gathered is None:
-        return {}
-    results = [r for part, _ in gathered for r in part]
-    image_ids = [i for _, ids in gathered for i in ids]
-    ap = score_predictions(run.val_shards, results, image_ids)
-    print(
-        f"[train] validation at iteration {iteration} ({len(image_ids)} images on {ctx.world_size} "
-        f"rank{'s' if ctx.world_size > 1 else ''}): mask AP {100 * ap['segm/AP']:.1f}  AP50 {100 * ap['segm/AP50']:.1f}  "
-        f"box AP {100 * ap['bbox/AP']:.1f}  ({time.perf_counter() - t0:.1f}s)",
-        flush=True,
-    )
-    val = {f"val/{k}": v for k, v in ap.items()}
-    if logger is not None:
-        from ..evaluation.evaluator import overlay_images
-
-        logger.log_metrics(val, step=iteration)
-        for name, overlay in overlay_images(_unwrap(model), run.val_shards, cfg, cfg.tracking.overlay_images, cfg.data.max_val_images):
-            logger.log_image(overlay, key=f"val/overlay/{name}", step=iteration)
-    return val
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:
@@ -316,12 +307,12 @@ def _checkpoint_and_report(cfg, ctx, run, model, optimizer, scaler, iteration, e
     return metrics
 
 
-def loop_config(cfg: Config, run: RunSettings) -> dict[str, Any]:
+def loop_config(cfg: Config, run: RunSettings, validation: Validation | None = None) -> dict[str, Any]:
     """The `train_loop_config` of the TorchTrainer for `train_loop_per_worker`."""
     config = cfg.to_dict()
     if cfg.model.weights:  # the workers may not run in this directory
         config["model"]["weights"] = os.path.abspath(cfg.model.weights)
-    return {"config": config, "run": dataclasses.asdict(run)}
+    return {"config": config, "run": dataclasses.asdict(run), "validation": validation}
 
 
 __all__ = [
@@ -331,6 +322,7 @@ __all__ = [
     "InjectedFailure",
     "MetricsLogger",
     "RunSettings",
+    "Validation",
     "loop_config",
     "run_training_loop",
     "train_loop_per_worker",

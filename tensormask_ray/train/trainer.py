@@ -8,7 +8,6 @@ run keeps logging to the same MLflow run.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -18,8 +17,9 @@ from typing import Any
 
 from ..capacity import check_capacity, train_reservation
 from ..config import Config, ConfigError
-from ..console import init_ray
+from ..console import ensure_ray
 from ..errors import UserError
+from ..finite import is_finite_number
 from ..tracking import (
     Dataset,
     RunLogger,
@@ -30,9 +30,8 @@ from ..tracking import (
     ui_url,
 )
 from . import storage
-from .loop import PROGRESS_FILE, RunSettings, loop_config, train_loop_per_worker
-
-MLFLOW_RUN_FILE = "mlflow_run_id"
+from .checkpoint import MLFLOW_RUN_FILE, state_path
+from .loop import PROGRESS_FILE, RunSettings, Validation, loop_config, train_loop_per_worker
 
 
 @dataclass
@@ -48,7 +47,7 @@ class TrainOutcome:
 
 # ----------------------------------------------------------------------------- checks
 def load_categories(shards_dir: str) -> list[dict]:
-    from ..evaluation.ground_truth import read_manifest
+    from ..data.manifest import read_manifest
 
     if not shards_dir:
         raise ConfigError("config key 'data.train_shards': no training shards given")
@@ -65,7 +64,7 @@ def check_run(cfg: Config, resume: bool) -> tuple[str, str, list[dict]]:
         )
     if cfg.model.weights:
         weights = Path(cfg.model.weights)
-        if not (weights / "state.pt").is_file() and not weights.is_file():
+        if not state_path(weights).is_file():
             raise ConfigError(f"config key 'model.weights': no checkpoint at {weights} (a folder holding state.pt, or the file)")
     if cfg.data.val_shards:
         val = load_categories(cfg.data.val_shards)
@@ -97,6 +96,14 @@ def checkpoint_metric(cfg: Config) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- trainer
+def _check_validation(cfg: Config, validation: Validation | None) -> None:
+    if cfg.data.val_shards and validation is None:
+        raise ValueError(
+            "config key 'data.val_shards' is set but no validation was handed to the trainer "
+            "(validation=evaluation.validation.validate_on_shards)"
+        )
+
+
 def build_trainer(
     cfg: Config,
     store: str,
@@ -105,12 +112,15 @@ def build_trainer(
     mlflow_run_id: str,
     callbacks: list | None = None,
     start_epoch: int = 0,
+    validation: Validation | None = None,
 ):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ..data.dataset import build_train_dataset, train_data_config
     from .events import WorkerFailures
+
+    _check_validation(cfg, validation)
 
     metric, mode = checkpoint_metric(cfg)
     resources = {"CPU": cfg.train.cpus_per_worker}
@@ -126,7 +136,7 @@ def build_trainer(
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, run),
+        train_loop_config=loop_config(cfg, run, validation),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources,
@@ -250,27 +260,22 @@ def run_training(
     resume: bool = False,
     address: str | None = None,
     mlflow_uri: str | None = None,
+    validation: Validation | None = None,
 ) -> TrainOutcome:
-    """Validates, starts (or resumes) the run and blocks until it ends."""
-    import ray
-
+    """Validates, starts (or resumes) the run and blocks until it ends. `validation`: what runs
+    on `data.val_shards` (evaluation.validation.validate_on_shards; needed when they are set)."""
+    _check_validation(cfg, validation)
     store, run_dir, categories = check_run(cfg, resume)
-    init_ray(address=address)
+    ensure_ray(address)
     check_capacity(train_reservation(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu), "training")
     uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
     check_tracking_uri(uri)
-    if not sys.stdout.isatty():
-        # Ray Data's progress bars (from the split coordinator) become hundreds of log lines
-        # when the output is a file or a job log; the workers print their own progress.
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
     logger = start_mlflow_run(cfg, run_dir, uri, resume)
     print(f"[train] run '{cfg.train.run_name}' in {run_dir}; MLflow run {logger.run_id} ({uri})", flush=True)
     t0 = time.time()
     progress = storage.read_json(storage.join(run_dir, PROGRESS_FILE)) if resume else None
     start_epoch = progress["epoch"] + 1 if progress else 0
-    trainer = build_trainer(cfg, store, categories, uri, logger.run_id, start_epoch=start_epoch)
+    trainer = build_trainer(cfg, store, categories, uri, logger.run_id, start_epoch=start_epoch, validation=validation)
     error: BaseException | None = None
     try:
         result = trainer.fit()
@@ -285,7 +290,7 @@ def run_training(
         run_dir=run_dir,
         mlflow_uri=uri,
         mlflow_run_id=logger.run_id,
-        metrics={k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        metrics={k: v for k, v in (result.metrics or {}).items() if is_finite_number(v)},
         checkpoint=_checkpoint_path(result.checkpoint),
         best_checkpoint=_checkpoint_path(best),
         error=error,

@@ -12,12 +12,12 @@ turns Tune's own status tables off (`verbose=0`) and prints these instead::
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 from ray.tune import Callback
 
+from ..finite import finite_or_none
 from ..train.progress import format_duration
 
 
@@ -29,10 +29,6 @@ def _value(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ",".join(_value(x) for x in v) + "]"
     return str(v)
-
-
-def _number(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
 class TrialEvents(Callback):
@@ -53,7 +49,7 @@ class TrialEvents(Callback):
         return " ".join(f"{k.rsplit('.', 1)[-1]}={_value(config.get(k))}" for k in self.keys) or "(no swept values)"
 
     def _score(self, result: dict[str, Any]) -> str:
-        value = _number((result or {}).get(self.metric))
+        value = finite_or_none((result or {}).get(self.metric))
         return f"{self.metric} {value:.4g}" if value is not None else f"{self.metric} -"
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
@@ -61,7 +57,7 @@ class TrialEvents(Callback):
         self._say(trial, f"started: {self._values(trial)}")
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        value = _number(result.get(self.metric))
+        value = finite_or_none(result.get(self.metric))
         if value is not None:
             better = self._best is None or (value > self._best if self.mode == "max" else value < self._best)
             self._best = value if better else self._best

@@ -6,20 +6,17 @@ trial with its swept values, status, best metric and the checkpoint that scored 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..finite import is_finite_number
 from ..train import storage
+from ..train.checkpoint import MLFLOW_RUN_FILE, TRIAL_RESULT_FILE
 from .spec import SweepSpec, parse_spec
 from .trainable import TRIALS_DIR, trial_display_name, trial_run_name
 
 SWEEP_FILE = "sweep.json"
-
-
-def _finite(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
 def load_sweep(name: str, storage_path: str = "runs") -> tuple[str, dict[str, Any], SweepSpec]:
@@ -34,7 +31,7 @@ def load_sweep(name: str, storage_path: str = "runs") -> tuple[str, dict[str, An
 
 
 def _history(trial_path: str) -> list[dict[str, Any]]:
-    text = storage.read_text(storage.join(trial_path, "result.json")) or ""
+    text = storage.read_text(storage.join(trial_path, TRIAL_RESULT_FILE)) or ""
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -56,12 +53,12 @@ def trial_rows(name: str, storage_path: str = "runs") -> list[dict[str, Any]]:
     rows = []
     for trial in analysis.trials:
         history = _history(trial.path)
-        scored = [h for h in history if _finite(h.get(spec.metric)) is not None]
+        scored = [h for h in history if is_finite_number(h.get(spec.metric))]
         best = max(scored, key=lambda h: sign * h[spec.metric]) if scored else None
         last = history[-1] if history else {}
         iterations = int(last.get("iteration", 0) or 0)
         run_dir = storage.join(sweep_dir, TRIALS_DIR, trial_run_name(trial.trial_id))
-        run_id = (storage.read_text(storage.join(run_dir, "mlflow_run_id")) or "").strip() or None
+        run_id = (storage.read_text(storage.join(run_dir, MLFLOW_RUN_FILE)) or "").strip() or None
         params = {k: trial.config.get(k) for k in spec.search}
         rows.append(
             {
@@ -74,7 +71,7 @@ def trial_rows(name: str, storage_path: str = "runs") -> list[dict[str, Any]]:
                 "metric": best[spec.metric] if best else None,
                 "checkpoint": (best or {}).get("checkpoint_path"),
                 "mlflow_run_id": run_id,
-                "metrics": {k: v for k, v in (best or last).items() if "/" in k and _finite(v) is not None},
+                "metrics": {k: v for k, v in (best or last).items() if "/" in k and is_finite_number(v)},
                 "run_dir": run_dir,
                 "reported": [(int(h.get("iteration", 0) or 0), float(h[spec.metric])) for h in scored],
                 "error": storage.read_text(storage.join(trial.path, "error.txt")) if trial.status == "ERROR" else None,

@@ -17,9 +17,8 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
-from .spec import is_number
-
-RESULT_FILE = "result.json"  # Tune's JSON lines of a trial's reported results
+from ..finite import is_finite_number
+from ..train.checkpoint import TRIAL_RESULT_FILE
 
 
 def reported_results(trial) -> list[dict[str, Any]]:
@@ -27,13 +26,13 @@ def reported_results(trial) -> list[dict[str, Any]]:
     its folder in the sweep's storage, whichever holds more; [] for a new trial."""
     texts: list[str] = []
     try:
-        local = Path(trial.local_path or "", RESULT_FILE)
+        local = Path(trial.local_path or "", TRIAL_RESULT_FILE)
         if trial.local_path and local.is_file():
             texts.append(local.read_text())
     except (OSError, AttributeError, RuntimeError):  # RuntimeError: a trial without a folder yet
         pass
     try:
-        with trial.storage.storage_filesystem.open_input_stream(f"{trial.path}/{RESULT_FILE}") as f:
+        with trial.storage.storage_filesystem.open_input_stream(f"{trial.path}/{TRIAL_RESULT_FILE}") as f:
             texts.append(f.readall().decode())
     except (OSError, AttributeError, RuntimeError, TypeError):  # no file yet (pyarrow: OSError)
         pass
@@ -58,7 +57,7 @@ class ResumableASHA(ASHAScheduler):
         bracket = self._trial_info[trial.trial_id]
         for result in reported_results(trial):
             t, value = result.get(self._time_attr), result.get(self._metric)
-            if is_number(t) and is_number(value):
+            if is_finite_number(t) and is_finite_number(value):
                 bracket.on_result(trial, t, self._metric_op * value)  # records; the decision is moot
 
     def rungs(self) -> list[tuple[float, dict[str, float]]]:

@@ -34,13 +34,20 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError, apply_overrides, known_keys, load_config, parse_override
+from ..config import (
+    PATH_KEYS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    known_keys,
+    load_config,
+    parse_override,
+)
 from ..errors import UserError
+from ..finite import is_finite_number
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 VARIANT = "variant"  # a search entry whose values are mappings of config overrides, applied together
-# Paths in the config that the trials (other processes, maybe other machines) must see absolute.
-PATH_KEYS = ("data.train_shards", "data.val_shards", "model.backbone.weights", "model.weights", "train.storage_path")
 
 
 class SpecError(UserError):
@@ -132,11 +139,6 @@ def load_spec(path: str | Path) -> SweepSpec:
     return spec
 
 
-def is_number(x: Any) -> bool:
-    """A finite int or float (not a bool)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _integer(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -156,11 +158,11 @@ def _check_types(spec: SweepSpec) -> None:
         ("seed", spec.seed, lambda v: v is None or _integer(v), "an integer"),
         ("scheduler.type", spec.scheduler.type, lambda v: v in ("asha", "fifo"), "asha or fifo"),
         ("scheduler.grace_period", spec.scheduler.grace_period, lambda v: _integer(v) and v >= 1, "an integer >= 1 (iterations)"),
-        ("scheduler.reduction_factor", spec.scheduler.reduction_factor, lambda v: is_number(v) and v > 1, "a number > 1"),
+        ("scheduler.reduction_factor", spec.scheduler.reduction_factor, lambda v: is_finite_number(v) and v > 1, "a number > 1"),
         ("scheduler.max_t", spec.scheduler.max_t, lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1 (iterations)"),
         ("resources.workers", spec.resources.workers, lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1"),
-        ("resources.cpus_per_worker", spec.resources.cpus_per_worker, lambda v: v is None or (is_number(v) and v > 0), "a number > 0"),
-        ("resources.gpus_per_worker", spec.resources.gpus_per_worker, lambda v: is_number(v) and v >= 0, "a number >= 0"),
+        ("resources.cpus_per_worker", spec.resources.cpus_per_worker, lambda v: v is None or (is_finite_number(v) and v > 0), "a number > 0"),
+        ("resources.gpus_per_worker", spec.resources.gpus_per_worker, lambda v: is_finite_number(v) and v >= 0, "a number >= 0"),
     ]  # fmt: skip
     for key, value, ok, expected in checks:
         if not ok(value):

@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
+from ..console import ensure_ray
 from ..errors import UserError
 from ..tracking import (
     RunLogger,
@@ -208,21 +208,6 @@ def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     run_trial(params, context)
 
 
-def _ray_init(address: str | None) -> None:
-    from ..console import init_ray
-
-    if address and address != "local":
-        init_ray(address=address)
-    else:
-        # A local Ray: logical CPUs above the physical count leave room for Ray Data beside
-        # the trials' fractional-CPU Train workers on a small machine (../shared/NOTES.md).
-        init_ray(address=address or None, num_cpus=max(4, os.cpu_count() or 1))
-    if not sys.stdout.isatty():
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
-
-
 def _check_capacity(spec: SweepSpec, cfg: Config) -> None:
     """Fails in seconds when the cluster cannot hold the trials that would run at once plus a
     CPU for their data (see capacity.py)."""
@@ -264,7 +249,7 @@ def run_sweep(
     from ..train.trainer import check_run
 
     check_run(cfg, resume=False)  # shards, categories: before Ray starts
-    _ray_init(address)
+    ensure_ray(address)
     _check_capacity(spec, cfg)  # before anything is recorded: a sweep that cannot run leaves no trace
     uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
     check_tracking_uri(uri)
@@ -304,7 +289,7 @@ def resume_sweep(
     if mlflow_uri and resolve_tracking_uri(mlflow_uri) != uri:
         raise UserError(f"--resume {name}: the sweep logs to {uri} (its parent run is there), not {mlflow_uri}")
     check_tracking_uri(uri)
-    _ray_init(address)
+    ensure_ray(address)
     _check_capacity(spec, cfg)
     parent = RunLogger(uri, record["parent_run_id"])
     parent.reopen()

@@ -15,9 +15,10 @@ sort and compare view agree with `runs compare`.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
+
+from ..finite import is_finite_number
 
 TRIALS_DIR = "trials"
 STARTS_FILE = "trial_starts.log"  # one line per start of the trial function (retries, resumes)
@@ -90,7 +91,7 @@ def _sweep_metric_logger(uri: str, run_id: str, metric: str, mode: str):
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
             value, step = metrics[0].get(metric), metrics[0].get("iteration", 0)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not is_finite_number(value):
                 return  # e.g. val/segm/AP before the first validation
             if self.reports is None:
                 self.reports = queue.Queue()
@@ -109,12 +110,14 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ..config import apply_overrides, from_dict
+    from ..console import quiet_ray_data
+    from ..evaluation.validation import validate_on_shards
     from ..train import storage
-    from ..train.trainer import MLFLOW_RUN_FILE, build_trainer, check_run, start_mlflow_run
+    from ..train.checkpoint import MLFLOW_RUN_FILE
+    from ..train.trainer import build_trainer, check_run, start_mlflow_run
     from .spec import trial_overrides
 
-    # Progress bars from inside a trial are only noise in the sweep's log.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data()  # progress bars from inside a trial are only noise in the sweep's log
     trial_id = ray.tune.get_context().get_trial_id()
     overrides = {
         **trial_overrides(params),
@@ -142,7 +145,7 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
         logger.log_params({f"sweep.{k}": v for k, v in params.items()})
     # Tune first: ASHA's decisions wait for nothing else.
     callbacks = [TuneReportCallback(), _sweep_metric_logger(uri, logger.run_id, context["metric"], context["mode"])]
-    trainer = build_trainer(cfg, store, categories, uri, logger.run_id, callbacks=callbacks)
+    trainer = build_trainer(cfg, store, categories, uri, logger.run_id, callbacks=callbacks, validation=validate_on_shards)
     try:
         result = trainer.fit()
         error = result.error

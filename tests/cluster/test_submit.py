@@ -168,7 +168,7 @@ def test_paths_that_cannot_be_shared_are_warned_about(tmp_path):
     )
     spec = job.build_job(
         "train",
-        ["--config", "c.yaml", "--mlflow-uri", "sqlite:///mlflow.db", "data.val_shards=val"],
+        ["--config", "c.yaml", "--mlflow-uri", "sqlite:///mlflow.db", "data.val_shards=val", "model.weights=w"],
         cwd=tmp_path,
         environ={},
     )
@@ -178,6 +178,7 @@ def test_paths_that_cannot_be_shared_are_warned_about(tmp_path):
         "c.yaml: train.storage_path",
         "--mlflow-uri",
         "data.val_shards",
+        "model.weights",
     ):
         assert what in text, text
     env_store = job.build_job(

@@ -1,7 +1,15 @@
 import pytest
 import yaml
 
-from tensormask_ray.config import PRESETS, Config, ConfigError, load_config, parse_override
+from tensormask_ray.config import (
+    PATH_KEYS,
+    PRESETS,
+    Config,
+    ConfigError,
+    known_keys,
+    load_config,
+    parse_override,
+)
 
 
 def test_defaults_follow_the_paper():
@@ -119,3 +127,12 @@ def test_detectron2_presets_are_its_configs():
 def test_detectron2_keys_reject_nonsense(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(overrides=overrides)
+
+
+def test_path_keys_are_the_config_keys_that_hold_paths():
+    """One list (sweeps make these absolute, cluster jobs warn when they are relative): every entry
+    a real key, and every key named like a path (…_shards, …_json, ….weights, …_path) on it."""
+    keys = known_keys()
+    assert set(PATH_KEYS) <= set(keys)
+    named_like_paths = {k for k in keys if k.endswith(("_shards", "_json", ".weights", "_path"))}
+    assert named_like_paths == set(PATH_KEYS)

@@ -214,17 +214,49 @@ def test_two_train_workers_see_disjoint_images(ray_local, synth_shards, cfg, tmp
     assert records[0]["warnings"] == records[1]["warnings"] == [], "data epochs follow the loop's"
 
 
-def test_data_wait_meter():
-    import time
+def test_data_wait_meter(monkeypatch):
+    """Time in next() is data wait, the rest is the step; the first batch is reported apart. On
+    a clock the test drives (no sleeping, no timing on a shared machine): exact figures."""
+    import types
 
-    def slow():
-        for i in range(4):
-            time.sleep(0.05)
+    from tensormask_ray.data import dataset
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(dataset, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+
+    def loader():
+        clock["now"] += 0.5  # start-up
+        yield 0
+        for i in range(1, 4):
+            clock["now"] += 0.05  # waiting for batch i
             yield i
 
-    meter = DataWaitMeter(slow())
-    for _ in meter:
-        time.sleep(0.05)  # a "step"
+    meter = DataWaitMeter(loader())
+    seen = []
+    for batch in meter:
+        seen.append(batch)
+        clock["now"] += 0.15  # a step
     s = meter.summary()
-    assert s["batches"] == 4 and s["first_batch_s"] >= 0.04
-    assert 0.3 < s["data_wait_fraction"] < 0.7
+    assert seen == [0, 1, 2, 3] and s["batches"] == 4
+    assert s["first_batch_s"] == pytest.approx(0.5)
+    assert s["data_wait_s"] == pytest.approx(3 * 0.05)
+    assert s["elapsed_s"] == pytest.approx(4 * 0.15 + 3 * 0.05)  # first arrival to the last next()
+    assert s["data_wait_fraction"] == pytest.approx(0.15 / 0.75)
+
+
+def test_world_rank_is_zero_outside_ray_train_and_errors_are_not_hidden(monkeypatch):
+    import ray.train
+
+    from tensormask_ray.data import dataset
+
+    assert dataset._world_rank() == 0  # Ray Train's RuntimeError outside a training function
+
+    class Context:
+        def get_world_rank(self):
+            return 3
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: Context())
+    assert dataset._world_rank() == 3
+    monkeypatch.setattr(ray.train, "get_context", lambda: object())  # a context without the method
+    with pytest.raises(AttributeError):
+        dataset._world_rank()

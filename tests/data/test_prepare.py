@@ -507,3 +507,34 @@ def test_strict_rerun_does_not_accept_shards_with_skipped_records(tmp_path, smal
 def test_missing_images_folder_is_an_error(tmp_path, small_coco):
     with pytest.raises(DataError, match="images folder not found"):
         c2p.prepare(small_coco.json, tmp_path / "nope", tmp_path / "out")
+
+
+def test_shard_meta_answers_none_for_a_file_that_is_no_shard_and_raises_on_a_bug(tmp_path, synth_shards, monkeypatch):
+    """None (the shard is rewritten) for a missing, foreign, truncated or footer-less file; any
+    other error is a bug, raised, not read as "rewrite every shard"."""
+    good = sorted(synth_shards.glob("shard-*.parquet"))[0]
+    meta = c2p._shard_meta(good)
+    assert meta is not None and meta["images"] == pq.ParquetFile(good).metadata.num_rows
+    assert c2p._shard_meta(tmp_path / "missing.parquet") is None
+    (tmp_path / "foreign.parquet").write_text("not parquet")
+    assert c2p._shard_meta(tmp_path / "foreign.parquet") is None
+    (tmp_path / "truncated.parquet").write_bytes(good.read_bytes()[:-100])
+    assert c2p._shard_meta(tmp_path / "truncated.parquet") is None
+    pq.write_table(pq.read_table(good).replace_schema_metadata(None), tmp_path / "plain.parquet")
+    assert c2p._shard_meta(tmp_path / "plain.parquet") is None
+
+    def bug(path):
+        raise RuntimeError("a bug in the reader")
+
+    monkeypatch.setattr(c2p.pq, "ParquetFile", bug)
+    with pytest.raises(RuntimeError, match="a bug in the reader"):
+        c2p._shard_meta(good)
+
+
+def test_a_models_category_map_keeps_its_checkpoint_order():
+    cats = [{"id": 9, "name": "zebra"}, {"id": 2, "name": "cat"}]  # the order the model learned
+    m = CategoryMap.of_model(cats, 2, "checkpoint c")
+    assert m.ids == (9, 2) and m.names == ("zebra", "cat") and m.index(2) == 1 and m.category_id(0) == 9
+    assert CategoryMap.of_model([], 3, "checkpoint c").names == ("class 0", "class 1", "class 2")
+    with pytest.raises(DataError, match="checkpoint c: 2 categories for a 3-class model"):
+        CategoryMap.of_model(cats, 3, "checkpoint c")

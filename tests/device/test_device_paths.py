@@ -18,6 +18,7 @@ import torch
 from tensormask_ray.data.local import shard_batches
 from tensormask_ray.data.manifest import read_manifest
 from tensormask_ray.evaluation.inference import ModelSpec, ResultLog, ShardSource, run_inference
+from tensormask_ray.evaluation.validation import validate_on_shards
 from tensormask_ray.evaluation.window_masks import evaluate_window_masks
 from tensormask_ray.ops.sparse import WindowOp, decode_windows
 from tensormask_ray.train.checkpoint import load_model_for_inference
@@ -51,7 +52,7 @@ def test_training_step_and_validation_run_on_the_models_device(tmp_path, synth_s
     run = RunSettings(run_dir=str(tmp_path), checkpoint_metric="val/segm/AP", val_shards=str(synth_shards))
     with stand_in_device() as device:
         ctx = LocalContext(device, shard_batches(synth_shards, cfg), tmp_path)
-        last = run_training_loop(cfg, ctx, run)
+        last = run_training_loop(cfg, ctx, run, validation=validate_on_shards)
     assert [r["iteration"] for r in ctx.reports] == [1, 2]
     assert math.isfinite(last["train/loss"])
     # eval_period 0: validation at the end only (the first report carries no AP yet)

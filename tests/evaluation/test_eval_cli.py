@@ -16,14 +16,14 @@ import torch
 from pycocotools.coco import COCO
 
 from tensormask_ray import cli
+from tensormask_ray.data.manifest import read_manifest
+from tensormask_ray.data.transforms import decode_image
 from tensormask_ray.evaluation import inference
 from tensormask_ray.evaluation.coco import METRIC_NAMES
-from tensormask_ray.evaluation.evaluator import decode_rgb
 from tensormask_ray.evaluation.ground_truth import (
     coco_gt_from_json,
     coco_gt_from_shards,
     instances_from_coco,
-    read_manifest,
 )
 
 from .checkpoints import make_checkpoint
@@ -156,7 +156,7 @@ def ground_truth_model(monkeypatch, synth_coco):
     category_ids = sorted(gt.getCatIds())
     by_pixels = {}
     for image_id, info in gt.imgs.items():
-        pixels = decode_rgb((synth_coco.images_dir / info["file_name"]).read_bytes())
+        pixels = decode_image((synth_coco.images_dir / info["file_name"]).read_bytes())
         by_pixels[hashlib.sha1(pixels.tobytes()).hexdigest()] = image_id
     erosion = {"radius": 0}
 

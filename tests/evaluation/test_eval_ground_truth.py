@@ -10,14 +10,13 @@ import pytest
 from PIL import Image
 
 from tensormask_ray.data import schema
+from tensormask_ray.data.manifest import CategoryMap, read_manifest
 from tensormask_ray.errors import UserError
 from tensormask_ray.evaluation.coco import evaluate_coco, predictions_to_coco
 from tensormask_ray.evaluation.ground_truth import (
-    category_mapping,
     coco_gt_from_json,
     coco_gt_from_shards,
     instances_from_coco,
-    read_manifest,
 )
 
 from .synthetic import CATEGORY_IDS, CLASS_NAMES, coco_from_dataset
@@ -97,7 +96,8 @@ def test_manifest_problems_are_user_errors(tmp_path, dataset):
     with pytest.raises(UserError, match="manifest.json: no such file"):
         coco_gt_from_shards(tmp_path)
     manifest = write_shards(tmp_path, dataset[0])
-    assert category_mapping(read_manifest(tmp_path)) == (CATEGORY_IDS, CLASS_NAMES)
+    categories = CategoryMap.from_manifest(read_manifest(tmp_path))
+    assert (list(categories.ids), list(categories.names)) == (CATEGORY_IDS, CLASS_NAMES)
     (tmp_path / manifest["shards"][1]["file"]).unlink()
     with pytest.raises(UserError, match="shard-00001.parquet: listed in .* but missing"):
         coco_gt_from_shards(tmp_path)
@@ -118,10 +118,10 @@ def test_coco_gt_from_json(tmp_path, dataset):
     info.write_text(json.dumps({k: dataset[0][k] for k in ("images", "categories")}))
     assert coco_gt_from_json(info).getAnnIds() == []
 
-    with pytest.raises(UserError, match="missing.json: no such file"):
+    with pytest.raises(UserError, match="missing.json: COCO JSON file not found"):
         coco_gt_from_json(tmp_path / "missing.json")
     path.write_text("[1, 2")
-    with pytest.raises(UserError, match="instances_val.json: not a readable JSON file"):
+    with pytest.raises(UserError, match="instances_val.json: malformed JSON at line 1"):
         coco_gt_from_json(path)
     path.write_text(json.dumps({"annotations": []}))
     with pytest.raises(UserError, match="instances_val.json: no 'images' list"):

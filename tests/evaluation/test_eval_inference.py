@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from tensormask_ray.data.manifest import read_manifest
 from tensormask_ray.errors import UserError
 from tensormask_ray.evaluation.coco import predictions_to_coco
 from tensormask_ray.evaluation.evaluator import iter_shard_images, predict_image
-from tensormask_ray.evaluation.ground_truth import read_manifest
 from tensormask_ray.evaluation.inference import (
     FileSource,
     ModelSpec,

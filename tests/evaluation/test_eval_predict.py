@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from tensormask_ray import cli
-from tensormask_ray.evaluation.evaluator import decode_rgb
-from tensormask_ray.evaluation.ground_truth import read_manifest
+from tensormask_ray.data.manifest import read_manifest
+from tensormask_ray.data.transforms import decode_image
 from tensormask_ray.evaluation.predict_cli import record_to_prediction
 from tensormask_ray.evaluation.visualize import draw_instances
 
@@ -68,7 +68,7 @@ def test_overlays_show_the_masks_and_the_bad_file_is_skipped(tmp_path, checkpoin
     drawn_any = False
     for entry in entries[1:]:
         assert all(i["score"] >= 0.12 and i["category_name"] in names for i in entry["instances"])
-        image = decode_rgb(open(entry["file"], "rb").read())
+        image = decode_image(open(entry["file"], "rb").read())
         overlay = np.asarray(Image.open(entry["overlay"]).convert("RGB"))
         assert overlay.shape == image.shape
         prediction = record_to_prediction(entry["instances"], *image.shape[:2], [1, 3, 7, 12])

@@ -81,11 +81,18 @@ def test_detectron2_geometry_scores_at_its_windows(monkeypatch):
     assert math.isnan(ious[1].item())  # dropped as Detectron2 drops crowd regions, and not scored
 
 
-def test_the_real_decoder_runs_and_scores_every_instance():
+def test_the_real_decoder_scores_as_the_dense_decode_does(monkeypatch):
+    """With the model's own (sparse, lazy) decoder, the IoUs equal those of decoding the whole
+    head tensor densely and picking the same windows."""
     model = _model("bipyramid").eval()
-    (ious,) = window_mask_ious(model, *_square_image())
-    assert 0.0 <= ious[0].item() <= 1.0 and math.isnan(ious[1].item())
-    assert not model.training
+    inputs = _square_image()
+    (ious,) = window_mask_ious(model, *inputs)
+    assert math.isnan(ious[1].item()) and not model.training
+    sparse_decode = model.decode_masks
+    monkeypatch.setattr(model, "decode_masks", lambda *a, dense=False: sparse_decode(*a, dense=True))
+    (dense_ious,) = window_mask_ious(model, *inputs)
+    assert 0.0 < ious[0].item() < 1.0  # a random model: neither empty nor perfect masks
+    assert ious[0].item() == pytest.approx(dense_ious[0].item(), abs=1e-6)
 
 
 def test_summary_buckets_by_coco_size_and_counts_the_unscored():
@@ -101,7 +108,7 @@ def test_summary_buckets_by_coco_size_and_counts_the_unscored():
 
 
 def test_evaluate_writes_the_window_mask_figures(tmp_path, synth_shards, capsys):
-    from tensormask_ray.evaluation.ground_truth import read_manifest
+    from tensormask_ray.data.manifest import read_manifest
 
     ckpt = make_checkpoint(tmp_path / "run" / "checkpoint_0000003", read_manifest(synth_shards)["categories"])
     rc = cli.main(["evaluate", "--checkpoint", str(ckpt), "--shards", str(synth_shards), "--out", str(tmp_path / "o"),

@@ -7,7 +7,7 @@ from tensormask_ray.modeling.assignment import assign_windows
 from tensormask_ray.modeling.windows import build_window_groups
 
 # Two feature-pyramid levels, window 9: stride 8 -> 72 px windows, stride 16 -> 144 px windows.
-GROUPS = build_window_groups("simple_aligned", [9], min_level=3, max_level=4)
+GROUPS = build_window_groups("simple_aligned", [9], 3, 4, 1.0, "bilinear", "paper")
 GRIDS = [(16, 16), (8, 8)]
 
 

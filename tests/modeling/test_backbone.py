@@ -7,9 +7,9 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from tensormask_ray.config import ConfigError, load_config
+from tensormask_ray.config import BackboneConfig, ConfigError, load_config
 from tensormask_ray.errors import UserError
-from tensormask_ray.modeling.backbone import DetectronFrozenBatchNorm2d, ResNetBackbone
+from tensormask_ray.modeling.backbone import DetectronFrozenBatchNorm2d, build_backbone
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def torchvision_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("norm, layer", [("FrozenBN", FrozenBatchNorm2d), ("GN", nn.GroupNorm)])
 def test_both_norms_give_the_c2_to_c5_maps(norm, layer):
     torch.manual_seed(0)
-    backbone = ResNetBackbone(18, freeze_at=0, norm=norm)
+    backbone = build_backbone(BackboneConfig(depth=18, freeze_at=0, norm=norm))
     norms = [m for m in backbone.modules() if isinstance(m, (FrozenBatchNorm2d, nn.GroupNorm, nn.BatchNorm2d))]
     assert norms and all(isinstance(m, layer) for m in norms)
     feats = backbone(torch.randn(2, 3, 64, 96))
@@ -41,8 +41,8 @@ def test_both_norms_give_the_c2_to_c5_maps(norm, layer):
 
 
 def test_group_norm_trains_its_affine_weights_frozen_bn_has_none():
-    gn = ResNetBackbone(18, freeze_at=0, norm="GN")
-    frozen = ResNetBackbone(18, freeze_at=0, norm="FrozenBN")
+    gn = build_backbone(BackboneConfig(depth=18, freeze_at=0, norm="GN"))
+    frozen = build_backbone(BackboneConfig(depth=18, freeze_at=0, norm="FrozenBN"))
     gn_params = {n for n, p in gn.named_parameters() if p.requires_grad}
     assert "stem.1.weight" in gn_params and "res2.0.bn1.bias" in gn_params
     assert not any(".bn" in n or n.startswith("stem.1") for n, _ in frozen.named_parameters())
@@ -50,7 +50,7 @@ def test_group_norm_trains_its_affine_weights_frozen_bn_has_none():
 
 def test_frozen_bn_loads_the_checkpoint_with_its_statistics(torchvision_checkpoint):
     path, state = torchvision_checkpoint
-    backbone = ResNetBackbone(18, weights=str(path), norm="FrozenBN")
+    backbone = build_backbone(BackboneConfig(depth=18, weights=str(path), norm="FrozenBN"))
     assert torch.equal(backbone.stem[0].weight, state["conv1.weight"])
     assert torch.equal(backbone.stem[1].running_var, state["bn1.running_var"])
     assert torch.equal(backbone.res4[1].bn2.weight, state["layer3.1.bn2.weight"])
@@ -65,7 +65,7 @@ def test_frozen_bn_loads_the_checkpoint_with_its_statistics(torchvision_checkpoi
 
 def test_group_norm_takes_the_affine_weights_and_drops_the_statistics(torchvision_checkpoint):
     path, state = torchvision_checkpoint
-    backbone = ResNetBackbone(18, weights=str(path), norm="GN")
+    backbone = build_backbone(BackboneConfig(depth=18, weights=str(path), norm="GN"))
     assert torch.equal(backbone.stem[0].weight, state["conv1.weight"])
     assert torch.equal(backbone.stem[1].weight, state["bn1.weight"])
     assert torch.equal(backbone.res3[0].downsample[1].bias, state["layer2.0.downsample.1.bias"])
@@ -75,7 +75,7 @@ def test_group_norm_takes_the_affine_weights_and_drops_the_statistics(torchvisio
 def test_a_checkpoint_of_another_depth_is_refused_by_name(torchvision_checkpoint):
     path, _ = torchvision_checkpoint
     with pytest.raises(UserError, match=r"resnet18.pth do not match this ResNet: missing \['layer1.0.bn3"):
-        ResNetBackbone(50, weights=str(path))
+        build_backbone(BackboneConfig(depth=50, weights=str(path)))
 
 
 def test_an_unknown_norm_is_a_config_error_naming_the_key():
@@ -84,8 +84,8 @@ def test_an_unknown_norm_is_a_config_error_naming_the_key():
 
 
 def test_msra_stride_in_1x1_moves_the_stride_not_the_shapes():
-    msra = ResNetBackbone(50, freeze_at=0, stride_in_1x1=True)
-    plain = ResNetBackbone(50, freeze_at=0)
+    msra = build_backbone(BackboneConfig(depth=50, freeze_at=0, stride_in_1x1=True))
+    plain = build_backbone(BackboneConfig(depth=50, freeze_at=0))
     for stage in ("res3", "res4", "res5"):
         first = getattr(msra, stage)[0]
         assert first.conv1.stride == (2, 2) and first.conv2.stride == (1, 1)
@@ -96,7 +96,7 @@ def test_msra_stride_in_1x1_moves_the_stride_not_the_shapes():
     with torch.no_grad():
         assert {k: v.shape for k, v in msra(x).items()} == {k: v.shape for k, v in plain(x).items()}
     with pytest.raises(ValueError, match="stride_in_1x1"):
-        ResNetBackbone(18, stride_in_1x1=True)
+        build_backbone(BackboneConfig(depth=18, stride_in_1x1=True))
 
 
 def test_detectron_frozen_bn_computes_as_detectron2():

@@ -18,13 +18,21 @@ def test_focal_loss_star_known_values():
     assert torch.isclose(focal_loss_star(torch.tensor([[20.0]]), torch.zeros(1, 1)), torch.tensor(0.7 * 20.0), rtol=1e-4)
 
 
-def test_focal_loss_star_matches_its_definition_on_random_inputs():
+def test_focal_loss_star_is_a_sharpened_class_weighted_cross_entropy():
+    """RetinaNet appendix A: FL* is the cross-entropy of gamma * x, divided by gamma, weighted alpha
+    / 1 - alpha. Checked against torch's own binary cross-entropy (another implementation), not
+    against a restatement of ours."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 7, generator=g, dtype=torch.float64) * 3
     t = (torch.rand(50, 7, generator=g) < 0.2).double()
-    xt = torch.where(t > 0, x, -x)
-    expected = (-torch.log(torch.sigmoid(3 * xt)) / 3 * torch.where(t > 0, 0.3, 0.7)).sum()
-    assert torch.allclose(focal_loss_star(x, t, 3.0, 0.3), expected)
+    weight = torch.where(t > 0, 0.3, 0.7).double()
+    bce = F.binary_cross_entropy_with_logits(3 * x, t, weight=weight, reduction="sum") / 3
+    assert torch.allclose(focal_loss_star(x, t, 3.0, 0.3), bce)
+    # gamma 1 and no class weighting (alpha < 0): plain binary cross-entropy
+    assert torch.allclose(focal_loss_star(x, t, 1.0, -1.0), F.binary_cross_entropy_with_logits(x, t, reduction="sum"))
+    # the point of gamma: well-classified entries (x_t = 3) weigh less than with plain BCE
+    easy = torch.tensor([[3.0]], dtype=torch.float64)
+    assert focal_loss_star(easy, torch.ones(1, 1), 3.0, -1.0) < 0.01 * F.binary_cross_entropy_with_logits(easy, torch.ones(1, 1, dtype=torch.float64))
 
 
 def test_mask_bce_weights_foreground_and_averages_pixels_then_sums_windows():

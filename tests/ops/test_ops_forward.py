@@ -136,7 +136,7 @@ def test_invalid_arguments_raise():
     with pytest.raises(RuntimeError, match="swap_align2nat_detectron2_backward: grad has shape"):
         OPS.swap_align2nat_detectron2_backward(rand((1, 6, 6, 2, 3)), [1, 3, 3, 4, 4], 2)
     with pytest.raises(ValueError, match="geometry must be one of .* got 'Detectron2'"):
-        api.swap_align2nat(x, 2, geometry="Detectron2")
+        api.swap_align2nat(x, 2, -6.0, geometry="Detectron2")
 
 
 def _detectron2_scalar(x, lam, pad, n, v, u, y, xo):

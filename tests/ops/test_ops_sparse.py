@@ -94,7 +94,7 @@ def test_footprints_are_tight(op, VU):
     ys, xs = torch.tensor([h // (2 * op.stride)]), torch.tensor([w // (2 * op.stride)])
     r0, r1, c0, c1 = op.footprints(ys, xs, (h, w))[0].tolist()
     assert 0 < r0 and r1 < h and 0 < c0 and c1 < w, "pick a window away from the border"
-    base = decode_windows(x, op, torch.zeros(1), ys, xs)
+    base = decode_windows(x, op, torch.zeros(1), ys, xs, -6.0)
     for rows, cols in [
         (r0, slice(None)),
         (r1 - 1, slice(None)),
@@ -103,7 +103,7 @@ def test_footprints_are_tight(op, VU):
     ]:
         y = x.clone()
         y[..., rows, cols] += 1.0
-        assert not torch.equal(decode_windows(y, op, torch.zeros(1), ys, xs), base), (rows, cols)
+        assert not torch.equal(decode_windows(y, op, torch.zeros(1), ys, xs, -6.0), base), (rows, cols)
 
 
 def test_footprints_clip_to_bounds():
@@ -128,7 +128,7 @@ def test_window_op_geometry_is_validated():
     with pytest.raises(ValueError, match=r"out_size = stride \* \(V, U\) = \(4, 6\)"):
         op.dense(x, -6.0)
     with pytest.raises(ValueError, match=r"out_size = stride \* \(V, U\)"):
-        decode_windows(x, op, torch.zeros(1), torch.zeros(1), torch.zeros(1))
+        decode_windows(x, op, torch.zeros(1), torch.zeros(1), torch.zeros(1), -6.0)
 
 
 def test_dense_routes_the_detectron2_geometry_to_its_op():

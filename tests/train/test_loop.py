@@ -18,7 +18,7 @@ from tensormask_ray.train.checkpoint import (
     rng_state,
     save_training_state,
 )
-from tensormask_ray.train.loop import validation_due
+from tensormask_ray.train.loop import RunSettings, run_training_loop, validation_due
 
 from ..evaluation.checkpoints import make_checkpoint
 
@@ -88,3 +88,11 @@ def test_validation_slices_cover_each_image_once_and_score_as_one_process(tmp_pa
 def test_validation_runs_every_eval_period_and_at_the_end_only_with_0(eval_period, due):
     train = TrainConfig(eval_period=eval_period, checkpoint_period=2)
     assert [i for i in range(1, 11) if validation_due(train, i, 10)] == due
+
+
+def test_validation_shards_without_a_validation_are_refused_at_once(tmp_path):
+    """train does not import evaluation: the validation is handed in, and forgetting it is an error,
+    not a run that silently never validates."""
+    run = RunSettings(run_dir=str(tmp_path), val_shards="/data/val")
+    with pytest.raises(ValueError, match="validation shards /data/val but no validation"):
+        run_training_loop(Config(), ctx=None, run=run)  # before the context is used

@@ -67,12 +67,13 @@ MLFLOW_EXTRAS = {
 def uninterrupted(ray_local, synth_shards, store):
     import shutil
 
+    from tensormask_ray.evaluation.validation import validate_on_shards
     from tensormask_ray.train.trainer import run_training
 
     val = shutil.copytree(synth_shards, store["root"] / "val")  # same data, another dataset name
     extras = {**MLFLOW_EXTRAS, "data.val_shards": str(val)}
     cfg = tiny_config(synth_shards, store["root"] / "runs", "plain", **{"solver.max_iter": 24, **extras})
-    return cfg, run_training(cfg, mlflow_uri=store["uri"])
+    return cfg, run_training(cfg, mlflow_uri=store["uri"], validation=validate_on_shards)
 
 
 def test_two_workers_train_and_the_loss_falls(uninterrupted):

@@ -157,10 +157,10 @@ def no_ray(monkeypatch):
     """Fails the test if the sweep gets as far as starting (or joining) Ray."""
     import tensormask_ray.tune.sweep as sweep
 
-    def refuse(address):
+    def refuse(*args, **kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(sweep, "_ray_init", refuse)
+    monkeypatch.setattr(sweep, "ensure_ray", refuse)
     return sweep
 
 

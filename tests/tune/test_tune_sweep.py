@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tensormask_ray.evaluation.coco import METRIC_NAMES
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,8 +187,10 @@ def test_the_best_checkpoint_loads_and_evaluates(sweep, synth_shards):
     r = _cli("evaluate", "--best-of", NAME, "--sweep-storage", str(sweep["storage"]), "--shards", str(synth_shards),
              "--max-images", "4", "--num-actors", "0", "--out", str(out), "--mlflow-uri", sweep["uri"], cwd=sweep["work"])  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert "segm/AP" in json.dumps(metrics) and "bbox/AP" in json.dumps(metrics)
+    summary = json.loads((out / "metrics.json").read_text())
+    # the sweep's best checkpoint, evaluated on the 4 images, with every COCO metric of both kinds
+    assert Path(summary["checkpoint"]).resolve() == Path(path).resolve() and summary["num_images"] == 4
+    assert set(summary["metrics"]) == {f"{t}/{n}" for t in ("segm", "bbox") for n in METRIC_NAMES}
 
 
 def test_the_mlflow_ui_ranks_the_trials_as_runs_compare_does(sweep, mlflow_store, mlflow_server, synth_shards):
