@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -75,7 +74,7 @@ def peak_memory(name: str, path: str, threads: int = 0) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["cpu-small", "demo"])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per path (0: peak memory only)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--peak-memory", action="store_true", help="peak RSS of one step per path, in fresh processes")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
@@ -85,15 +84,20 @@ def main() -> None:
     if args.child:
         name, path = args.child
         step(*setup(name), path)
-        print(json.dumps({"peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec from the parent
+        hwm_kib = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+        print(json.dumps({"peak_gib": hwm_kib / 2**20}))
         return
 
     load_before = os.getloadavg()
     start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     rows = []
     for name in args.models:
-        batch = setup(name)  # (model, images, targets)
-        sparse, dense = timeit_pair(lambda: step(*batch, "sparse"), lambda: step(*batch, "dense"), args.repeats)  # noqa: B023
+        sparse = dense = float("nan")
+        if args.repeats > 0:
+            batch = setup(name)  # (model, images, targets)
+            sparse, dense = timeit_pair(lambda: step(*batch, "sparse"), lambda: step(*batch, "dense"), args.repeats)  # noqa: B023
+            del batch
         mem = {p: peak_memory(name, p, args.threads) for p in PATHS} if args.peak_memory else {}
         rows.append((name, sparse, dense, mem))
         print(f"{name}: sparse {sparse:.3f} s, dense {dense:.3f} s, {dense / sparse:.2f}x", file=sys.stderr)
