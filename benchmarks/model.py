@@ -149,7 +149,7 @@ def main() -> None:
     verdict = "met" if ratio <= 1.5 else "NOT met"
     text = "\n".join(
         [
-            f"Images {h}x{w}, {"the checkpoint's" if args.checkpoint else "random"} weights ({label}), median of repeats timed alternately, one process.",
+            f"Images {h}x{w}, {'the checkpoint' if args.checkpoint else 'random'} weights ({label}), median of repeats timed alternately, one process.",
             "",
             *run.header(threads=torch.get_num_threads(), versions=f"torchvision {torchvision.__version__}"),
             "",

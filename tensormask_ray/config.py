@@ -67,6 +67,12 @@ class ModelConfig:
     pad_value: float = -6.0  # logit for reads outside the image: the tensor ops have no default
     prior_prob: float = 0.01  # class-logit bias init, as RetinaNet
     geometry: Geometry = "paper"
+    # How training computes the mask loss: "sparse" runs the mask head (the bipyramid's fusion, the
+    # conv+reshape) and the window op only on crops around the positive windows, so the cost follows
+    # the number of positives; "dense" computes every window of every level, then picks the
+    # positives. Equal losses and gradients (tests/modeling/test_sparse_training.py); sparse is
+    # faster and lighter at paper scale, about even on the CPU presets (benchmarks/train_step.py).
+    mask_training: Literal["sparse", "dense"] = "sparse"
     # Box-delta weights (wx, wy, ww, wh): targets are (wx*dx, wy*dy, ww*dw, wh*dh); Detectron2's
     # TensorMask uses (1.5, 1.5, 0.75, 0.75) (BBOX_REG_WEIGHTS).
     box_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])

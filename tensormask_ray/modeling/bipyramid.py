@@ -9,9 +9,14 @@ with ReLU (shared across levels) follows. The head's conv+reshape then gives, pe
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .lazy import LazyMasks
 
 
 class BipyramidFusion(nn.Module):
@@ -36,32 +41,41 @@ class BipyramidFusion(nn.Module):
         return [self.fuse(self.fusion_input(f, k, mask_feats[0])) for k, f in enumerate(mask_feats)]
 
 
-class LazyBipyramidMasks:
-    """The bipyramid's mask output at inference, computed only where surviving windows read it.
+class LazyBipyramidMasks(LazyMasks):
+    """The bipyramid's mask output, computed only where decoded windows read it (lazy.py).
 
     Dense, every level's head tensor is (N, V*U, H_0, W_0) at the finest resolution: six levels of
-    fusion conv and conv+reshape over the whole P2 grid, although fewer than 100 windows are
-    decoded. Here the mask-tower features are kept, and for each level that has detections the
-    fusion (upsample + finest + 3x3 conv + ReLU) and the 1x1 conv+reshape run on a crop: the union
-    of the decoded windows' footprints, or one crop per window when those are smaller in total.
-    The masks equal the dense ones at those windows (tests/modeling/test_heads.py).
+    fusion conv and conv+reshape over the whole P2 grid, although inference decodes fewer than 100
+    windows and the training loss reads only the positive ones. Here the mask-tower features are
+    kept, and for each level the fusion (upsample + finest + 3x3 conv + ReLU) and the 1x1
+    conv+reshape run on crops around the decoded windows. The masks equal the dense ones at those
+    windows (tests/modeling/test_heads.py), and so do their gradients (tests/modeling/test_sparse_training.py).
     """
+
+    halo = 1  # the fusion's 3x3 conv
 
     def __init__(
         self, fusion: BipyramidFusion, mask_preds: nn.ModuleList, coarse_sizes: list[int], mask_feats: list[torch.Tensor]
     ):
-        self.fusion, self.mask_preds, self.coarse_sizes = fusion, mask_preds, list(coarse_sizes)
-        self.mask_feats = mask_feats  # per level (N, C, H_k, W_k), the mask tower's output
+        super().__init__(mask_preds, coarse_sizes, mask_feats)
+        self.fusion = fusion
         self._up: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
     def size(self) -> tuple[int, int]:
         return tuple(self.mask_feats[0].shape[-2:])  # (H_0, W_0)
 
-    def dense(self, k: int, size_index: int) -> torch.Tensor:
-        """The full head tensor of level k and one window size (N, V, U, H_0, W_0), as the dense head gives it."""
-        fused = self.fusion.fuse(self.fusion.fusion_input(self.mask_feats[k], k, self.mask_feats[0]))
-        return self.head_crop(fused, size_index)
+    def bounds(self, k: int) -> tuple[int, int]:
+        return self.size
+
+    def features(self, k: int, image: int, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+        return self.fused_crop(k, image, rows, cols)
+
+    def dense_features(self, k: int) -> torch.Tensor:
+        return self.fusion.fuse(self.fusion.fusion_input(self.mask_feats[k], k, self.mask_feats[0]))
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        return itertools.chain(self.fusion.parameters(), self.mask_preds.parameters())
 
     def _fusion_input(self, k: int, image: int) -> torch.Tensor:
         """upsample(level k) + finest of one image, (1, C, H_0, W_0); cached per (level, image)."""
@@ -81,11 +95,3 @@ class LazyBipyramidMasks:
         x = F.pad(x[:, :, a0:a1, b0:b1], (b0 - (c0 - 1), (c1 + 1) - b1, a0 - (r0 - 1), (r1 + 1) - a1))
         conv = self.fusion.fuse[0]
         return F.relu(F.conv2d(x, conv.weight, conv.bias))
-
-    def head_crop(self, fused: torch.Tensor, size_index: int) -> torch.Tensor:
-        """(N, C, h, w) fused features (a crop or the whole map) -> the head tensor (N, V, U, h, w)
-        of one window size on them."""
-        N, _, h, w = fused.shape
-        c = self.coarse_sizes[size_index]
-        return self.mask_preds[size_index](fused).view(N, c, c, h, w)
-

@@ -7,8 +7,9 @@
   upscale heads. The bipyramid variant of the mask branch lives in bipyramid.py.
 
 A is the number of window sizes, K the number of classes. The mask branch returns the head tensor
-BEFORE its window op (align2nat, up_align2nat, ...): the model applies the op densely in training
-and sparsely, at the surviving windows only, in inference.
+BEFORE its window op (align2nat, up_align2nat, ...), dense, or lazy (lazy.py): computed by the model
+only on crops around the windows it decodes (the positives in training, the survivors of NMS in
+inference).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from .bipyramid import BipyramidFusion, LazyBipyramidMasks
+from .lazy import LazyMasks, LazyPyramidMasks
 
 
 def conv_tower(in_channels: int, channels: int, depth: int) -> nn.Sequential:
@@ -61,18 +63,20 @@ class TensorMaskHead(nn.Module):
 
     def forward(
         self, features: list[torch.Tensor], lazy_masks: bool = False
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]] | LazyBipyramidMasks]:
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]] | LazyMasks]:
         """features: per level (N, C, H_l, W_l). Returns, per level:
         cls (N, A*K, H_l, W_l), box (N, A*4, H_l, W_l), and per window size the mask head tensor
         (N, V', U', H_m, W_m): (H_m, W_m) = (H_l, W_l), or the finest level's size for the bipyramid.
-        lazy_masks (inference): the bipyramid's mask output is returned as LazyBipyramidMasks, to be
-        computed only around the windows that get decoded.
+        lazy_masks: the mask output is returned as LazyMasks (LazyBipyramidMasks for the bipyramid,
+        else LazyPyramidMasks), to be computed only around the windows that get decoded.
         """
         cls = [self.cls_pred(self.cls_tower(f)) for f in features]
         box = [self.box_pred(self.box_tower(f)) for f in features]
         mask_feats = [self.mask_tower(f) for f in features]
         if self.bipyramid is not None and lazy_masks:
             return cls, box, LazyBipyramidMasks(self.bipyramid, self.mask_preds, self.coarse_sizes, mask_feats)
+        if lazy_masks:
+            return cls, box, LazyPyramidMasks(self.mask_preds, self.coarse_sizes, mask_feats)
         if self.bipyramid is not None:
             mask_feats = self.bipyramid(mask_feats)  # every level at the finest resolution
         masks = []

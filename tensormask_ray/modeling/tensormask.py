@@ -1,7 +1,8 @@
 """TensorMask: ResNet-FPN, class/box/mask heads over dense sliding windows, trained with the
 mask-driven assignment and FL*/l1/weighted-BCE losses, decoded sparsely at inference.
 
-    forward_training : images -> features -> head tensors -> targets -> losses
+    forward_training : images -> features -> head tensors -> targets -> losses (the mask branch
+                       only on crops the positive windows read, or densely: `mask_training`)
     forward_inference: images -> features -> head tensors -> top-k + NMS -> masks of the survivors
 
 `geometry` "detectron2" makes the same model compute what Detectron2's TensorMask computes
@@ -16,9 +17,9 @@ from torch import nn
 from ..config import Config
 from ..ops.sparse import decode_windows
 from .backbone import ResNetBackbone, build_backbone
-from .bipyramid import LazyBipyramidMasks
 from .fpn import FPN
 from .heads import TensorMaskHead
+from .lazy import LazyMasks, decode_lazy
 from .losses import box_l1_loss, focal_loss_star, mask_bce_loss
 from .postprocess import (
     Detections,
@@ -27,8 +28,10 @@ from .postprocess import (
     select_detections,
     select_detections_detectron2,
 )
-from .targets import build_targets
+from .targets import GroupPositives, build_targets
 from .windows import WindowGroup, build_window_groups, coarse_size
+
+MASK_TRAINING = ("sparse", "dense")
 
 
 class TensorMask(nn.Module):
@@ -54,10 +57,14 @@ class TensorMask(nn.Module):
         mask_threshold: float,
         geometry: str,
         box_weights: tuple[float, float, float, float],
+        mask_training: str,
     ):
         """Built by `build_model(cfg)`: every argument comes from the config, the one home of
         their defaults."""
         super().__init__()
+        if mask_training not in MASK_TRAINING:
+            raise ValueError(f"mask_training must be one of {MASK_TRAINING}, got {mask_training!r}")
+        self.mask_training = mask_training
         self.geometry, self.box_weights = geometry, tuple(box_weights)
         self.backbone, self.fpn, self.head = backbone, fpn, head
         self.groups = groups
@@ -72,7 +79,7 @@ class TensorMask(nn.Module):
     def head_outputs(self, images: torch.Tensor, lazy_masks: bool = False):
         """images (N, 3, H, W), H and W multiples of 32 -> per level cls (N, A*K, H_l, W_l),
         box (N, A*4, H_l, W_l) and per level and window size the mask head tensor (N, V', U', H_m, W_m)
-        (lazy_masks: for the bipyramid, a LazyBipyramidMasks that decode_masks computes on demand)."""
+        (lazy_masks: a LazyMasks that decode_masks / the mask loss compute on crops on demand)."""
         feats = self.fpn(self.backbone(images))
         return self.head(feats, lazy_masks=lazy_masks)
 
@@ -101,7 +108,8 @@ class TensorMask(nn.Module):
     def forward_training(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
         """images (N, 3, H, W); targets per image: boxes (G, 4), labels (G,), masks (G, h, w),
         iscrowd (G,). Returns the weighted losses {"loss_cls", "loss_box", "loss_mask"}."""
-        cls, box, masks = self.head_outputs(images)
+        sparse = self.mask_training == "sparse"
+        cls, box, masks = self.head_outputs(images, lazy_masks=sparse)
         cls_flat, box_flat, grids = self._flatten(cls, box)
         t = build_targets(self.groups, grids, targets, self.num_classes, **self.assign_kwargs, box_weights=self.box_weights)
         normalizer = max(1.0, float(t.num_fg))
@@ -113,16 +121,33 @@ class TensorMask(nn.Module):
         loss_cls = focal_loss_star(cls_flat[valid], onehot, self.focal_gamma, self.focal_alpha) / normalizer
         loss_box = box_l1_loss(box_flat[t.fg], t.box_deltas.to(box_flat.dtype)) / normalizer
 
-        loss_mask = sum(m.sum() for level in masks for m in level) * 0.0  # keeps every mask param in the graph
-        for g, pos in zip(self.groups, t.positives):
+        loss_mask = self.mask_loss_sparse(masks, t.positives) if sparse else self.mask_loss_dense(masks, t.positives)
+        loss_mask = loss_mask / normalizer
+        w_cls, w_box, w_mask = self.loss_weights
+        return {"loss_cls": w_cls * loss_cls, "loss_box": w_box * loss_box, "loss_mask": w_mask * loss_mask}
+
+    def mask_loss_dense(self, masks: list[list[torch.Tensor]], positives: list[GroupPositives]) -> torch.Tensor:
+        """The summed mask loss of the positive windows, from every level's dense natural masks."""
+        loss = sum(m.sum() for level in masks for m in level) * 0.0  # keeps every mask param in the graph
+        for g, pos in zip(self.groups, positives):
             if pos.image.numel() == 0:
                 continue
             natural = g.op.dense(masks[g.k][g.size_index], self.pad_value)  # (N, Vo, Uo, Hg, Wg)
             pred = natural[pos.image, :, :, pos.ys, pos.xs]  # (P, Vo, Uo)
-            loss_mask = loss_mask + mask_bce_loss(pred, pos.masks, self.mask_fg_weight)
-        loss_mask = loss_mask / normalizer
-        w_cls, w_box, w_mask = self.loss_weights
-        return {"loss_cls": w_cls * loss_cls, "loss_box": w_box * loss_box, "loss_mask": w_mask * loss_mask}
+            loss = loss + mask_bce_loss(pred, pos.masks, self.mask_fg_weight)
+        return loss
+
+    def mask_loss_sparse(self, masks: LazyMasks, positives: list[GroupPositives]) -> torch.Tensor:
+        """mask_loss_dense's value, with the mask head and window ops run only on crops around the
+        positive windows (decode_lazy): the cost follows the number of positives, not the image area."""
+        loss = masks.zero_in_graph()  # keeps every mask param in the graph, as the dense path does
+        group = torch.cat([torch.full_like(p.image, gi) for gi, p in enumerate(positives)])  # (P,)
+        cat = lambda field: torch.cat([getattr(p, field) for p in positives])  # noqa: E731
+        starts = torch.tensor([0] + [p.image.numel() for p in positives]).cumsum(0).tolist()
+        for gi, sel, pred in decode_lazy(masks, self.groups, group, cat("image"), cat("ys"), cat("xs"), self.pad_value):
+            target = positives[gi].masks[sel - starts[gi]]  # (P_c, Vo, Uo)
+            loss = loss + mask_bce_loss(pred, target, self.mask_fg_weight)
+        return loss
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -173,9 +198,14 @@ class TensorMask(nn.Module):
         """Soft natural masks (Vo, Uo) of the given windows of one image, computed sparsely from the
         head tensors: never the dense >100k-window output. dense=True decodes every window with the
         dense op and then picks the same ones (for validation only)."""
-        if isinstance(masks, LazyBipyramidMasks):
+        if isinstance(masks, LazyMasks):
             if not dense:
-                return self._decode_lazy(masks, group, ys, xs, image)
+                out: list[torch.Tensor | None] = [None] * group.numel()
+                at = torch.full_like(group, image)
+                for _, sel, logits in decode_lazy(masks, self.groups, group, at, ys, xs, self.pad_value):
+                    for j, m in zip(sel.tolist(), logits.sigmoid()):
+                        out[j] = m
+                return out  # type: ignore[return-value]
             masks = [[masks.dense(k, a) for a in range(len(self.window_sizes))] for k in range(len(masks.mask_feats))]
         out: list[torch.Tensor | None] = [None] * group.numel()
         for gi in group.unique().tolist():
@@ -188,42 +218,6 @@ class TensorMask(nn.Module):
                 logits = decode_windows(x, g.op, torch.zeros_like(sel), ys[sel], xs[sel], self.pad_value)
             for j, m in zip(sel.tolist(), logits.sigmoid()):
                 out[j] = m
-        return out  # type: ignore[return-value]
-
-    def _decode_lazy(
-        self, masks: LazyBipyramidMasks, group: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, image: int
-    ) -> list[torch.Tensor]:
-        """decode_masks for the bipyramid's lazy output: per level with detections, the fused
-        features on one crop (the union of the windows' footprints) or on one crop per window,
-        whichever covers fewer positions; then each window size's conv+reshape and swap_align2nat
-        at those windows (decode_windows on the crop)."""
-        out: list[torch.Tensor | None] = [None] * group.numel()
-        H, W = masks.size
-        zero = torch.zeros((), dtype=torch.long, device=ys.device)
-        level_of = torch.tensor([g.k for g in self.groups], device=group.device)[group]  # (D,)
-        for k in level_of.unique().tolist():
-            at_level = (level_of == k).nonzero(as_tuple=True)[0]
-            foot = torch.empty((at_level.numel(), 4), dtype=torch.long, device=ys.device)  # (D_k, 4) [r0, r1, c0, c1)
-            for gi in group[at_level].unique().tolist():
-                mine = group[at_level] == gi
-                foot[mine] = self.groups[gi].op.footprints(ys[at_level][mine], xs[at_level][mine], (H, W)).long()
-            halo = lambda r0, r1, c0, c1: (min(r1 + 1, H) - max(r0 - 1, 0)) * (min(c1 + 1, W) - max(c0 - 1, 0))  # noqa: E731
-            union = (int(foot[:, 0].min()), int(foot[:, 1].max()), int(foot[:, 2].min()), int(foot[:, 3].max()))
-            separate = sum(halo(*f) for f in foot.tolist())
-            crops = [(at_level, union)] if halo(*union) <= separate else [
-                (at_level[j : j + 1], tuple(f)) for j, f in enumerate(foot.tolist())
-            ]  # fmt: skip
-            for members, (r0, r1, c0, c1) in crops:
-                fused = masks.fused_crop(k, image, (r0, r1), (c0, c1))  # (1, C, r1 - r0, c1 - c0)
-                for gi in group[members].unique().tolist():
-                    g = self.groups[gi]
-                    sel = members[group[members] == gi]
-                    x = masks.head_crop(fused, g.size_index)  # (1, V, U, r1 - r0, c1 - c0)
-                    logits = decode_windows(
-                        x, g.op, zero.expand(sel.numel()), ys[sel], xs[sel], self.pad_value, origin=(r0, c0), bounds=(H, W)
-                    )  # (K, Vo, Uo)
-                    for j, m in zip(sel.tolist(), logits.sigmoid()):
-                        out[j] = m
         return out  # type: ignore[return-value]
 
 
@@ -248,7 +242,7 @@ def build_model(cfg: Config) -> TensorMask:
                            small_object_fallback=a.small_object_fallback, geometry=m.geometry),
         score_thresh=inf.score_thresh, topk_candidates=inf.topk_candidates, nms_thresh=inf.nms_thresh,
         detections_per_image=inf.detections_per_image, mask_threshold=inf.mask_threshold,
-        geometry=m.geometry, box_weights=tuple(m.box_weights),
+        geometry=m.geometry, box_weights=tuple(m.box_weights), mask_training=m.mask_training,
     )  # fmt: skip
     if m.weights:  # fine-tuning: every weight from a checkpoint of ours (e.g. a converted one)
         from ..train.checkpoint import load_weights, read_state

@@ -114,13 +114,13 @@ def test_lazy_bipyramid_masks_equal_the_dense_head_at_any_windows(image, layout,
     assert any((d > 0.01).any() and (d < 0.99).any() for d in dense)  # not a constant mask
     levels = len(lazy.mask_feats)
     # clustered: one crop per level, smaller than the map; corners: at the finest level (small
-    # footprints far apart) one crop per window
+    # footprints far apart) one crop per corner, which both window sizes' windows there share
     H, W = lazy.size
     finest = [c for c in crops if c[0] == 0]
     if layout == "clustered":
         assert len(crops) == levels and all((r1 - r0) * (c1 - c0) < H * W for _, _, (r0, r1), (c0, c1) in finest)
     else:
-        assert len(finest) == int((group < 2).sum()) == 8  # groups 0 and 1: level 0's two window sizes
+        assert len(finest) == 4 and int((group < 2).sum()) == 8  # groups 0 and 1: level 0's two window sizes
 
 
 def test_inference_returns_coco_style_instances_at_output_size():
