@@ -170,7 +170,7 @@ class Console:
     def __init__(self, log_path: Path, verbose: bool, terminal: TextIO):
         self.log = LogFile(log_path, on_open=self.announce)
         self.verbose = verbose
-        self.terminal = terminal
+        self.terminal = terminal  # the real stderr: notices, so stdout stays the command's output (JSON)
         self.announced = False
         self.started_ray = False  # this command started Ray: it stops it before the routers go
         self.hidden: set[str] = set()  # shared by both routers
@@ -207,7 +207,7 @@ def routed(command: str, verbose: bool = False, log_dir: str | os.PathLike | Non
         yield _current
         return
     saved = sys.stdout, sys.stderr
-    console = Console(default_log_path(command, log_dir), is_verbose(verbose), saved[0])
+    console = Console(default_log_path(command, log_dir), is_verbose(verbose), saved[1])
     sys.stdout = LineRouter(saved[0], console.log, console.verbose, console.hidden)
     sys.stderr = LineRouter(saved[1], console.log, console.verbose, console.hidden)
     redirected = _redirect_handlers({id(saved[0]): sys.stdout, id(saved[1]): sys.stderr})
