@@ -192,6 +192,12 @@ class Console:
 _current: Console | None = None
 
 
+def unrouted_stdout() -> TextIO:
+    """The stdout under the routing: for output that is the command's own result and must reach
+    the terminal whole (a job's logs, which hold its library lines too), never the log file."""
+    return sys.stdout.terminal if isinstance(sys.stdout, LineRouter) else sys.stdout
+
+
 def default_log_path(command: str, log_dir: str | os.PathLike | None = None) -> Path:
     folder = Path(log_dir or os.environ.get(LOG_DIR_ENV) or "logs").resolve()
     return folder / f"tensormask-ray-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
@@ -332,6 +338,7 @@ __all__ = [
     "TAGS",
     "VERBOSE_ENV",
     "announce_log",
+    "unrouted_stdout",
     "ensure_ray",
     "hide_worker_lines",
     "local_ray_cpus",

@@ -209,7 +209,10 @@ class JobClient:
 
         Output is redacted a whole line at a time, so a token split across two chunks of the
         stream is still caught. If the stream breaks, falls back to polling the status."""
-        out = out or sys.stdout
+        if out is None:  # the job's log, whole: not routed like this process's own libraries
+            from ..console import unrouted_stdout
+
+            out = unrouted_stdout()
         self.info(job_id)  # a clear error for an unknown id before opening the stream
 
         async def _tail() -> None:

@@ -103,8 +103,11 @@ def run(args: argparse.Namespace) -> int:
             status = client.follow(args.job_id)
             print(f"[jobs] job {args.job_id} {status}", file=sys.stderr)
         else:
-            sys.stdout.write(client.logs(args.job_id))
-            sys.stdout.flush()
+            from ..console import unrouted_stdout
+
+            out = unrouted_stdout()  # the job's log, whole
+            out.write(client.logs(args.job_id))
+            out.flush()
         return 0
     if args.action == "stop":
         status = client.status(args.job_id)
