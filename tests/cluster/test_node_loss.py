@@ -201,4 +201,7 @@ def test_a_sweep_trial_survives_losing_a_node(cluster, store, synth_shards):
     )
     assert [r.info.run_id for r in siblings] == [run_id]  # the trial kept its one MLflow run
     assert child.info.status == "FINISHED"
-    _check_the_run(output, run_id, store["uri"], trial_dir / PROGRESS_FILE)
+    # A sweep's terminal shows trial events, not its workers' [train] lines: the log file has them.
+    log_file = re.search(r"Logs of Ray and other libraries: (\S+)", output)
+    assert log_file, output[-4000:]
+    _check_the_run(output + Path(log_file[1]).read_text(errors="replace"), run_id, store["uri"], trial_dir / PROGRESS_FILE)
