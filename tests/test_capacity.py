@@ -65,7 +65,7 @@ def test_a_sweep_whose_trials_do_not_fit_fails_before_anything_is_recorded(ray_l
     from tensormask_ray.tune.sweep import run_sweep
 
     cpus = ray_local.available_resources()["CPU"]
-    raw = {"name": "big", "preset": "cpu-small", "search": {"solver.base_lr": [0.01, 0.02]}, "metric": "train/loss",
+    raw = {"name": "big", "preset": "cpu-small", "search": {"solver.base_lr": {"grid": [0.01, 0.02]}}, "metric": "train/loss",
            "mode": "min", "max_concurrent_trials": 2, "resources": {"workers": 1, "cpus_per_worker": cpus / 2}}  # fmt: skip
     with pytest.raises(UserError, match=r"sweep 'big' cannot start: .*2 trials at a time x \(1 Train worker.*What fits: resources: \{cpus_per_worker: 1.49\}"):
         run_sweep(parse_spec(raw, "big.yaml"), ["model.num_classes=4", f"data.train_shards={synth_shards}"],
