@@ -124,12 +124,21 @@ class LineRouter(io.TextIOBase):
         if self._pending:
             chunk, self._pending = self._pending, ""
             self._route(chunk)
+        self._show("")
+
+    def _show(self, text: str) -> None:
+        """To the terminal; a terminal closed under a handler that outlived it (a test's captured
+        stream under Ray's loggers) drops the text, which the log file already holds."""
+        if self.terminal.closed:
+            return
+        if text:
+            self.terminal.write(text)
         self.terminal.flush()
 
     def _route(self, chunk: str) -> None:
         self.log.write(chunk if chunk.endswith("\n") else chunk + "\n")
         if self.verbose:
-            self.terminal.write(chunk)
+            self._show(chunk)
             return
         if self.muted:  # a failing command's error line still shows
             chunk = "".join(line for line in chunk.splitlines(keepends=True) if _ERROR.match(line))
@@ -141,7 +150,7 @@ class LineRouter(io.TextIOBase):
             shown = [self.classify(line) for line in lines]
         shown = [line for line in shown if line is not None]
         if shown:
-            self.terminal.write("\n".join(shown) + "\n")
+            self._show("\n".join(shown) + "\n")
 
     def classify(self, line: str) -> str | None:
         """One line as the terminal should show it, or None for the log file only."""
