@@ -37,6 +37,7 @@ from .errors import UserError
 from .finite import is_finite_number
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per model load, not 7 bars
 
 _PARAM_VALUE_MAX = 6000  # MLflow 3 limit on a param value
 _TAG_VALUE_MAX = 5000  # kept below MLflow's limit; longer text goes into an artifact
