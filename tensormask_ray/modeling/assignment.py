@@ -9,7 +9,12 @@ A window is positive for ground-truth mask m when
 Fallback (footnote 3): a mask smaller than the smallest assignable size (scale_ratio x the
 smallest window side) meets the size part of (i) for windows of the smallest size.
 Everything else is negative. Windows that a crowd region satisfies (i)-(ii) for, and that are not
-positive, are ignored (-1) rather than negative.
+positive, are ignored rather than negative.
+
+One convention for every window label in training (here and in targets.py): IGNORE (-1) is a
+window left out of the classification loss; a negative window is "no object": NEGATIVE (-2) as a
+matched ground-truth index here, the background class K (= num_classes) as a class target, as in
+Detectron2 and torchvision's detectors.
 
 The unit of (ii): for the feature-pyramid heads sigma_VU = sigma_HW = the stride, as in the paper.
 For the tensor bipyramid the paper's sigma_VU is the finest stride at every level, which would leave
@@ -38,12 +43,15 @@ import torch
 
 from .windows import WindowGroup
 
+IGNORE = -1  # left out of the classification loss (here: as a matched index; targets.py: as a class)
+NEGATIVE = -2  # matched to no ground truth (a class target says K, the background class, instead)
+
 
 @dataclass
 class Assignment:
     """Per window of one image, in the flattened order of `groups` (level-major, row-major grid)."""
 
-    labels: torch.Tensor  # (M,) int64: matched gt index >= 0, -1 negative, -2 ignored
+    labels: torch.Tensor  # (M,) int64: matched gt index >= 0, NEGATIVE or IGNORE
     offsets: list[int]  # start of each group in the flat window list (len(groups) + 1)
 
 
@@ -59,7 +67,7 @@ def assign_windows(
     geometry: str = "paper",
 ) -> Assignment:
     """groups/grids: the window groups and their (Hg, Wg); gt_boxes (G, 4) xyxy image pixels;
-    gt_crowd (G,) bool. Returns each window's matched gt (>= 0), negative (-1) or ignored (-2)."""
+    gt_crowd (G,) bool. Returns each window's matched gt (>= 0), NEGATIVE or IGNORE."""
     d2 = geometry == "detectron2"
     device = gt_boxes.device
     sizes = [h * w for h, w in grids]
@@ -67,7 +75,7 @@ def assign_windows(
     for s in sizes:
         offsets.append(offsets[-1] + s)
     M = offsets[-1]
-    labels = torch.full((M,), -1, dtype=torch.int64, device=device)
+    labels = torch.full((M,), NEGATIVE, dtype=torch.int64, device=device)
     G = gt_boxes.shape[0]
     if G == 0 or M == 0:
         return Assignment(labels, offsets)
@@ -133,7 +141,7 @@ def assign_windows(
         labels[real_win[count[real_win] == 1]] = real_gt[count[real_win] == 1]
     elif d2:
         labels[real_win[count[real_win] == 1]] = real_gt[count[real_win] == 1]
-        labels[real_win[count[real_win] > 1]] = -2
+        labels[real_win[count[real_win] > 1]] = IGNORE
     else:
         # Several masks qualify: take the one with the smallest box (a deterministic choice).
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -145,5 +153,5 @@ def assign_windows(
         labels[win_sorted[first]] = gt_sorted[first]
     crowd_win = win[crowd]
     crowd_win = crowd_win[labels[crowd_win] < 0]
-    labels[crowd_win] = -2
+    labels[crowd_win] = IGNORE
     return Assignment(labels, offsets)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import roi_align
 
-from .assignment import assign_windows
+from .assignment import IGNORE, assign_windows
 from .windows import UNIT_WEIGHTS, WindowGroup, encode_boxes
 
 
@@ -24,7 +24,7 @@ class GroupPositives:
 
 @dataclass
 class BatchTargets:
-    cls: torch.Tensor  # (N, M) int64: class for positives, K for negatives, -1 ignored
+    cls: torch.Tensor  # (N, M) int64: class for positives, K (background) for negatives, IGNORE
     fg: torch.Tensor  # (N, M) bool: positive windows
     box_deltas: torch.Tensor  # (F, 4): targets of the positives, in (image, window) order
     positives: list[GroupPositives]  # per group
@@ -74,7 +74,7 @@ def build_targets(
         cls_i = torch.full_like(a.labels, num_classes)
         pos = a.labels >= 0
         cls_i[pos] = labels[a.labels[pos]]
-        cls_i[a.labels == -2] = -1
+        cls_i[a.labels == IGNORE] = IGNORE
         cls_rows.append(cls_i)
         fg_rows.append(pos)
         win_boxes = []

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import Config
 from ..ops.sparse import decode_windows
+from .assignment import IGNORE
 from .backbone import ResNetBackbone, build_backbone
 from .fpn import FPN
 from .heads import TensorMaskHead
@@ -114,7 +115,7 @@ class TensorMask(nn.Module):
         t = build_targets(self.groups, grids, targets, self.num_classes, **self.assign_kwargs, box_weights=self.box_weights)
         normalizer = max(1.0, float(t.num_fg))
 
-        valid = t.cls >= 0  # (N, M)
+        valid = t.cls != IGNORE  # (N, M)
         onehot = torch.zeros_like(cls_flat[valid])
         fg_valid = t.cls[valid] < self.num_classes
         onehot[fg_valid.nonzero(as_tuple=True)[0], t.cls[valid][fg_valid]] = 1

@@ -3,7 +3,7 @@ a uniqueness conflict, the small-object fallback, crowd regions."""
 
 import torch
 
-from tensormask_ray.modeling.assignment import assign_windows
+from tensormask_ray.modeling.assignment import IGNORE, NEGATIVE, assign_windows
 from tensormask_ray.modeling.windows import build_window_groups
 
 # Two feature-pyramid levels, window 9: stride 8 -> 72 px windows, stride 16 -> 144 px windows.
@@ -65,7 +65,7 @@ def test_uniqueness_conflict_makes_windows_negative():
     boxes = [box(44, 44, 40), box(44, 44, 50)]
     pos, a = positives(boxes)
     assert pos == [{}, {}]
-    assert (a.labels == -1).all()
+    assert (a.labels == NEGATIVE).all()
     pos, _ = positives(boxes, uniqueness=False)
     assert set(pos[0].values()) == {0}  # the smaller mask wins when uniqueness is off
 
@@ -79,9 +79,9 @@ def test_crowd_regions_are_ignored_not_negative():
     pos, a = positives([box(44, 44, 40)], crowd=torch.tensor([True]))
     assert pos == [{}, {}]
     first = a.labels[: 16 * 16].view(16, 16)
-    assert first[5, 5] == -2 and first[4, 5] == -2 and first[0, 0] == -1
+    assert first[5, 5] == IGNORE and first[4, 5] == IGNORE and first[0, 0] == NEGATIVE
 
 
 def test_no_ground_truth_means_all_negative():
     a = assign_windows(GROUPS, GRIDS, torch.zeros((0, 4)))
-    assert a.labels.shape == (16 * 16 + 8 * 8,) and (a.labels == -1).all()
+    assert a.labels.shape == (16 * 16 + 8 * 8,) and (a.labels == NEGATIVE).all()

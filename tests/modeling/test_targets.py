@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tensormask_ray.modeling.assignment import IGNORE
 from tensormask_ray.modeling.fpn import FPN
 from tensormask_ray.modeling.targets import build_targets
 from tensormask_ray.modeling.windows import (
@@ -48,7 +49,7 @@ def test_targets_of_one_object_one_crowd_region_and_an_empty_image(weights):
     expected = {(5, 5), (4, 5), (6, 5), (5, 4), (5, 6)}
     assert {tuple(p) for p in (fine == 2).nonzero().tolist()} == expected
     assert t.num_fg == 5 and t.fg.sum() == 5 and (t.cls[t.fg] == 2).all()
-    assert (t.cls[0] == -1).any() and set(t.cls[0].unique().tolist()) == {-1, 2, K}  # crowd: ignored
+    assert (t.cls[0] == IGNORE).any() and set(t.cls[0].unique().tolist()) == {IGNORE, 2, K}  # crowd: ignored
     assert (t.cls[1] == K).all() and not t.fg[1].any()  # no objects: every window negative
 
     # box targets: in fg.nonzero() order, and they decode back to the object's box
