@@ -1,22 +1,48 @@
-"""The tensor bipyramid's feature conversion (paper §4.1, Fig. 8).
+"""The tensor bipyramid (paper §4.1, Fig. 7b, Fig. 8): its geometry (`Bipyramid`, the mask head of
+Fig. 7b), its feature conversion (`BipyramidFusion`) and its lazy decode (`LazyBipyramidMasks`).
 
-Each level's mask features (C, H/2^k, W/2^k) are bilinearly upsampled by 2^k to the finest
-resolution (C, H, W); the finest level is added to every level (itself included); one 3x3 conv
-with ReLU (shared across levels) follows. The head's conv+reshape then gives, per level, an aligned
-(V, U, H, W) tensor, and swap_align2nat with lam = 2^k turns it into the level's natural
-(2^k V, 2^k U, H/2^k, W/2^k) windows (Fig. 7b).
+Geometry: the unit sigma_VU stays that of the finest level at every level (2^min_level pixels per
+mask cell) while the mask grows to 2^k V cells at level k = l - min_level: level k's aligned
+(V, U, H_0, W_0) tensor at the finest resolution becomes natural (2^k V, 2^k U, H_0/2^k, W_0/2^k)
+windows by swap_align2nat with lam = 2^k.
+
+Fusion (Fig. 8): each level's mask features (C, H/2^k, W/2^k) are bilinearly upsampled by 2^k to
+the finest resolution (C, H, W); the finest level is added to every level (itself included); one
+3x3 conv with ReLU (shared across levels) follows. The head's conv+reshape then gives, per level,
+the aligned (V, U, H, W) tensor above.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .lazy import LazyMasks
+from .window_op import WindowOp
+
+
+@dataclass(frozen=True)
+class Bipyramid:
+    """The tensor bipyramid as a mask head (mask_heads.MaskHead)."""
+
+    name: ClassVar[str] = "bipyramid"
+    geometry: str = "paper"  # "detectron2": Detectron2's SwapAlign2Nat for every level
+
+    def coarse_size(self, window_size: int) -> int:
+        return window_size
+
+    def window_op(self, window_size: int, k: int) -> WindowOp:
+        lam = 2**k
+        return WindowOp((lam * window_size, lam * window_size), alpha=1, stride=lam, mode="bilinear", geometry=self.geometry)
+
+    def cell_size(self, level: int, min_level: int) -> int:
+        return 2**min_level
 
 
 class BipyramidFusion(nn.Module):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..ops.sparse import decode_windows
+from .window_op import decode_windows
 from .windows import WindowGroup
 
 # Per-crop cost, in positions of the crop: the fixed work of one more crop (its conv calls and

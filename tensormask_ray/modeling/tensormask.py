@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..ops.sparse import decode_windows
 from .assignment import IGNORE
 from .backbone import ResNetBackbone, build_backbone
 from .fpn import FPN
 from .heads import TensorMaskHead
 from .lazy import LazyMasks, decode_lazy
 from .losses import box_l1_loss, focal_loss_star, mask_bce_loss
+from .mask_heads import build_mask_head
 from .postprocess import (
     Detections,
     clip_and_drop_empty,
@@ -30,7 +30,8 @@ from .postprocess import (
     select_detections_detectron2,
 )
 from .targets import GroupPositives, build_targets
-from .windows import WindowGroup, build_window_groups, coarse_size
+from .window_op import decode_windows
+from .windows import WindowGroup, build_window_groups
 
 MASK_TRAINING = ("sparse", "dense")
 
@@ -226,14 +227,13 @@ def build_model(cfg: Config) -> TensorMask:
     m = cfg.model
     backbone = build_backbone(m.backbone)
     fpn = FPN(backbone.out_channels, m.fpn_channels, m.min_level, m.max_level, m.fpn_fuse)
-    coarse = [coarse_size(m.mask_head, v, m.upscale_factor) for v in m.window_sizes]
+    mask_head = build_mask_head(m.mask_head, m.upscale_factor, m.upscale_mode, m.geometry)
+    coarse = [mask_head.coarse_size(v) for v in m.window_sizes]
     head = TensorMaskHead(
         m.fpn_channels, m.num_classes, m.window_sizes, coarse, m.mask_head == "bipyramid",
         m.cls_channels, m.box_channels, m.mask_channels, m.tower_depth, m.prior_prob,
     )  # fmt: skip
-    groups = build_window_groups(
-        m.mask_head, m.window_sizes, m.min_level, m.max_level, m.upscale_factor, m.upscale_mode, m.geometry
-    )
+    groups = build_window_groups(mask_head, m.window_sizes, m.min_level, m.max_level)
     a, lo, inf = cfg.assign, cfg.loss, cfg.inference
     model = TensorMask(
         backbone, fpn, head, groups, m.num_classes, m.window_sizes, m.pad_value,

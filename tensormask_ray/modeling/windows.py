@@ -19,17 +19,21 @@ Coordinates are continuous image pixels (pixel i covers [i, i+1)). Two geometrie
   Vo//2 is centred on it.
 - "detectron2": Detectron2's TensorMask. Window centres at y*s (TensorMaskAnchorGenerator shifts
   by 0, not by s/2), and the window is its anchor [c - S/2, c + S/2] with S = Vo*cell, symmetric
-  for even Vo too; the aligned ops are its SwapAlign2Nat (ops.sparse.WindowOp geometry).
+  for even Vo too; the aligned ops are its SwapAlign2Nat (window_op.WindowOp geometry).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..ops.sparse import WindowOp
+from .window_op import WindowOp
+
+if TYPE_CHECKING:
+    from .mask_heads import MaskHead
 
 BOX_CLAMP = math.log(1000.0 / 16)
 
@@ -80,44 +84,20 @@ class WindowGroup:
 GEOMETRIES = ("paper", "detectron2")
 
 
-def build_window_groups(
-    mask_head: str,
-    window_sizes: list[int],
-    min_level: int,
-    max_level: int,
-    upscale_factor: float,
-    upscale_mode: str,
-    geometry: str,
-) -> list[WindowGroup]:
-    """All (level, window size) groups, level-major: the order of every flattened window list."""
-    if geometry not in GEOMETRIES:
-        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
-    d2 = geometry == "detectron2"
-    if d2 and mask_head.startswith("upscale_"):
-        raise ValueError(f"{mask_head} has no Detectron2 counterpart (geometry 'detectron2')")
-    aligned = {"geometry": geometry} if d2 else {}  # Detectron2's SwapAlign2Nat for the aligned ops
+def build_window_groups(head: MaskHead, window_sizes: list[int], min_level: int, max_level: int) -> list[WindowGroup]:
+    """All (level, window size) groups of a mask head (mask_heads.py), level-major: the order of
+    every flattened window list."""
+    if head.geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {head.geometry!r}")
+    d2 = head.geometry == "detectron2"
     groups = []
     for level in range(min_level, max_level + 1):
-        k = level - min_level
-        stride = 2**level
+        k, stride = level - min_level, 2**level
+        cell = head.cell_size(level, min_level)
         for a, V in enumerate(window_sizes):
-            if mask_head == "bipyramid":
-                lam, cell = 2**k, 2**min_level
-                op = WindowOp((lam * V, lam * V), alpha=1, stride=lam, mode="bilinear", **aligned)
-                offset = 0.0 if d2 else 0.5 * cell
-                groups.append(WindowGroup(level, k, a, V, stride, cell, lam * V, offset, op, geometry))
-                continue
-            if mask_head == "simple_natural":
-                op = WindowOp((V, V), alpha=0)
-            elif mask_head == "simple_aligned":
-                op = WindowOp((V, V), alpha=1, **aligned)
-            elif mask_head == "upscale_natural":
-                op = WindowOp((V, V), alpha=0, mode=upscale_mode)
-            elif mask_head == "upscale_aligned":
-                op = WindowOp((V, V), alpha=1, mode=upscale_mode)
-            else:
-                raise ValueError(f"unknown mask head {mask_head!r}")
-            groups.append(WindowGroup(level, k, a, V, stride, stride, V, 0.0 if d2 else 0.5 * stride, op, geometry))
+            op = head.window_op(V, k)
+            offset = 0.0 if d2 else 0.5 * cell
+            groups.append(WindowGroup(level, k, a, V, stride, cell, op.out_size[0], offset, op, head.geometry))
     return groups
 
 
@@ -146,13 +126,6 @@ def window_boxes(groups: list[WindowGroup], group: torch.Tensor, ys: torch.Tenso
     after = torch.tensor([g.extent()[1] for g in groups], device=device, dtype=torch.float32)[group]
     cx, cy = xs.float() * stride + offset, ys.float() * stride + offset
     return torch.stack([cx - before, cy - before, cx + after, cy + after], dim=1)
-
-
-def coarse_size(mask_head: str, window_size: int, upscale_factor: float) -> int:
-    """(V, U) size of the tensor the head's conv+reshape produces for one window size."""
-    if mask_head.startswith("upscale_"):
-        return int(round(window_size / upscale_factor))
-    return window_size
 
 
 # ----------------------------------------------------------------------------- box coder

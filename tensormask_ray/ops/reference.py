@@ -11,7 +11,8 @@ centred: index v means offset v - V//2. A read outside [0, H) x [0, W) returns `
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .window_grid import resize_window_grid
 
 
 def _shift_gather(x: torch.Tensor, step_v: int, step_u: int, pad_value: float) -> torch.Tensor:
@@ -35,20 +36,6 @@ def align2nat(x: torch.Tensor, alpha: int, pad_value: float) -> torch.Tensor:
 def nat2align(x: torch.Tensor, alpha: int, pad_value: float) -> torch.Tensor:
     """Natural -> aligned: out[n,v,u,y,x] = x[n,v,u, y-alpha*(v-V//2), x-alpha*(u-U//2)]."""
     return _shift_gather(x, -alpha, -alpha, pad_value)
-
-
-def resize_window_grid(x: torch.Tensor, out_size: tuple[int, int], mode: str) -> torch.Tensor:
-    """Resizes the (V, U) axes of (N, V, U, H, W) exactly as F.interpolate(align_corners=False)."""
-    N, V, U, H, W = x.shape
-    Vo, Uo = out_size
-    t = x.permute(0, 3, 4, 1, 2).reshape(N * H * W, 1, V, U)
-    if mode == "bilinear":
-        t = F.interpolate(t, size=(Vo, Uo), mode="bilinear", align_corners=False)
-    elif mode == "nearest":
-        t = F.interpolate(t, size=(Vo, Uo), mode="nearest")
-    else:
-        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
-    return t.reshape(N, H, W, Vo, Uo).permute(0, 3, 4, 1, 2)  # (N, Vo, Uo, H, W)
 
 
 def up_align2nat(

@@ -20,7 +20,7 @@ from tensormask_ray.data.manifest import read_manifest
 from tensormask_ray.evaluation.inference import ModelSpec, ResultLog, ShardSource, run_inference
 from tensormask_ray.evaluation.validation import validate_on_shards
 from tensormask_ray.evaluation.window_masks import evaluate_window_masks
-from tensormask_ray.ops.sparse import WindowOp, decode_windows
+from tensormask_ray.modeling.window_op import WindowOp, decode_windows
 from tensormask_ray.train.checkpoint import load_model_for_inference
 from tensormask_ray.train.context import LocalContext
 from tensormask_ray.train.loop import RunSettings, run_training_loop
@@ -100,7 +100,7 @@ def test_window_mask_evaluation_runs_on_the_models_device(checkpoint, synth_shar
 @pytest.mark.parametrize(
     "op, shape",
     [
-        (WindowOp((5, 5), alpha=0), (1, 5, 5, 6, 7)),  # natural
+        (WindowOp((5, 5), natural=True), (1, 5, 5, 6, 7)),  # natural
         (WindowOp((5, 5), alpha=1), (1, 5, 5, 6, 7)),  # aligned: align2nat
         (WindowOp((6, 6), alpha=1), (1, 3, 3, 6, 7)),  # up_align2nat
         (WindowOp((6, 6), alpha=1, stride=2), (1, 3, 3, 6, 7)),  # swap_align2nat

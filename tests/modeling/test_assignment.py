@@ -4,10 +4,11 @@ a uniqueness conflict, the small-object fallback, crowd regions."""
 import torch
 
 from tensormask_ray.modeling.assignment import IGNORE, NEGATIVE, assign_windows
+from tensormask_ray.modeling.mask_heads import build_mask_head
 from tensormask_ray.modeling.windows import build_window_groups
 
 # Two feature-pyramid levels, window 9: stride 8 -> 72 px windows, stride 16 -> 144 px windows.
-GROUPS = build_window_groups("simple_aligned", [9], 3, 4, 1.0, "bilinear", "paper")
+GROUPS = build_window_groups(build_mask_head("simple_aligned", 1.0, "bilinear", "paper"), [9], 3, 4)
 GRIDS = [(16, 16), (8, 8)]
 
 

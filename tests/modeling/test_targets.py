@@ -8,6 +8,7 @@ import torch
 
 from tensormask_ray.modeling.assignment import IGNORE
 from tensormask_ray.modeling.fpn import FPN
+from tensormask_ray.modeling.mask_heads import build_mask_head
 from tensormask_ray.modeling.targets import build_targets
 from tensormask_ray.modeling.windows import (
     UNIT_WEIGHTS,
@@ -19,7 +20,7 @@ from tensormask_ray.modeling.windows import (
 
 # As test_assignment.py: window 9 on strides 8 and 16 (72 and 144 px windows, 8 px mask cells),
 # a 128 x 128 image.
-GROUPS = build_window_groups("simple_aligned", [9], 3, 4, 1.0, "bilinear", "paper")
+GROUPS = build_window_groups(build_mask_head("simple_aligned", 1.0, "bilinear", "paper"), [9], 3, 4)
 GRIDS = [(16, 16), (8, 8)]
 K = 3  # classes; K is the negative class in the targets
 D2_WEIGHTS = (1.5, 1.5, 0.75, 0.75)

@@ -1,4 +1,4 @@
-"""Sparse window decoding (ops.sparse): decode_windows at K windows == the dense op at those
+"""Sparse window decoding (modeling.window_op): decode_windows at K windows == the dense op at those
 windows, also from a crop of the head tensor; WindowOp.footprints holds every position read."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tensormask_ray.modeling.window_op import WindowOp, decode_windows
 from tensormask_ray.ops import api
-from tensormask_ray.ops.sparse import WindowOp, decode_windows
 
 from ._cases import rand, requires_ext
 
@@ -19,7 +19,7 @@ OPS = [
     (WindowOp((12, 12), alpha=1, stride=4), (3, 3)),
     (WindowOp((5, 5), alpha=2), (5, 5)),
     (WindowOp((9, 9), alpha=1), (6, 6)),
-    (WindowOp((5, 3), alpha=0), (5, 3)),
+    (WindowOp((5, 3), natural=True), (5, 3)),
     (WindowOp((4, 3), stride=1, geometry="detectron2"), (4, 3)),
     (WindowOp((5, 5), stride=1, geometry="detectron2"), (5, 5)),
     (WindowOp((10, 6), stride=2, geometry="detectron2"), (5, 3)),

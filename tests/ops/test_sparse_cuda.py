@@ -7,19 +7,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tensormask_ray.ops.sparse import WindowOp, decode_windows
+from tensormask_ray.modeling.window_op import WindowOp, decode_windows
 
 from ._cases import rand, requires_cuda, requires_ext
 
 pytestmark = [requires_ext, requires_cuda, pytest.mark.gpu]
 
 OPS = [
-    pytest.param(WindowOp((5, 5), alpha=0), (2, 5, 5, 9, 11), id="natural"),
+    pytest.param(WindowOp((5, 5), natural=True), (2, 5, 5, 9, 11), id="natural"),
     pytest.param(WindowOp((5, 5), alpha=1), (2, 5, 5, 9, 11), id="align2nat"),
     pytest.param(WindowOp((5, 5), alpha=2), (2, 5, 5, 9, 11), id="align2nat-a2"),
     pytest.param(WindowOp((10, 10), alpha=1), (2, 5, 5, 9, 11), id="up_align2nat-bilinear"),
     pytest.param(WindowOp((10, 10), alpha=1, mode="nearest"), (2, 5, 5, 9, 11), id="up_align2nat-nearest"),
-    pytest.param(WindowOp((15, 15), alpha=0, mode="bilinear"), (2, 5, 5, 9, 11), id="upscale-natural"),
+    pytest.param(WindowOp((15, 15), natural=True, mode="bilinear"), (2, 5, 5, 9, 11), id="upscale-natural"),
     pytest.param(WindowOp((30, 30), alpha=1, stride=2), (2, 15, 15, 9, 11), id="swap-lam2"),
     pytest.param(WindowOp((60, 60), alpha=1, stride=4), (1, 15, 15, 17, 13), id="swap-lam4"),
 ]

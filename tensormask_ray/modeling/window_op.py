@@ -1,16 +1,19 @@
-"""Sparse window decoding: the natural-representation mask of a few chosen windows, computed
-straight from a head's pre-op tensor, with the same arithmetic as the dense ops.
+"""The window op: how a mask head's tensor (N, V, U, H, W) becomes natural-representation masks,
+densely (`WindowOp.dense`: the fused ops of tensormask_ray.ops) or at a few chosen windows only
+(`decode_windows`, with the same arithmetic as the dense ops). The heads of Fig. 6
+(mask_heads.py) each describe theirs as a `WindowOp`.
 
-All the mask ops of the paper are one resampling (see `WindowOp`):
+All the mask ops of the paper are one resampling:
 
     out[n, v', u', y', x'] = interp(x[n, :, :, Y, X])(v', u')      (pad_value if (Y, X) is outside)
-    Y = stride * y' + alpha * (v' - Vo//2),   X = stride * x' + alpha * (u' - Uo//2)
+    Y = stride * y' + shift * (v' - Vo//2),   X = stride * x' + shift * (u' - Uo//2)
 
-with `interp` resizing the (V, U) grid to (Vo, Uo) (identity when equal). align2nat is
-alpha = a, stride 1; up_align2nat is alpha 1 with a resize; swap_align2nat is bilinear, Vo = lam*V,
-alpha 1, stride lam; a natural head is alpha 0. `geometry="detectron2"` is Detectron2's
+with `interp` resizing the (V, U) grid to (Vo, Uo) (identity when equal) and shift = alpha for an
+aligned tensor, 0 for a natural one. align2nat is alpha = a, stride 1; up_align2nat is alpha 1
+with a resize; swap_align2nat is bilinear, Vo = lam*V, alpha 1, stride lam; a natural tensor is
+read in place (resized for the upscale-natural head). `geometry="detectron2"` is Detectron2's
 swap_align2nat instead (Vo = lam*V, alpha 1, stride lam, its own sampling:
-reference.swap_align2nat_detectron2). Inference needs masks only for the <= 100 windows
+ops.reference.swap_align2nat_detectron2). Inference needs masks only for the <= 100 windows
 that survive NMS, not for the >100k windows of a dense output (paper §5.2): `decode_windows` gathers
 just those, so its cost is O(K * Vo * Uo) for K windows.
 
@@ -24,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import api, reference
+from ..ops import api
+from ..ops.window_grid import resize_window_grid
 
 
 @dataclass(frozen=True)
@@ -32,15 +36,25 @@ class WindowOp:
     """How a head's tensor (N, V, U, H, W) becomes natural windows (N, Vo, Uo, ceil(H/s), ceil(W/s))."""
 
     out_size: tuple[int, int]  # (Vo, Uo)
-    alpha: int = 1  # 0: natural (no shift); a > 0: aligned input, align2nat with alpha = a
+    natural: bool = False  # the head's tensor is already natural (no shift); else aligned
+    alpha: int = 1  # aligned input: align2nat's alpha (>= 1)
     stride: int = 1  # subsampling of (H, W): lam for swap_align2nat
     mode: str = "bilinear"  # interpolation of (V, U) when (Vo, Uo) != (V, U)
     geometry: str = "paper"  # "detectron2": Detectron2's swap_align2nat with lam = stride
 
     def __post_init__(self):
         api.check_geometry(self.geometry, "WindowOp")
+        if self.alpha < 1:
+            raise ValueError(f"{self}: alpha must be >= 1 (a natural head says natural=True)")
+        if self.natural and (self.stride != 1 or self.geometry != "paper"):
+            raise ValueError(f"{self}: a natural head's tensor is read in place (stride 1, paper geometry)")
         if self.geometry == "detectron2" and (self.alpha != 1 or self.mode != "bilinear"):
             raise ValueError(f"{self}: geometry 'detectron2' is swap_align2nat (alpha 1, bilinear)")
+
+    @property
+    def shift(self) -> int:
+        """Position-grid offset per window cell: 0 for a natural tensor, alpha for an aligned one."""
+        return 0 if self.natural else self.alpha
 
     def _check_detectron2(self, V: int, U: int) -> None:
         if tuple(self.out_size) != (self.stride * V, self.stride * U):
@@ -61,8 +75,8 @@ class WindowOp:
             if self.alpha != 1 or self.mode != "bilinear" or (Vo, Uo) != (self.stride * V, self.stride * U):
                 raise ValueError(f"{self}: stride > 1 is swap_align2nat (bilinear, alpha 1, lam x size)")
             return api.swap_align2nat(x, self.stride, pad_value)
-        if self.alpha == 0:
-            return x if same else reference.resize_window_grid(x, (Vo, Uo), self.mode)
+        if self.natural:
+            return x if same else resize_window_grid(x, (Vo, Uo), self.mode)
         if same:
             return api.align2nat(x, self.alpha, pad_value)
         if self.alpha != 1:
@@ -84,11 +98,11 @@ class WindowOp:
             c0 = self.stride * xs - Uo // 2
             c1 = c0 + Uo + (Uo % 2 == 0)
         else:
-            # rows stride*y' + alpha*(v' - Vo//2), v' in [0, Vo)
-            r0 = self.stride * ys - self.alpha * (Vo // 2)
-            r1 = r0 + self.alpha * (Vo - 1) + 1
-            c0 = self.stride * xs - self.alpha * (Uo // 2)
-            c1 = c0 + self.alpha * (Uo - 1) + 1
+            # rows stride*y' + shift*(v' - Vo//2), v' in [0, Vo)
+            r0 = self.stride * ys - self.shift * (Vo // 2)
+            r1 = r0 + self.shift * (Vo - 1) + 1
+            c0 = self.stride * xs - self.shift * (Uo // 2)
+            c1 = c0 + self.shift * (Uo - 1) + 1
         return torch.stack([r0.clamp(0, H), r1.clamp(0, H), c0.clamp(0, W), c1.clamp(0, W)], dim=1)
 
 
@@ -145,8 +159,8 @@ def decode_windows(
         return x.new_zeros((0, Vo, Uo))
     v0, v1, wv0, wv1 = _axis_table(V, Vo, op.mode, x.dtype, dev)  # (Vo,)
     u0, u1, wu0, wu1 = _axis_table(U, Uo, op.mode, x.dtype, dev)  # (Uo,)
-    dv = op.alpha * (torch.arange(Vo, device=dev) - Vo // 2)  # (Vo,)
-    du = op.alpha * (torch.arange(Uo, device=dev) - Uo // 2)  # (Uo,)
+    dv = op.shift * (torch.arange(Vo, device=dev) - Vo // 2)  # (Vo,)
+    du = op.shift * (torch.arange(Uo, device=dev) - Uo // 2)  # (Uo,)
     Y = (op.stride * ys.long())[:, None] + dv[None, :]  # (K, Vo)
     X = (op.stride * xs.long())[:, None] + du[None, :]  # (K, Uo)
     valid = ((Y >= 0) & (Y < H))[:, :, None] & ((X >= 0) & (X < W))[:, None, :]  # (K, Vo, Uo)
@@ -192,7 +206,7 @@ def _decode_detectron2(
     bounds: tuple[int, int] | None,
 ) -> torch.Tensor:
     """decode_windows for geometry 'detectron2': the 16 weighted taps of
-    reference.swap_align2nat_detectron2 at K windows, in its order and precision (so equal to
+    ops.reference.swap_align2nat_detectron2 at K windows, in its order and precision (so equal to
     the dense op bit for bit). A tap outside bounds or the window grid reads pad_value."""
     N, V, U, h, w = x.shape
     op._check_detectron2(V, U)
