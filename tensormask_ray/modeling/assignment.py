@@ -60,14 +60,17 @@ def assign_windows(
     grids: list[tuple[int, int]],
     gt_boxes: torch.Tensor,
     gt_crowd: torch.Tensor | None = None,
-    scale_ratio: float = 0.5,
-    center_radius: float = 1.0,
-    uniqueness: bool = True,
-    small_object_fallback: bool = True,
-    geometry: str = "paper",
+    *,
+    scale_ratio: float,
+    center_radius: float,
+    uniqueness: bool,
+    small_object_fallback: bool,
+    geometry: str,
 ) -> Assignment:
     """groups/grids: the window groups and their (Hg, Wg); gt_boxes (G, 4) xyxy image pixels;
-    gt_crowd (G,) bool. Returns each window's matched gt (>= 0), NEGATIVE or IGNORE."""
+    gt_crowd (G,) bool (None: no crowd regions). The rule's settings come from the config
+    (config.AssignConfig, model.geometry), their one home. Returns each window's matched gt (>= 0),
+    NEGATIVE or IGNORE."""
     d2 = geometry == "detectron2"
     device = gt_boxes.device
     sizes = [h * w for h, w in grids]

@@ -32,7 +32,7 @@ class Bipyramid:
     """The tensor bipyramid as a mask head (mask_heads.MaskHead)."""
 
     name: ClassVar[str] = "bipyramid"
-    geometry: str = "paper"  # "detectron2": Detectron2's SwapAlign2Nat for every level
+    geometry: str  # "paper" | "detectron2" (Detectron2's SwapAlign2Nat at every level)
 
     def coarse_size(self, window_size: int) -> int:
         return window_size

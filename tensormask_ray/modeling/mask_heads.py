@@ -43,7 +43,7 @@ class MaskHead(Protocol):
 class _FeaturePyramidHead:
     """Fig. 7a: one mask per window of V x V cells of the level's stride."""
 
-    geometry: str = "paper"
+    geometry: str  # "paper" | "detectron2" (model.geometry)
 
     def coarse_size(self, window_size: int) -> int:
         return window_size
@@ -71,8 +71,8 @@ class SimpleAligned(_FeaturePyramidHead):
 
 @dataclass(frozen=True)
 class _UpscaleHead(_FeaturePyramidHead):
-    upscale_factor: float = 2.0  # lambda: V' = V / lambda
-    upscale_mode: str = "bilinear"  # "bilinear" | "nearest"
+    upscale_factor: float  # lambda: V' = V / lambda (model.upscale_factor)
+    upscale_mode: str  # "bilinear" | "nearest" (model.upscale_mode)
 
     def __post_init__(self):
         if self.geometry != "paper":

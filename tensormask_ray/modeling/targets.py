@@ -9,7 +9,7 @@ import torch
 from torchvision.ops import roi_align
 
 from .assignment import IGNORE, assign_windows
-from .windows import UNIT_WEIGHTS, WindowGroup, encode_boxes
+from .windows import WindowGroup, encode_boxes
 
 
 @dataclass
@@ -50,12 +50,13 @@ def build_targets(
     grids: list[tuple[int, int]],
     targets: list[dict],
     num_classes: int,
-    scale_ratio: float = 0.5,
-    center_radius: float = 1.0,
-    uniqueness: bool = True,
-    small_object_fallback: bool = True,
-    geometry: str = "paper",
-    box_weights: tuple[float, float, float, float] = UNIT_WEIGHTS,
+    *,
+    scale_ratio: float,
+    center_radius: float,
+    uniqueness: bool,
+    small_object_fallback: bool,
+    geometry: str,
+    box_weights: tuple[float, float, float, float],
 ) -> BatchTargets:
     """targets: per image {"boxes" (G, 4) xyxy, "labels" (G,), "masks" (G, h, w), "iscrowd" (G,)}.
     geometry "detectron2": its assignment rules (assignment.py) and its mask crops (BitMasks
@@ -68,8 +69,9 @@ def build_targets(
         crowd = t.get("iscrowd")
         crowd = crowd.bool() if crowd is not None else torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
         a = assign_windows(
-            groups, grids, boxes, crowd, scale_ratio, center_radius, uniqueness, small_object_fallback, geometry
-        )
+            groups, grids, boxes, crowd, scale_ratio=scale_ratio, center_radius=center_radius,
+            uniqueness=uniqueness, small_object_fallback=small_object_fallback, geometry=geometry,
+        )  # fmt: skip
         labels = t["labels"].long()
         cls_i = torch.full_like(a.labels, num_classes)
         pos = a.labels >= 0

@@ -1,8 +1,11 @@
 """Hand-built cases for the mask-driven assignment (paper §4.2): each condition on and off,
 a uniqueness conflict, the small-object fallback, crowd regions."""
 
+from dataclasses import asdict
+
 import torch
 
+from tensormask_ray.config import AssignConfig
 from tensormask_ray.modeling.assignment import IGNORE, NEGATIVE, assign_windows
 from tensormask_ray.modeling.mask_heads import build_mask_head
 from tensormask_ray.modeling.windows import build_window_groups
@@ -10,10 +13,11 @@ from tensormask_ray.modeling.windows import build_window_groups
 # Two feature-pyramid levels, window 9: stride 8 -> 72 px windows, stride 16 -> 144 px windows.
 GROUPS = build_window_groups(build_mask_head("simple_aligned", 1.0, "bilinear", "paper"), [9], 3, 4)
 GRIDS = [(16, 16), (8, 8)]
+RULES = {**asdict(AssignConfig()), "geometry": "paper"}  # the paper's rules, as the config's defaults
 
 
 def positives(boxes, crowd=None, **kw):
-    a = assign_windows(GROUPS, GRIDS, torch.tensor(boxes, dtype=torch.float32), crowd, **kw)
+    a = assign_windows(GROUPS, GRIDS, torch.tensor(boxes, dtype=torch.float32), crowd, **{**RULES, **kw})
     out = []
     for gi, (h, w) in enumerate(GRIDS):
         lab = a.labels[a.offsets[gi] : a.offsets[gi + 1]].view(h, w)
@@ -84,5 +88,5 @@ def test_crowd_regions_are_ignored_not_negative():
 
 
 def test_no_ground_truth_means_all_negative():
-    a = assign_windows(GROUPS, GRIDS, torch.zeros((0, 4)))
+    a = assign_windows(GROUPS, GRIDS, torch.zeros((0, 4)), **RULES)
     assert a.labels.shape == (16 * 16 + 8 * 8,) and (a.labels == NEGATIVE).all()

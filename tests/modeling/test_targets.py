@@ -3,9 +3,12 @@ averaged top-down fusion (paper §4.2)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
+from tensormask_ray.config import AssignConfig
 from tensormask_ray.modeling.assignment import IGNORE
 from tensormask_ray.modeling.fpn import FPN
 from tensormask_ray.modeling.mask_heads import build_mask_head
@@ -24,6 +27,7 @@ GROUPS = build_window_groups(build_mask_head("simple_aligned", 1.0, "bilinear", 
 GRIDS = [(16, 16), (8, 8)]
 K = 3  # classes; K is the negative class in the targets
 D2_WEIGHTS = (1.5, 1.5, 0.75, 0.75)
+RULES = {**asdict(AssignConfig()), "geometry": "paper"}  # the paper's assignment, as the config's defaults
 
 
 def image_target(boxes, labels, crowd=None):
@@ -44,7 +48,7 @@ def test_targets_of_one_object_one_crowd_region_and_an_empty_image(weights):
     obj = [24.0, 24.0, 64.0, 64.0]  # 40 px, centred at (44, 44): window (5, 5) and 4 neighbours
     crowd = [88.0, 88.0, 112.0, 112.0]
     targets = [image_target([obj, crowd], [2, 0], [False, True]), image_target([], [])]
-    t = build_targets(GROUPS, GRIDS, targets, K, box_weights=weights)
+    t = build_targets(GROUPS, GRIDS, targets, K, **RULES, box_weights=weights)
 
     fine = t.cls[0, : 16 * 16].view(16, 16)
     expected = {(5, 5), (4, 5), (6, 5), (5, 4), (5, 6)}
