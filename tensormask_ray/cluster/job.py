@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 from ..config import PATH_KEYS
 from ..errors import UserError
+from .argv import option_value
 
 # Commands that can run as a job, and the module each entrypoint runs.
 COMMANDS = {
@@ -126,16 +127,6 @@ class JobSpec:
 
 
 # ----------------------------------------------------------------------------- shipped files
-def _option_value(args: list[str], i: int, name: str) -> tuple[str | None, int]:
-    """(value, index of the value token) if args[i] is `name VALUE` or `name=VALUE`."""
-    tok = args[i]
-    if tok == name and i + 1 < len(args):
-        return args[i + 1], i + 1
-    if tok.startswith(name + "="):
-        return tok[len(name) + 1 :], i
-    return None, -1
-
-
 def _replace(args: list[str], index: int, name: str, value: str) -> None:
     args[index] = f"{name}={value}" if args[index].startswith(name + "=") else value
 
@@ -163,7 +154,7 @@ def ship_file_args(
     args = list(args)
     files: list[Path] = []
     for i in range(len(args)):
-        value, j = _option_value(args, i, "--config")
+        value, j = option_value(args, i, "--config")
         if value is not None:
             rel = _shipped_file(value, cwd, working_dir, "--config")
             _replace(args, j, "--config", rel)
@@ -218,7 +209,7 @@ def shared_path_warnings(args: list[str], files: list[Path]) -> list[str]:
     problems: list[str | None] = []
     for i, tok in enumerate(args):
         for name in _PATH_OPTIONS:
-            value, _ = _option_value(args, i, name)
+            value, _ = option_value(args, i, name)
             if value is not None:
                 problems.append(_path_problem(name, value))
         if "=" in tok and not tok.startswith("-"):
@@ -241,7 +232,7 @@ def mlflow_passthrough(args: list[str], environ) -> str | None:
     MLFLOW_TRACKING_URI. A URI holding credentials is refused: it would be stored with the job."""
     uri = None
     for i in range(len(args)):
-        value, _ = _option_value(args, i, "--mlflow-uri")
+        value, _ = option_value(args, i, "--mlflow-uri")
         if value is not None:
             uri = value
     uri = uri or environ.get("MLFLOW_TRACKING_URI") or None
