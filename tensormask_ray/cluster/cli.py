@@ -249,9 +249,7 @@ def _dry_run(spec, address: str, token) -> int:
         "runtime_env": spec.runtime_env,
         "metadata": spec.metadata,
         "ship_code": spec.ship_code,
-        "shipped_files": [str(f) for f in files]
-        if files is not None
-        else "unknown (this Ray does not say)",
+        "shipped_files": [str(f) for f in files],
     }
     print(json.dumps(view, indent=2))
     return 0

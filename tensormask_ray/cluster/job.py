@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .. import ray_compat
 from ..config import PATH_KEYS
 from ..errors import UserError
 from .argv import option_value
@@ -384,32 +385,11 @@ def build_job(
     return JobSpec(command, args, entrypoint, runtime_env, metadata, wd, ship_code, warnings)
 
 
-def shipped_files(working_dir: Path, excludes: list[str]) -> list[Path] | None:
+def shipped_files(working_dir: Path, excludes: list[str]) -> list[Path]:
     """The files Ray will upload as the working dir (Ray's own traversal: its default excludes,
-    ours, and every .gitignore/.rayignore), or None if this Ray does not expose it."""
-    try:
-        from ray._private import ray_constants
-        from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
-    except ImportError:
-        return None
-    found: list[Path] = []
-    rules = [
-        _get_excludes(
-            working_dir, ray_constants.get_runtime_env_default_excludes() + list(excludes)
-        )
-    ]
-
-    def handler(p: Path) -> None:
-        if p.is_file():
-            found.append(p.relative_to(working_dir))
-
-    _dir_travel(
-        working_dir,
-        rules,
-        handler,
-        include_gitignore=os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1",
-    )
-    return sorted(found)
+    ours, and every .gitignore/.rayignore unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1)."""
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    return ray_compat.working_dir_files(working_dir, excludes, include_gitignore)
 
 
 def temp_dir() -> tempfile.TemporaryDirectory:
