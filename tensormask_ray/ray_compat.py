@@ -40,9 +40,10 @@ RUNTIME_ENV_WORKING_DIR = "ray._private.runtime_env.working_dir"
 RUNTIME_ENV_LOGGERS = (RUNTIME_ENV_PACKAGING, RUNTIME_ENV_WORKING_DIR)
 
 
-class RayInternalsError(RuntimeError):
+class RayInternalsError(Exception):
     """A private Ray internal the project relies on is missing or changed, or this Ray version
-    is not one the accessor was written for."""
+    is not one the accessor was written for. Not a RuntimeError, so that no handler of Ray's own
+    errors (which are often RuntimeErrors) takes it for something else."""
 
 
 @functools.lru_cache(maxsize=1)

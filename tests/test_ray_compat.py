@@ -144,3 +144,14 @@ def test_every_accessor_refuses_a_ray_it_was_not_written_for(other_ray, tmp_path
     for call in calls:
         with pytest.raises(RayInternalsError, match=r"not checked for Ray 9\.1\.0 .*written against Ray 2\.60\.x"):
             call()
+
+
+def test_a_changed_internal_under_the_job_client_is_not_reported_as_the_server_s_refusal(other_ray):
+    """JobClient turns RuntimeErrors into "the job server refused the request": a changed
+    internal must come through as itself."""
+    from tensormask_ray.cluster.client import JobClient
+
+    client = JobClient.__new__(JobClient)
+    client.address, client.token, client.redact, client._sdk = "http://h:8265", None, str, SimpleNamespace()
+    with pytest.raises(RayInternalsError, match="_upload_package_if_needed"):
+        client.upload_package_file("x.zip")
