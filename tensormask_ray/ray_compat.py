@@ -152,7 +152,10 @@ def trial_filesystem(trial: Any) -> Any:
 
 # ----------------------------------------------------------------------------- runtime env / jobs
 def _packaging() -> tuple[Callable, Callable, Callable]:
-    internal = f"{RUNTIME_ENV_PACKAGING}._dir_travel/_get_excludes, ray_constants.get_runtime_env_default_excludes"
+    internal = (
+        f"{RUNTIME_ENV_PACKAGING}._dir_travel/_get_excludes, "
+        "ray._private.ray_constants.get_runtime_env_default_excludes"
+    )
     _check_version(internal)
     try:
         packaging = importlib.import_module(RUNTIME_ENV_PACKAGING)
@@ -164,11 +167,16 @@ def _packaging() -> tuple[Callable, Callable, Callable]:
     default_excludes = _attribute(constants, "get_runtime_env_default_excludes", internal)
     params = list(inspect.signature(dir_travel).parameters)
     if params[:3] != ["path", "excludes", "handler"] or "include_gitignore" not in params:
-        raise _fail(internal, f"_dir_travel takes {params}, not (path, excludes, handler, include_gitignore)")
+        raise _fail(
+            internal,
+            f"_dir_travel takes {params}, not (path, excludes, handler, include_gitignore)",
+        )
     return dir_travel, get_excludes, default_excludes
 
 
-def working_dir_files(working_dir: Path, excludes: list[str], include_gitignore: bool) -> list[Path]:
+def working_dir_files(
+    working_dir: Path, excludes: list[str], include_gitignore: bool
+) -> list[Path]:
     """The files Ray uploads as a job's working dir, relative to it and sorted: Ray's own
     traversal with its default excludes, `excludes`, and (if `include_gitignore`) every
     .gitignore/.rayignore on the way."""
@@ -192,7 +200,9 @@ def upload_package_file(sdk: Any, path: str) -> str:
     upload = _attribute(sdk, "_upload_package_if_needed", internal)
     params = inspect.signature(upload).parameters
     if not {"package_path", "include_gitignore", "is_file"} <= set(params):
-        raise _fail(internal, f"takes {list(params)}, not (package_path, include_gitignore, is_file)")
+        raise _fail(
+            internal, f"takes {list(params)}, not (package_path, include_gitignore, is_file)"
+        )
     return upload(path, include_gitignore=False, is_file=True)
 
 

@@ -34,7 +34,9 @@ def test_execution_index_of_a_ray_data_context():
     fresh._execution_idx = 3  # what Ray Data sets at the start of each execution
     assert ray_compat.execution_index(fresh) == 3
     assert isinstance(ray_compat.execution_index(), int)  # the current context
-    with pytest.raises(RayInternalsError, match=r"DataContext\._execution_idx.*no attribute '_execution_idx'"):
+    with pytest.raises(
+        RayInternalsError, match=r"DataContext\._execution_idx.*no attribute '_execution_idx'"
+    ):
         ray_compat.execution_index(SimpleNamespace())
 
 
@@ -53,7 +55,14 @@ def test_execution_index_counts_the_executions_of_a_dataset(ray_local):
 def test_asha_accessors_read_a_real_asha_scheduler():
     from ray.tune.schedulers import ASHAScheduler
 
-    asha = ASHAScheduler(time_attr="iteration", metric="loss", mode="min", max_t=8, grace_period=2, reduction_factor=2)
+    asha = ASHAScheduler(
+        time_attr="iteration",
+        metric="loss",
+        mode="min",
+        max_t=8,
+        grace_period=2,
+        reduction_factor=2,
+    )
     assert ray_compat.asha_result_keys(asha) == ("iteration", "loss", -1.0)
     trial = SimpleNamespace(trial_id="t0")
     asha.on_trial_add(None, trial)
@@ -142,7 +151,9 @@ def test_every_accessor_refuses_a_ray_it_was_not_written_for(other_ray, tmp_path
         ray_compat.runtime_env_loggers,
     ]
     for call in calls:
-        with pytest.raises(RayInternalsError, match=r"not checked for Ray 9\.1\.0 .*written against Ray 2\.60\.x"):
+        with pytest.raises(
+            RayInternalsError, match=r"not checked for Ray 9\.1\.0 .*written against Ray 2\.60\.x"
+        ):
             call()
 
 
@@ -152,6 +163,11 @@ def test_a_changed_internal_under_the_job_client_is_not_reported_as_the_server_s
     from tensormask_ray.cluster.client import JobClient
 
     client = JobClient.__new__(JobClient)
-    client.address, client.token, client.redact, client._sdk = "http://h:8265", None, str, SimpleNamespace()
+    client.address, client.token, client.redact, client._sdk = (
+        "http://h:8265",
+        None,
+        str,
+        SimpleNamespace(),
+    )
     with pytest.raises(RayInternalsError, match="_upload_package_if_needed"):
         client.upload_package_file("x.zip")

@@ -50,11 +50,7 @@ def _check_categories(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
         raise DataError(f"{path}: malformed COCO JSON: no 'categories' list")
     out, seen = [], set()
     for i, c in enumerate(cats):
-        if (
-            not isinstance(c, dict)
-            or not is_int(c.get("id"))
-            or not isinstance(c.get("name"), str)
-        ):
+        if not isinstance(c, dict) or not is_int(c.get("id")) or not isinstance(c.get("name"), str):
             raise DataError(
                 f"{path}: malformed category record #{i} {c!r}: needs an integer 'id' and a 'name'"
             )

@@ -185,4 +185,13 @@ def _test_pause(index: int) -> None:
             time.sleep(float(seconds))
 
 
-__all__ = ["FORMAT_VERSION", "PAUSE_ENV", "SHARD_META_KEY", "ShardResult", "ShardTask", "build_rows", "shard_meta", "write_shard"]
+__all__ = [
+    "FORMAT_VERSION",
+    "PAUSE_ENV",
+    "SHARD_META_KEY",
+    "ShardResult",
+    "ShardTask",
+    "build_rows",
+    "shard_meta",
+    "write_shard",
+]

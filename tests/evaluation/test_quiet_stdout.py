@@ -11,7 +11,11 @@ from ray.train.v2._internal.logging.patch_print import print_context_manager, re
 
 from tensormask_ray.evaluation.coco import quiet_stdout
 
-_DATASET = {"images": [{"id": 1, "width": 4, "height": 4}], "categories": [{"id": 1, "name": "a"}], "annotations": []}
+_DATASET = {
+    "images": [{"id": 1, "width": 4, "height": 4}],
+    "categories": [{"id": 1, "name": "a"}],
+    "annotations": [],
+}
 
 
 def _index() -> None:
