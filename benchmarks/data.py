@@ -50,6 +50,7 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from results_md import BenchmarkRun, add_write_args  # noqa: E402
 
 from tensormask_ray.config import Config, load_config  # noqa: E402
+from tensormask_ray.console import quiet_ray_data  # noqa: E402
 from tensormask_ray.data import transforms  # noqa: E402
 from tensormask_ray.data.coco_to_parquet import prepare  # noqa: E402
 from tensormask_ray.data.dataset import DataWaitMeter, build_train_dataset, iter_train_batches  # noqa: E402
@@ -192,7 +193,7 @@ def run(args, bench: BenchmarkRun) -> str:
     ray.init(
         num_cpus=args.workers, include_dashboard=False, logging_level="error", log_to_driver=False
     )
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data()
     ds = build_train_dataset(work / "shards", cfg)
     ds.context.execution_options.preserve_order = True  # as train_data_config() sets for Train
     unordered = build_train_dataset(work / "shards", cfg)

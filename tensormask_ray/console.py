@@ -22,7 +22,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TextIO
 
@@ -313,13 +313,27 @@ def local_ray_cpus(address: str | None, needed: float = 0) -> int | None:
     return max(MIN_LOCAL_CPUS, os.cpu_count() or 1, math.ceil(needed))
 
 
-def quiet_ray_data() -> None:
-    """No Ray Data progress bars in this process: bars drawn from its coordinator would cut
-    through our lines, and in a log file they become hundreds of lines. Its execution plans
-    still reach the log file."""
+class _RayDataBarsRestored(AbstractContextManager):
+    """Puts a DataContext's progress-bar setting back at the end of a `with` statement."""
+
+    def __init__(self, context, saved: bool) -> None:
+        self.context, self.saved = context, saved
+
+    def __exit__(self, *exc) -> None:
+        self.context.enable_progress_bars = self.saved
+
+
+def quiet_ray_data() -> AbstractContextManager:
+    """No Ray Data progress bars in this process, from now on: bars drawn from its coordinator
+    would cut through our lines, and in a log file they become hundreds of lines. Its execution
+    plans still reach the log file. Used as `with quiet_ray_data():`, the setting is back as it
+    was at the end of the statement."""
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    restore = _RayDataBarsRestored(context, context.enable_progress_bars)
+    context.enable_progress_bars = False
+    return restore
 
 
 def ensure_ray(address: str | None = None, needed_cpus: float = 0) -> None:

@@ -17,9 +17,14 @@ def is_finite_number(x: Any) -> bool:
     return math.isfinite(x)
 
 
+def is_int(x: Any) -> bool:
+    """True for a Python int that is not a bool (an id, a count, a size read from JSON)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def finite_or_none(x: Any) -> float | None:
     """`float(x)` for a finite number (see `is_finite_number`), else None."""
     return float(x) if is_finite_number(x) else None
 
 
-__all__ = ["finite_or_none", "is_finite_number"]
+__all__ = ["finite_or_none", "is_finite_number", "is_int"]

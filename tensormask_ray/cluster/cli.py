@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from .argv import option_value
 from .auth import cleartext_warning, resolve_token
 from .client import CONNECT_TIMEOUT_S, JobClient, resolve_address
 from .job import COMMANDS, build_job, package_zip, shipped_files, temp_dir
@@ -117,18 +118,17 @@ def split_args(tokens: list[str]) -> tuple[list[str], list[str]]:
     while i < len(tokens):
         tok = tokens[i]
         name = tok.split("=", 1)[0]
-        if name in _OWN:
-            takes_value = _OWN[name][0]
-            if takes_value and "=" not in tok:
-                if i + 1 >= len(tokens):
-                    raise UserError(f"{name} needs a value")
-                own += [tok, tokens[i + 1]]
-                i += 2
-                continue
-            own.append(tok)
-        else:
+        if name not in _OWN:
             rest.append(tok)
-        i += 1
+            i += 1
+            continue
+        end = i
+        if _OWN[name][0]:  # takes a value: `name VALUE` or `name=VALUE`
+            value, end = option_value(tokens, i, name)
+            if value is None:
+                raise UserError(f"{name} needs a value")
+        own += tokens[i : end + 1]
+        i = end + 1
     return own, rest
 
 
@@ -249,9 +249,7 @@ def _dry_run(spec, address: str, token) -> int:
         "runtime_env": spec.runtime_env,
         "metadata": spec.metadata,
         "ship_code": spec.ship_code,
-        "shipped_files": [str(f) for f in files]
-        if files is not None
-        else "unknown (this Ray does not say)",
+        "shipped_files": [str(f) for f in files],
     }
     print(json.dumps(view, indent=2))
     return 0

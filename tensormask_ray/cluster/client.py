@@ -176,9 +176,9 @@ class JobClient:
 
     def upload_package_file(self, path: str) -> str:
         """Uploads a zip file to the cluster's package store; returns its gcs:// URI."""
-        return self._call(
-            lambda: self._sdk._upload_package_if_needed(path, include_gitignore=False, is_file=True)
-        )
+        from .. import ray_compat
+
+        return self._call(lambda: ray_compat.upload_package_file(self._sdk, path))
 
     def info(self, job_id: str):
         return self._call(lambda: self._sdk.get_job_info(job_id))
@@ -243,13 +243,16 @@ def _quiet_sdk_logs() -> None:
     (which we want): we print our own, shorter account instead."""
     import logging
 
+    from ..ray_compat import RUNTIME_ENV_PACKAGING, RUNTIME_ENV_WORKING_DIR, runtime_env_loggers
+
+    runtime_env_loggers()  # checks that these loggers' modules still exist
     for name in (
         "ray.dashboard.modules.dashboard_sdk",
         "ray.dashboard.modules.job.sdk",
-        "ray._private.runtime_env.packaging",
+        RUNTIME_ENV_PACKAGING,
     ):
         logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
+    logging.getLogger(RUNTIME_ENV_WORKING_DIR).setLevel(logging.ERROR)
 
 
 def _make_sdk_client(address: str, token: Token | None, connect_timeout: float):

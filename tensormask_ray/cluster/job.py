@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .. import ray_compat
 from ..config import PATH_KEYS
 from ..errors import UserError
+from .argv import option_value
 
 # Commands that can run as a job, and the module each entrypoint runs.
 COMMANDS = {
@@ -126,16 +128,6 @@ class JobSpec:
 
 
 # ----------------------------------------------------------------------------- shipped files
-def _option_value(args: list[str], i: int, name: str) -> tuple[str | None, int]:
-    """(value, index of the value token) if args[i] is `name VALUE` or `name=VALUE`."""
-    tok = args[i]
-    if tok == name and i + 1 < len(args):
-        return args[i + 1], i + 1
-    if tok.startswith(name + "="):
-        return tok[len(name) + 1 :], i
-    return None, -1
-
-
 def _replace(args: list[str], index: int, name: str, value: str) -> None:
     args[index] = f"{name}={value}" if args[index].startswith(name + "=") else value
 
@@ -163,7 +155,7 @@ def ship_file_args(
     args = list(args)
     files: list[Path] = []
     for i in range(len(args)):
-        value, j = _option_value(args, i, "--config")
+        value, j = option_value(args, i, "--config")
         if value is not None:
             rel = _shipped_file(value, cwd, working_dir, "--config")
             _replace(args, j, "--config", rel)
@@ -218,7 +210,7 @@ def shared_path_warnings(args: list[str], files: list[Path]) -> list[str]:
     problems: list[str | None] = []
     for i, tok in enumerate(args):
         for name in _PATH_OPTIONS:
-            value, _ = _option_value(args, i, name)
+            value, _ = option_value(args, i, name)
             if value is not None:
                 problems.append(_path_problem(name, value))
         if "=" in tok and not tok.startswith("-"):
@@ -241,7 +233,7 @@ def mlflow_passthrough(args: list[str], environ) -> str | None:
     MLFLOW_TRACKING_URI. A URI holding credentials is refused: it would be stored with the job."""
     uri = None
     for i in range(len(args)):
-        value, _ = _option_value(args, i, "--mlflow-uri")
+        value, _ = option_value(args, i, "--mlflow-uri")
         if value is not None:
             uri = value
     uri = uri or environ.get("MLFLOW_TRACKING_URI") or None
@@ -393,32 +385,11 @@ def build_job(
     return JobSpec(command, args, entrypoint, runtime_env, metadata, wd, ship_code, warnings)
 
 
-def shipped_files(working_dir: Path, excludes: list[str]) -> list[Path] | None:
+def shipped_files(working_dir: Path, excludes: list[str]) -> list[Path]:
     """The files Ray will upload as the working dir (Ray's own traversal: its default excludes,
-    ours, and every .gitignore/.rayignore), or None if this Ray does not expose it."""
-    try:
-        from ray._private import ray_constants
-        from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
-    except ImportError:
-        return None
-    found: list[Path] = []
-    rules = [
-        _get_excludes(
-            working_dir, ray_constants.get_runtime_env_default_excludes() + list(excludes)
-        )
-    ]
-
-    def handler(p: Path) -> None:
-        if p.is_file():
-            found.append(p.relative_to(working_dir))
-
-    _dir_travel(
-        working_dir,
-        rules,
-        handler,
-        include_gitignore=os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1",
-    )
-    return sorted(found)
+    ours, and every .gitignore/.rayignore unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1)."""
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    return ray_compat.working_dir_files(working_dir, excludes, include_gitignore)
 
 
 def temp_dir() -> tempfile.TemporaryDirectory:

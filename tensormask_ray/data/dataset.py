@@ -15,7 +15,7 @@ and each worker iterates its share, once per epoch::
 
 Reproducibility. Ray Data numbers the executions of a dataset (each pass the workers make over
 their shards is one execution of the split dataset; `DataContext._execution_idx`, a private
-attribute, checked to exist when the dataset is built); that number plus `start_epoch` is the
+attribute, read through `ray_compat.execution_index`, checked when the dataset is built); that number plus `start_epoch` is the
 epoch. The shard files are read in an order drawn from (seed, start_epoch, execution)
 (`FileShuffleConfig` with `reseed_after_execution`), each image's scale and flip come from an RNG
 seeded by (seed, epoch, image id) (`transforms.augmentation_rng`), and `train_data_config()` sets
@@ -42,6 +42,7 @@ from ray.data import DataContext, FileShuffleConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.extensions import ArrowVariableShapedTensorArray
 
+from .. import ray_compat
 from ..config import Config, InputConfig
 from . import transforms
 from .manifest import CategoryMap, read_manifest, shard_paths
@@ -52,15 +53,12 @@ DEFAULT_MAP_BATCH_SIZE = 4
 
 def _current_epoch(start_epoch: int) -> int:
     """The epoch of the execution this Ray Data task belongs to (see the module docstring)."""
-    return int(start_epoch) + int(DataContext.get_current()._execution_idx)
+    return int(start_epoch) + ray_compat.execution_index()
 
 
 def _check_ray_data_supports_epochs() -> None:
-    if not hasattr(DataContext.get_current(), "_execution_idx"):
-        raise RuntimeError(
-            "this Ray version's DataContext has no execution index; tensormask_ray.data.dataset "
-            "derives the epoch of its augmentation from it (written for Ray 2.60)"
-        )
+    """Fails at build time, not in a Ray Data task, when the execution index is gone."""
+    ray_compat.execution_index()
 
 
 def _variable_tensors(arrays: list[np.ndarray]) -> pa.Array:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..config import Config
 from . import transforms
+from .manifest import CategoryMap
 
 Batches = Callable[[int], Iterator[dict[str, Any]]]  # epoch -> that epoch's batches
 
@@ -52,13 +53,14 @@ def synthetic_batches(
     world_size: int = 1,
 ) -> Batches:
     """epoch -> batches of `cfg.data.batch_size_per_worker` synthetic images (image ids 1..N as
-    in `data synth`; class index = position in synth.CATEGORIES). The drawn images are kept in
-    memory, so later epochs only augment. `cfg.model.num_classes` must be 4."""
+    in `data synth`; class indices from the CategoryMap of synth.CATEGORIES, as in their
+    manifest). The drawn images are kept in memory, so later epochs only augment.
+    `cfg.model.num_classes` must be 4."""
     from .synth import CATEGORIES, synth_image
 
     if cfg.model.num_classes != len(CATEGORIES):
         raise ValueError(f"synthetic_batches: the synthetic shapes have {len(CATEGORIES)} classes, config key 'model.num_classes' is {cfg.model.num_classes}")
-    label_of = {c["id"]: i for i, c in enumerate(CATEGORIES)}
+    categories = CategoryMap.from_categories(CATEGORIES)
     drawn: dict[int, tuple] = {}
 
     def decoded(index: int) -> tuple:
@@ -66,7 +68,7 @@ def synthetic_batches(
             image, instances = synth_image(index, image_size, seed, style)
             masks = np.stack([i["mask"] for i in instances]).astype(np.uint8) if instances else np.zeros((0, *image.shape[:2]), np.uint8)
             boxes, _ = transforms.masks_to_boxes(masks)
-            labels = np.array([label_of[i["category_id"]] for i in instances], dtype=np.int64)
+            labels = np.array(categories.indices([i["category_id"] for i in instances]), dtype=np.int64)
             iscrowd = np.array([bool(i["iscrowd"]) for i in instances], dtype=bool)
             drawn[index] = (image, masks, boxes, labels, iscrowd)
         return drawn[index]

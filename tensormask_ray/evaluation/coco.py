@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,20 +36,38 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")  # COCOeval.stats[
 NO_GROUND_TRUTH = -1.0  # COCOeval's value for a metric whose area range has no ground truth
 
 
+class _DropPycocotoolsPrints(logging.Filter):
+    """Drops the log records of print calls made from pycocotools' own files."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import pycocotools
+
+        self.folder = os.path.dirname(os.path.abspath(pycocotools.__file__)) + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not os.path.abspath(record.pathname).startswith(self.folder)
+
+
 @contextlib.contextmanager
 def quiet_stdout():
-    """Silences pycocotools' prints. Redirecting sys.stdout is not enough inside Ray Train
-    workers, which replace builtins.print with a logger; swap print out too."""
-    import builtins
+    """Silences pycocotools' prints: sys.stdout goes to a buffer (yielded) while this runs.
 
+    Inside a Ray Train worker that is not enough: Ray replaces `print` there with one that
+    writes to a redirected sys.stdout *and* logs the line to the root logger, whose console
+    handler prints it (`ray/train/v2/_internal/logging/patch_print.py`, `redirected_print`). So
+    for the same span the root logger also drops the records whose call site is a pycocotools
+    file; everything else logged or printed meanwhile goes through as before. `print` itself is
+    never replaced."""
     sink = io.StringIO()
-    original = builtins.print
-    builtins.print = lambda *a, **k: None
+    root = logging.getLogger()
+    drop = _DropPycocotoolsPrints()
+    root.addFilter(drop)
     try:
         with contextlib.redirect_stdout(sink):
             yield sink
     finally:
-        builtins.print = original
+        root.removeFilter(drop)
 
 
 def as_numpy(x: Any) -> np.ndarray:

@@ -100,13 +100,13 @@ def overlay_images(model, shards_dir: str | Path, cfg: Config, num_images: int, 
     total = min(max_images or manifest["num_images"], manifest["num_images"])
     wanted = {round(i * (total - 1) / max(num_images - 1, 1)) for i in range(min(num_images, total))}
     categories = CategoryMap.from_manifest(manifest)
-    category_ids, class_names = categories.ids, list(categories.names)
+    class_names = list(categories.names)
     coco_gt = coco_gt_from_shards(shards_dir)
     out = []
     for index, (image_id, image) in enumerate(iter_shard_images(shards_dir, total)):
         if index not in wanted:
             continue
-        truth = instances_from_coco(coco_gt, image_id, category_ids)
+        truth = instances_from_coco(coco_gt, image_id, categories)
         prediction = predict_image(model, image, cfg)
         drawn = side_by_side(draw_instances(image, truth, class_names), draw_instances(image, prediction, class_names, score_thresh=OVERLAY_SCORE))
         out.append((Path(coco_gt.imgs[image_id]["file_name"]).stem, drawn))

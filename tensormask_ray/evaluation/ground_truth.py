@@ -7,7 +7,6 @@ next to a prediction (and for tests that feed the ground truth back as detection
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from pycocotools.coco import COCO
 
 from ..data.coco_io import load_coco_json
-from ..data.manifest import read_manifest, shard_paths
+from ..data.manifest import CategoryMap, read_manifest, shard_paths
 from ..errors import UserError
 from .coco import quiet_stdout
 
@@ -79,15 +78,15 @@ def coco_gt_from_json(path: str | Path) -> COCO:
 
 
 def instances_from_coco(
-    coco: COCO, image_id: int, category_ids: Sequence[int], include_crowd: bool = False
+    coco: COCO, image_id: int, categories: CategoryMap, include_crowd: bool = False
 ) -> dict[str, torch.Tensor]:
     """One image's ground truth in the prediction format, without "scores":
-    {"boxes": (K, 4) xyxy float32, "labels": (K,) int64 class index, "masks": (K, H, W) bool}."""
-    index = {cat_id: i for i, cat_id in enumerate(category_ids)}
+    {"boxes": (K, 4) xyxy float32, "labels": (K,) int64 class index, "masks": (K, H, W) bool};
+    annotations of categories not in `categories` are left out."""
     info = coco.imgs[image_id]
     anns = [
         a for a in coco.imgToAnns[image_id]
-        if (include_crowd or not a.get("iscrowd", 0)) and a["category_id"] in index
+        if (include_crowd or not a.get("iscrowd", 0)) and a["category_id"] in categories
     ]  # fmt: skip
     h, w = int(info["height"]), int(info["width"])
     masks = np.zeros((len(anns), h, w), dtype=bool)
@@ -95,7 +94,7 @@ def instances_from_coco(
         masks[i] = coco.annToMask(ann).astype(bool)
     boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-    labels = torch.tensor([index[a["category_id"]] for a in anns], dtype=torch.int64)
+    labels = torch.tensor(categories.indices([a["category_id"] for a in anns]), dtype=torch.int64)
     return {"boxes": boxes, "labels": labels, "masks": torch.from_numpy(masks)}
 
 

@@ -538,7 +538,7 @@ def _ray_batches(
     import ray
 
     from ..capacity import check_capacity, inference_reservation
-    from ..console import ensure_ray
+    from ..console import ensure_ray, quiet_ray_data
 
     # Ray Data's re-blocking step (below) is a task that asks for one CPU, which Ray Data offers
     # no way to lower: if the actors held every CPU it would wait forever. A local Ray started
@@ -549,7 +549,7 @@ def _ray_batches(
     remote_args: dict[str, Any] = {"num_cpus": cpus_per_actor}
     if gpus_per_actor > 0:
         remote_args["num_gpus"] = gpus_per_actor
-    with _quiet_ray_data():
+    with quiet_ray_data():  # our own progress lines print meanwhile
         # Blocks of `batch_size` rows: a task takes whole blocks, so a shard read as one block
         # would go to one actor in one piece, and its results would come back in one piece.
         ds = source.dataset(pending).repartition(target_num_rows_per_block=batch_size)
@@ -562,20 +562,6 @@ def _ray_batches(
             **remote_args,
         )
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
-
-
-@contextlib.contextmanager
-def _quiet_ray_data():
-    """No Ray Data progress bars while our own progress lines print (restored afterwards)."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    saved = ctx.enable_progress_bars
-    ctx.enable_progress_bars = False
-    try:
-        yield
-    finally:
-        ctx.enable_progress_bars = saved
 
 
 def log_header(spec: ModelSpec, cfg, source_description: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from .options import (
     inference_overrides,
     load_model,
 )
+
+if TYPE_CHECKING:
+    from ..data.manifest import CategoryMap
 
 DEFAULT_SCORE_THRESH = 0.5
 
@@ -56,12 +60,12 @@ def overlay_names(files: list[Path]) -> list[str]:
 
 
 def record_to_prediction(
-    results: list[dict], height: int, width: int, category_ids: list[int]
+    results: list[dict], height: int, width: int, categories: CategoryMap
 ) -> dict:
-    """COCO result dicts of one image back into the prediction format (masks decoded from RLE)."""
+    """COCO result dicts of one image back into the prediction format (masks decoded from RLE;
+    labels: class indices in `categories`)."""
     from pycocotools import mask as mask_utils
 
-    index = {c: i for i, c in enumerate(category_ids)}
     boxes = np.array([r["bbox"] for r in results], dtype=np.float64).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
     if results:
@@ -73,7 +77,7 @@ def record_to_prediction(
     return {
         "boxes": boxes,
         "scores": np.array([r["score"] for r in results], dtype=np.float64),
-        "labels": np.array([index[r["category_id"]] for r in results], dtype=np.int64),
+        "labels": np.array(categories.indices([r["category_id"] for r in results]), dtype=np.int64),
         "masks": masks,
     }
 
@@ -118,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             return
         results = json.loads(record["results"])
         h, w = int(record["height"]), int(record["width"])
-        prediction = record_to_prediction(results, h, w, category_ids)
+        prediction = record_to_prediction(results, h, w, model_categories)
         overlay = save_overlay(
             out / png_names[image_id], decode_image(path.read_bytes()), prediction, class_names,
             score_thresh=args.score_thresh, alpha=args.alpha,

@@ -17,6 +17,7 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler
 
+from .. import ray_compat
 from ..finite import is_finite_number
 from ..train.checkpoint import TRIAL_RESULT_FILE
 
@@ -29,12 +30,13 @@ def reported_results(trial) -> list[dict[str, Any]]:
         local = Path(trial.local_path or "", TRIAL_RESULT_FILE)
         if trial.local_path and local.is_file():
             texts.append(local.read_text())
-    except (OSError, AttributeError, RuntimeError):  # RuntimeError: a trial without a folder yet
+    except (OSError, RuntimeError):  # RuntimeError: a trial without a folder yet
         pass
+    filesystem = ray_compat.trial_filesystem(trial)
     try:
-        with trial.storage.storage_filesystem.open_input_stream(f"{trial.path}/{TRIAL_RESULT_FILE}") as f:
+        with filesystem.open_input_stream(f"{trial.path}/{TRIAL_RESULT_FILE}") as f:
             texts.append(f.readall().decode())
-    except (OSError, AttributeError, RuntimeError, TypeError):  # no file yet (pyarrow: OSError)
+    except (OSError, RuntimeError):  # no file yet (pyarrow: OSError), or no folder yet
         pass
     text = max(texts, key=len, default="")
     out = []
@@ -54,12 +56,13 @@ class ResumableASHA(ASHAScheduler):
         super().on_trial_add(tune_controller, trial)
         if not getattr(trial, "has_reported_at_least_once", True):  # a new trial
             return
-        bracket = self._trial_info[trial.trial_id]
+        bracket = ray_compat.asha_bracket(self, trial.trial_id)
+        time_attr, metric, sign = ray_compat.asha_result_keys(self)
         for result in reported_results(trial):
-            t, value = result.get(self._time_attr), result.get(self._metric)
+            t, value = result.get(time_attr), result.get(metric)
             if is_finite_number(t) and is_finite_number(value):
-                bracket.on_result(trial, t, self._metric_op * value)  # records; the decision is moot
+                bracket.on_result(trial, t, sign * value)  # records; the decision is moot
 
     def rungs(self) -> list[tuple[float, dict[str, float]]]:
         """[(milestone, {trial id: recorded value (sign: higher is better)})], highest first."""
-        return [(milestone, dict(recorded)) for milestone, recorded in self._brackets[0]._rungs]
+        return ray_compat.asha_rungs(self, bracket=0)

@@ -18,7 +18,9 @@ from pycocotools.coco import COCO
 
 from tensormask_ray.cli import main as cli_main
 from tensormask_ray.data import coco_to_parquet as c2p
-from tensormask_ray.data import schema
+from tensormask_ray.data import schema, shard_writer
+from tensormask_ray.data.coco_io import load_coco_json
+from tensormask_ray.data.coco_records import read_coco
 from tensormask_ray.data.errors import DataError
 from tensormask_ray.data.manifest import CategoryMap, read_manifest
 from tensormask_ray.data.synth import make_synthetic_coco
@@ -63,7 +65,7 @@ def test_shards_equal_the_source(which, request):
             and sum(map(len, table["ann_ids"].to_pylist())) == s["annotations"]
         )
     assert [c["id"] for c in manifest["categories"]] == sorted(coco.cats)
-    assert manifest["source"]["sha256"] == c2p.load_coco_json(files.json)[1]
+    assert manifest["source"]["sha256"] == load_coco_json(files.json)[1]
     assert manifest["kind"] == "instances"
 
     # every instance's mask equals pycocotools' annToMask; the other fields are the JSON's
@@ -272,7 +274,7 @@ def test_crash_in_the_middle_then_rerun_gives_the_same_shards(tmp_path, small_co
     )
 
     out = tmp_path / "crashed"
-    env = dict(os.environ, **{c2p.PAUSE_ENV: "2:120"})  # hold shard 2 between write and rename
+    env = dict(os.environ, **{shard_writer.PAUSE_ENV: "2:120"})  # hold shard 2 between write and rename
     cmd = [
         sys.executable,
         "-m",
@@ -479,7 +481,7 @@ def test_malformed_records_are_named(tmp_path, small_coco):
     data["annotations"].append(dict(data["annotations"][0]))  # duplicate id
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(data))
-    source = c2p.read_coco(path)
+    source = read_coco(path)
     reasons = [s["reason"] for s in source.skipped]
     assert any(
         r.startswith("image 99: malformed image record: 'height'") and "1 annotation dropped" in r
@@ -490,7 +492,7 @@ def test_malformed_records_are_named(tmp_path, small_coco):
     )
     assert any("duplicate annotation id" in r for r in reasons)
     with pytest.raises(DataError, match="image 99: malformed image record"):
-        c2p.read_coco(path, strict=True)
+        read_coco(path, strict=True)
 
 
 def test_strict_rerun_does_not_accept_shards_with_skipped_records(tmp_path, small_coco):
@@ -513,22 +515,22 @@ def test_shard_meta_answers_none_for_a_file_that_is_no_shard_and_raises_on_a_bug
     """None (the shard is rewritten) for a missing, foreign, truncated or footer-less file; any
     other error is a bug, raised, not read as "rewrite every shard"."""
     good = sorted(synth_shards.glob("shard-*.parquet"))[0]
-    meta = c2p._shard_meta(good)
+    meta = shard_writer.shard_meta(good)
     assert meta is not None and meta["images"] == pq.ParquetFile(good).metadata.num_rows
-    assert c2p._shard_meta(tmp_path / "missing.parquet") is None
+    assert shard_writer.shard_meta(tmp_path / "missing.parquet") is None
     (tmp_path / "foreign.parquet").write_text("not parquet")
-    assert c2p._shard_meta(tmp_path / "foreign.parquet") is None
+    assert shard_writer.shard_meta(tmp_path / "foreign.parquet") is None
     (tmp_path / "truncated.parquet").write_bytes(good.read_bytes()[:-100])
-    assert c2p._shard_meta(tmp_path / "truncated.parquet") is None
+    assert shard_writer.shard_meta(tmp_path / "truncated.parquet") is None
     pq.write_table(pq.read_table(good).replace_schema_metadata(None), tmp_path / "plain.parquet")
-    assert c2p._shard_meta(tmp_path / "plain.parquet") is None
+    assert shard_writer.shard_meta(tmp_path / "plain.parquet") is None
 
     def bug(path):
         raise RuntimeError("a bug in the reader")
 
-    monkeypatch.setattr(c2p.pq, "ParquetFile", bug)
+    monkeypatch.setattr(shard_writer.pq, "ParquetFile", bug)
     with pytest.raises(RuntimeError, match="a bug in the reader"):
-        c2p._shard_meta(good)
+        shard_writer.shard_meta(good)
 
 
 def test_a_models_category_map_keeps_its_checkpoint_order():

@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from tensormask_ray.data.manifest import CategoryMap
+
 CATEGORY_IDS = [3, 7, 42]
 CLASS_NAMES = ["cat", "dog", "zebra"]
+CATEGORY_MAP = CategoryMap(tuple(CATEGORY_IDS), tuple(CLASS_NAMES))
 
 
 def _rect(h, w, y0, x0, y1, x1):

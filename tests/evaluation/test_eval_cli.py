@@ -16,7 +16,7 @@ import torch
 from pycocotools.coco import COCO
 
 from tensormask_ray import cli
-from tensormask_ray.data.manifest import read_manifest
+from tensormask_ray.data.manifest import CategoryMap, read_manifest
 from tensormask_ray.data.transforms import decode_image
 from tensormask_ray.evaluation import inference
 from tensormask_ray.evaluation.coco import METRIC_NAMES
@@ -153,7 +153,7 @@ def ground_truth_model(monkeypatch, synth_coco):
     """Replaces the network with the ground truth of whichever image it is shown (recognised by
     its pixels): what reaches pycocotools then went through every other step of `evaluate`."""
     gt = coco_gt_from_json(synth_coco.json)
-    category_ids = sorted(gt.getCatIds())
+    categories = CategoryMap.from_categories(gt.dataset["categories"])
     by_pixels = {}
     for image_id, info in gt.imgs.items():
         pixels = decode_image((synth_coco.images_dir / info["file_name"]).read_bytes())
@@ -162,7 +162,7 @@ def ground_truth_model(monkeypatch, synth_coco):
 
     def predict_image(model, image, cfg, device="cpu"):
         image_id = by_pixels[hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()]
-        instances = instances_from_coco(gt, image_id, category_ids)
+        instances = instances_from_coco(gt, image_id, categories)
         if erosion["radius"]:
             instances["masks"] = erode_masks(instances["masks"], erosion["radius"])
         return {**instances, "scores": torch.ones(len(instances["labels"]))}

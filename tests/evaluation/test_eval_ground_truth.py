@@ -19,7 +19,7 @@ from tensormask_ray.evaluation.ground_truth import (
     instances_from_coco,
 )
 
-from .synthetic import CATEGORY_IDS, CLASS_NAMES, coco_from_dataset
+from .synthetic import CATEGORY_IDS, CATEGORY_MAP, CLASS_NAMES, coco_from_dataset
 
 
 def write_shards(folder, dataset, images_per_shard=2):
@@ -85,7 +85,7 @@ def test_coco_gt_from_shards_rebuilds_the_ground_truth(tmp_path, dataset, coco_g
     # and it evaluates like the original: its own instances score AP 1
     results = []
     for image_id in rebuilt.getImgIds():
-        prediction = instances_from_coco(rebuilt, image_id, CATEGORY_IDS)
+        prediction = instances_from_coco(rebuilt, image_id, CATEGORY_MAP)
         prediction["scores"] = prediction["labels"].new_ones(len(prediction["labels"])).float()
         results += predictions_to_coco(prediction, image_id, CATEGORY_IDS)
     metrics = evaluate_coco(rebuilt, results)
@@ -135,9 +135,9 @@ def test_instances_from_coco_skips_crowd_unless_asked(dataset):
     data = dataset[0]
     data["annotations"][0]["iscrowd"] = 1  # image 11's small square
     coco = coco_from_dataset(data)
-    assert len(instances_from_coco(coco, 11, CATEGORY_IDS)["labels"]) == 1
-    with_crowd = instances_from_coco(coco, 11, CATEGORY_IDS, include_crowd=True)
+    assert len(instances_from_coco(coco, 11, CATEGORY_MAP)["labels"]) == 1
+    with_crowd = instances_from_coco(coco, 11, CATEGORY_MAP, include_crowd=True)
     assert with_crowd["labels"].tolist() == [0, 1]
     assert with_crowd["boxes"][0].tolist() == [10.0, 10.0, 30.0, 30.0]
     assert with_crowd["masks"].shape == (2, 120, 160) and with_crowd["masks"][0].sum() == 400
-    assert instances_from_coco(coco, 40, CATEGORY_IDS)["masks"].shape == (0, 64, 64)
+    assert instances_from_coco(coco, 40, CATEGORY_MAP)["masks"].shape == (0, 64, 64)

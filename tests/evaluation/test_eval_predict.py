@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tensormask_ray import cli
-from tensormask_ray.data.manifest import read_manifest
+from tensormask_ray.data.manifest import CategoryMap, read_manifest
 from tensormask_ray.data.transforms import decode_image
 from tensormask_ray.evaluation.predict_cli import record_to_prediction
 from tensormask_ray.evaluation.visualize import draw_instances
@@ -71,7 +71,7 @@ def test_overlays_show_the_masks_and_the_bad_file_is_skipped(tmp_path, checkpoin
         image = decode_image(open(entry["file"], "rb").read())
         overlay = np.asarray(Image.open(entry["overlay"]).convert("RGB"))
         assert overlay.shape == image.shape
-        prediction = record_to_prediction(entry["instances"], *image.shape[:2], [1, 3, 7, 12])
+        prediction = record_to_prediction(entry["instances"], *image.shape[:2], CategoryMap((1, 3, 7, 12), tuple(names)))
         # The PNG is exactly these detections drawn over the image ...
         np.testing.assert_array_equal(
             overlay, draw_instances(image, prediction, names, score_thresh=0.12)

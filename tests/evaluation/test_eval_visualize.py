@@ -7,7 +7,7 @@ from PIL import Image
 from tensormask_ray.evaluation.ground_truth import instances_from_coco
 from tensormask_ray.evaluation.visualize import draw_instances, instance_colors, save_overlay
 
-from .synthetic import CATEGORY_IDS, CLASS_NAMES
+from .synthetic import CATEGORY_MAP, CLASS_NAMES
 
 H, W = 120, 160
 
@@ -63,7 +63,7 @@ def test_save_overlay_with_ground_truth(tmp_path, coco_gt):
     written = np.asarray(Image.open(path))
     np.testing.assert_array_equal(written, draw_instances(image, prediction, CLASS_NAMES))
 
-    gt = instances_from_coco(coco_gt, 11, CATEGORY_IDS)  # no scores: every instance, name only
+    gt = instances_from_coco(coco_gt, 11, CATEGORY_MAP)  # no scores: every instance, name only
     gt_image = np.full((H, W, 3), 200, dtype=np.uint8)
     pair = save_overlay(tmp_path / "pair.png", gt_image, gt, CLASS_NAMES, ground_truth=gt)
     both = np.asarray(Image.open(pair))

@@ -122,6 +122,7 @@ def test_resumable_asha_rebuilds_its_rungs_from_reported_results(tmp_path):
     import json
     from types import SimpleNamespace
 
+    import pyarrow.fs
     from ray.tune.schedulers import TrialScheduler
 
     from tensormask_ray.tune.scheduler import ResumableASHA
@@ -131,7 +132,8 @@ def test_resumable_asha_rebuilds_its_rungs_from_reported_results(tmp_path):
         folder.mkdir()
         lines = [json.dumps({"iteration": 4 * (i + 1), "train/loss": v}) for i, v in enumerate(losses)]
         (folder / "result.json").write_text("\n".join(lines) + ("\n" if lines else ""))
-        return SimpleNamespace(trial_id=trial_id, local_path=str(folder), path=str(folder))
+        storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem())
+        return SimpleNamespace(trial_id=trial_id, local_path=str(folder), path=str(folder), storage=storage)
 
     def asha():
         return ResumableASHA(time_attr="iteration", metric="train/loss", mode="min", max_t=12,
