@@ -18,7 +18,8 @@
 // Backward (a gather), per (n, Y): an opmath accumulator for the V*U rows of grad_x at Y (phase
 // split like the forward's buffer) receives the grad rows of this Y, v' ascending then u'
 // ascending, one fma per (v', u') and distinct tap target (taps that coincide at the window
-// grid's border add their weights first, as axis_weight does): the order and arithmetic of
+// grid's border add their weights first, as axis_weight does; an interior (v', u') adds to its four
+// targets in one pass over its grad row): the order and arithmetic of
 // backward_element, so the result is deterministic and equal to the CUDA kernel's. Each row of
 // grad_x is then written once.
 
@@ -271,11 +272,21 @@ C10_ALWAYS_INLINE void backward_rows(
         if (up + kPrefetchPlanes < g.Uo) prefetch_row(go + kPrefetchPlanes * out_plane, g.Wo);
         const Columns& c = plan.cols[up];
         const WindowIndex<opmath_t>& eu = plan.u[up];
+        opmath_t* row = acc + c.r * K;  // phase row r of plane (0, 0)
+        if (ev.n_targets == 2 && eu.n_targets == 2) {
+          accumulate_four(
+              go, row + (ev.target[0] * g.U + eu.target[0]) * plan.plane,
+              row + (ev.target[0] * g.U + eu.target[1]) * plan.plane,
+              row + (ev.target[1] * g.U + eu.target[0]) * plan.plane,
+              row + (ev.target[1] * g.U + eu.target[1]) * plan.plane,
+              ev.weight[0] * eu.weight[0], ev.weight[0] * eu.weight[1],
+              ev.weight[1] * eu.weight[0], ev.weight[1] * eu.weight[1], c.start, c.lo, c.hi);
+          continue;
+        }
         for (int a = 0; a < ev.n_targets; ++a) {
           for (int b = 0; b < eu.n_targets; ++b) {
             const opmath_t w = ev.weight[a] * eu.weight[b];
-            opmath_t* __restrict d =
-                acc + (ev.target[a] * g.U + eu.target[b]) * plan.plane + c.r * K;
+            opmath_t* __restrict d = row + (ev.target[a] * g.U + eu.target[b]) * plan.plane;
             const scalar_t* __restrict src = go;
             const int64_t lo = c.lo, hi = c.hi, start = c.start;
             for (int64_t q = lo; q < hi; ++q) {

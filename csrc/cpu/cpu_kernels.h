@@ -66,6 +66,23 @@ C10_ALWAYS_INLINE void prefetch_row_w(T* p, int64_t n) {
   __builtin_prefetch(c + bytes - 1, 1);
 }
 
+// d_t[q + start] += w_t * src[q] for q in [lo, hi) and the four distinct target rows d_t of one
+// grad row (both window axes with two distinct taps): one pass over src (one loop, one load per
+// value) instead of four; each target's own sum is unchanged (same terms, same order).
+template <typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void accumulate_four(
+    const scalar_t* __restrict src, opmath_t* __restrict d00, opmath_t* __restrict d01,
+    opmath_t* __restrict d10, opmath_t* __restrict d11, opmath_t w00, opmath_t w01, opmath_t w10,
+    opmath_t w11, int64_t start, int64_t lo, int64_t hi) {
+  for (int64_t q = lo; q < hi; ++q) {
+    const opmath_t x = static_cast<opmath_t>(src[q]);
+    d00[q + start] = tm_fma(w00, x, d00[q + start]);
+    d01[q + start] = tm_fma(w01, x, d01[q + start]);
+    d10[q + start] = tm_fma(w10, x, d10[q + start]);
+    d11[q + start] = tm_fma(w11, x, d11[q + start]);
+  }
+}
+
 // Splits a row by column phase: dst[r*K + k] = src[s*k + r] for X = s*k + r < W (K >= ceil(W/s)),
 // converted (to opmath). kS: s as a compile-time constant (the loop then vectorises), 0 for any.
 template <int kS, typename src_t, typename dst_t>

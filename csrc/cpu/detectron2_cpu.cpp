@@ -302,7 +302,7 @@ void d2_forward_rows_plain(
 // (row tap iy, v' ascending, column tap ix, u' ascending), the grad rows (n, v', u', y') with
 // lam*y' + v' - Vo//2 = Y - iy: one fma per (v', u') and distinct in-grid target (v, u) of their
 // window taps, with the total weight d2_window_weight gives (both taps when they coincide), over
-// the whole row (unit stride, vectorised). Each row of grad_x is then written once.
+// the whole row (unit stride, vectorised; four targets in one pass, accumulate_four). Each row of grad_x is then written once.
 
 // The in-grid window indices d' reads, with their total weights (as d2_window_weight).
 template <typename opmath_t>
@@ -399,10 +399,21 @@ C10_ALWAYS_INLINE void d2_backward_rows(
             if (up + kD2PrefetchPlanes < g.Uo) prefetch_row(go + kD2PrefetchPlanes * out_plane, g.Wo);
             const D2Targets<opmath_t>& eu = plan.u[up];
             const D2BackColumns& c = plan.cols[ix * g.Uo + up];
+            opmath_t* row = acc + c.r * K;  // phase row r of plane (0, 0)
+            if (ev.n == 2 && eu.n == 2) {
+              accumulate_four(
+                  go, row + (ev.d[0] * g.U + eu.d[0]) * plan.plane,
+                  row + (ev.d[0] * g.U + eu.d[1]) * plan.plane,
+                  row + (ev.d[1] * g.U + eu.d[0]) * plan.plane,
+                  row + (ev.d[1] * g.U + eu.d[1]) * plan.plane, tm_mul(wyxv[0], eu.w[0]),
+                  tm_mul(wyxv[0], eu.w[1]), tm_mul(wyxv[1], eu.w[0]), tm_mul(wyxv[1], eu.w[1]),
+                  c.start, c.lo, c.hi);
+              continue;
+            }
             for (int a = 0; a < ev.n; ++a) {
               for (int b = 0; b < eu.n; ++b) {
                 const opmath_t w = tm_mul(wyxv[a], eu.w[b]);
-                opmath_t* __restrict d = acc + (ev.d[a] * g.U + eu.d[b]) * plan.plane + c.r * K;
+                opmath_t* __restrict d = row + (ev.d[a] * g.U + eu.d[b]) * plan.plane;
                 const scalar_t* __restrict src = go;
                 const int64_t lo = c.lo, hi = c.hi, start = c.start;
                 for (int64_t q = lo; q < hi; ++q) {
