@@ -139,9 +139,14 @@ def run_charts(page, base: str, experiment_id: str, run: dict, out: Path) -> Non
     page.get_by_text("Model metrics").first.wait_for()
     _settle(page, 4)
     _close_assistant(page)
-    last_validation = int(max(m["step"] for m in _history(page, base, run, "val/segm/AP")))
-    _show_overlays(page, last_validation)
-    page.get_by_placeholder("Search metric charts").fill("train/loss$|segm/AP$|overlay")
+    history = _history(page, base, run, "val/segm/AP")
+    if history:
+        _show_overlays(page, int(max(m["step"] for m in history)))
+        page.get_by_placeholder("Search metric charts").fill("train/loss$|segm/AP$|overlay")
+    else:  # a run without data.val_shards: its training loss only
+        print(f"training run {run['info']['run_name']} has no validation (no val/segm/AP history): "
+              "its charts show the training loss only, no AP and no overlays")  # fmt: skip
+        page.get_by_placeholder("Search metric charts").fill("train/loss$")
     page.mouse.move(5, 5)
     _settle(page, 6)  # the overlays load
     _save(page, out)
@@ -200,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport=VIEWPORT)
             page.set_default_timeout(180_000)  # a loaded 2-core machine draws slowly
+            failed = []
             for name, step in (
                 ("mlflow-runs.png", lambda f: runs_list(page, server.url, experiment_id, parent, trials, f)),
                 ("mlflow-charts.png", lambda f: run_charts(page, server.url, experiment_id, training, f)),
@@ -207,11 +213,15 @@ def main(argv: list[str] | None = None) -> int:
             ):
                 try:
                     step(out / name)
-                except Exception:
+                except Exception as e:  # the other screenshots are still taken
                     page.screenshot(path=str(out / f"failed-{name}"))
-                    print(f"failed on {name}; the page is in {out / f'failed-{name}'}", file=sys.stderr)
-                    raise
+                    print(f"failed on {name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          f"the page is in {out / f'failed-{name}'}", file=sys.stderr)  # fmt: skip
+                    failed.append(name)
+                    page.set_viewport_size(VIEWPORT)
             browser.close()
+        if failed:
+            return 1
     finally:
         server.stop()
     return 0

@@ -41,3 +41,16 @@ def test_a_small_demo_prints_our_lines_and_evaluates_photos_and_held_out_shapes_
     logs = list((work / "logs").glob("tensormask-ray-demo-*.log"))
     assert len(logs) == 1 and f"Logs of Ray and other libraries: {logs[0]}" in text
     assert re.search(r"pid=\d+", logs[0].read_text())  # Ray's lines are kept there
+
+    # The training run validates on the held-out shapes at each checkpoint (issue 18): val/* curves
+    # and overlay images (ground truth | prediction) in MLflow.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tensormask")
+    training = [r for r in client.search_runs([experiment.experiment_id]) if "run_dir" in r.data.tags and "mlflow.parentRunId" not in r.data.tags]
+    assert len(training) == 1
+    run_id = training[0].info.run_id
+    assert [m.step for m in client.get_metric_history(run_id, "val/segm/AP")] == [1, 2]  # checkpoints at 1 and 2 of 2 iterations
+    overlays = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png") and "overlay" in a.path]
+    assert overlays, "no validation overlay images logged"
