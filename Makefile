@@ -55,7 +55,8 @@ $(call STAMP,%): $(SOURCES)
 	@touch $@
 
 test: $(call STAMP,cuda)
-	$(VENV)/bin/ruff check tensormask_ray tests benchmarks
+	$(VENV)/bin/ruff check tensormask_ray tests benchmarks scripts
+	$(VENV)/bin/ruff format --check tensormask_ray tests benchmarks scripts
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(call STAMP,$(DEMO_KERNELS))

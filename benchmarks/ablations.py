@@ -57,7 +57,9 @@ def _fmt(v: float) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--storage-path", required=True, help="where the sweeps are (their --storage-path)")
+    p.add_argument(
+        "--storage-path", required=True, help="where the sweeps are (their --storage-path)"
+    )
     p.add_argument("--sweeps", nargs="+", required=True)
     p.add_argument("--fit-shards", required=True, help="the training images, as shards")
     p.add_argument("--heldout-shards", help="a held-out set with the same categories")
@@ -71,16 +73,40 @@ def main() -> None:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     with tempfile.TemporaryDirectory() as tmp:
         for sweep in args.sweeps:
-            rows = sorted(trial_rows(sweep, args.storage_path), key=lambda r: r["trial_id"])  # grid order
+            rows = sorted(
+                trial_rows(sweep, args.storage_path), key=lambda r: r["trial_id"]
+            )  # grid order
             for r in rows:
                 if not r["checkpoint"]:
-                    lines.append(f"| {sweep} | trial {r['trial_id']}: no checkpoint ({r['status'].lower()}) |")
+                    lines.append(
+                        f"| {sweep} | trial {r['trial_id']}: no checkpoint ({r['status'].lower()}) |"
+                    )
                     continue
-                fit = _evaluate(r["checkpoint"], args.fit_shards, Path(tmp) / f"{r['trial_id']}-fit")
+                fit = _evaluate(
+                    r["checkpoint"], args.fit_shards, Path(tmp) / f"{r['trial_id']}-fit"
+                )
                 cfg = read_state(r["checkpoint"])["config"]
-                cells = [sweep, _head(cfg), *(_fmt(fit[k]) for k in ("segm/AP", "segm/AP50", "segm/AP75", "segm/AP_L", "bbox/AP", "IoU", "IoU>=0.75", "IoU_L"))]
+                cells = [
+                    sweep,
+                    _head(cfg),
+                    *(
+                        _fmt(fit[k])
+                        for k in (
+                            "segm/AP",
+                            "segm/AP50",
+                            "segm/AP75",
+                            "segm/AP_L",
+                            "bbox/AP",
+                            "IoU",
+                            "IoU>=0.75",
+                            "IoU_L",
+                        )
+                    ),
+                ]
                 if args.heldout_shards:
-                    held = _evaluate(r["checkpoint"], args.heldout_shards, Path(tmp) / f"{r['trial_id']}-heldout")
+                    held = _evaluate(
+                        r["checkpoint"], args.heldout_shards, Path(tmp) / f"{r['trial_id']}-heldout"
+                    )
                     cells += [_fmt(held["IoU"]), _fmt(held["IoU_L"]), _fmt(held["segm/AP"])]
                 lines.append("| " + " | ".join(cells) + " |")
                 print(lines[-1], flush=True)
@@ -88,9 +114,10 @@ def main() -> None:
     print(table)
     if args.write:
         body = (
-            "Written by `benchmarks/ablations.py` from the sweeps " + ", ".join(f"`{s}`" for s in args.sweeps)
+            "Written by `benchmarks/ablations.py` from the sweeps "
+            + ", ".join(f"`{s}`" for s in args.sweeps)
             + " (docs/ablations.md: the data, the commands, and what the figures say). All in %; "
-            "\"window IoU\": the mask IoU at each instance's positive windows (the mask head alone, "
+            '"window IoU": the mask IoU at each instance\'s positive windows (the mask head alone, '
             "evaluation/window_masks.py).\n\n" + table
         )
         write_section("Table 2 at small scale", body)

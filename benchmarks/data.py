@@ -266,7 +266,7 @@ def run(args, bench: BenchmarkRun) -> str:
         f"({ray_rate:.1f} vs {dl_rate:.1f} img/s; over whole epochs, start-up included: "
         f"{ray_epoch / dl_epoch:.2f}x)",
         "- Data wait < 5% of step time in a short training run: measured by `benchmarks/train.py` "
-        "in real Ray Train runs (see its \"Training\" section), not by this script.",
+        'in real Ray Train runs (see its "Training" section), not by this script.',
     ]
     return "\n".join(lines) + "\n"
 

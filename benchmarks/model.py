@@ -36,8 +36,14 @@ def synthetic_batch(n: int, h: int, w: int, seed: int = 0):
     for _ in range(n):
         boxes, masks = [], []
         for _ in range(6):
-            bw, bh = int(torch.randint(40, w // 2, (1,), generator=g)), int(torch.randint(40, h // 2, (1,), generator=g))
-            x0, y0 = int(torch.randint(0, w - bw, (1,), generator=g)), int(torch.randint(0, h - bh, (1,), generator=g))
+            bw, bh = (
+                int(torch.randint(40, w // 2, (1,), generator=g)),
+                int(torch.randint(40, h // 2, (1,), generator=g)),
+            )
+            x0, y0 = (
+                int(torch.randint(0, w - bw, (1,), generator=g)),
+                int(torch.randint(0, h - bh, (1,), generator=g)),
+            )
             m = torch.zeros(h, w, dtype=torch.uint8)
             m[y0 : y0 + bh, x0 : x0 + bw] = 1
             boxes.append([x0, y0, x0 + bw, y0 + bh])
@@ -64,7 +70,11 @@ DEFAULT_PRESET = "table2c-bipyramid"
 
 def tensormask(size: int, preset: str = DEFAULT_PRESET, checkpoint: str | None = None):
     """(model, config): the preset with random weights, or a checkpoint's model and config."""
-    overrides = {"inference.score_thresh": 0.0, "input.min_size_test": size, "model.backbone.freeze_at": 2}
+    overrides = {
+        "inference.score_thresh": 0.0,
+        "input.min_size_test": size,
+        "model.backbone.freeze_at": 2,
+    }
     if checkpoint:
         from tensormask_ray.train.checkpoint import load_model_for_inference
 
@@ -96,8 +106,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--size", type=int, default=800)
     ap.add_argument("--width", type=int, default=1216, help="image width (height = --size)")
-    ap.add_argument("--preset", default=DEFAULT_PRESET, help=f"TensorMask config (default {DEFAULT_PRESET})")
-    ap.add_argument("--checkpoint", help="time this checkpoint's model (its config; e.g. a converted one)")
+    ap.add_argument(
+        "--preset", default=DEFAULT_PRESET, help=f"TensorMask config (default {DEFAULT_PRESET})"
+    )
+    ap.add_argument(
+        "--checkpoint", help="time this checkpoint's model (its config; e.g. a converted one)"
+    )
     add_write_args(ap, "Model")
     args = ap.parse_args()
     run = BenchmarkRun.start(args)
@@ -110,21 +124,33 @@ def main() -> None:
     tm.eval()
     mr.eval()
     with torch.inference_mode():
-        tm_inf, mr_inf = timeit_pair(lambda: tm(norm[:1], image_sizes=[(h, w)]), lambda: mr([images[0]]), args.repeats)
+        tm_inf, mr_inf = timeit_pair(
+            lambda: tm(norm[:1], image_sizes=[(h, w)]), lambda: mr([images[0]]), args.repeats
+        )
         n_tm = tm(norm[:1], image_sizes=[(h, w)])[0]["scores"].numel()
         n_mr = mr([images[0]])[0]["scores"].numel()
     # The same with both models and inputs in channels_last (NHWC), oneDNN's preferred CPU layout
     # (converted outside inference mode: the parameters must stay trainable for the step below).
     cl = torch.channels_last
     tm, mr = tm.to(memory_format=cl), mr.to(memory_format=cl)
-    norm_cl, image_cl = norm[:1].contiguous(memory_format=cl), images[:1].contiguous(memory_format=cl)
+    norm_cl, image_cl = (
+        norm[:1].contiguous(memory_format=cl),
+        images[:1].contiguous(memory_format=cl),
+    )
     with torch.inference_mode():
-        tm_inf_cl, mr_inf_cl = timeit_pair(lambda: tm(norm_cl, image_sizes=[(h, w)]), lambda: mr([image_cl[0]]), args.repeats)
-    tm, mr = tm.to(memory_format=torch.contiguous_format), mr.to(memory_format=torch.contiguous_format)
+        tm_inf_cl, mr_inf_cl = timeit_pair(
+            lambda: tm(norm_cl, image_sizes=[(h, w)]), lambda: mr([image_cl[0]]), args.repeats
+        )
+    tm, mr = (
+        tm.to(memory_format=torch.contiguous_format),
+        mr.to(memory_format=torch.contiguous_format),
+    )
 
     tm.train()
     mr.train()
-    mr_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": t["masks"]} for t in targets]
+    mr_targets = [
+        {"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": t["masks"]} for t in targets
+    ]
 
     def tm_step():
         loss = sum(tm(norm, targets).values())
@@ -138,11 +164,21 @@ def main() -> None:
 
     rows = [
         ("inference, s/image (100 detections)", tm_inf, mr_inf, f"{n_tm} / {n_mr} detections"),
-        ("inference, s/image, both in channels_last", tm_inf_cl, mr_inf_cl, "models and input NHWC"),
+        (
+            "inference, s/image, both in channels_last",
+            tm_inf_cl,
+            mr_inf_cl,
+            "models and input NHWC",
+        ),
         ("training step, s (batch 2, fwd+bwd)", tm_train, mr_train, ""),
     ]
-    name = f"{cfg.model.mask_head} R-{cfg.model.backbone.depth}-FPN" + ("" if label == DEFAULT_PRESET else f", {label}")
-    table = [f"| measure | TensorMask ({name}) | Mask R-CNN (torchvision R-50-FPN) | ratio TM / MR | note |", "|---|---|---|---|---|"]
+    name = f"{cfg.model.mask_head} R-{cfg.model.backbone.depth}-FPN" + (
+        "" if label == DEFAULT_PRESET else f", {label}"
+    )
+    table = [
+        f"| measure | TensorMask ({name}) | Mask R-CNN (torchvision R-50-FPN) | ratio TM / MR | note |",
+        "|---|---|---|---|---|",
+    ]
     for name, a, b, note in rows:
         table.append(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {note} |")
     ratio, ratio_cl = tm_inf / mr_inf, tm_inf_cl / mr_inf_cl
@@ -151,7 +187,9 @@ def main() -> None:
         [
             f"Images {h}x{w}, {'the checkpoint' if args.checkpoint else 'random'} weights ({label}), median of repeats timed alternately, one process.",
             "",
-            *run.header(threads=torch.get_num_threads(), versions=f"torchvision {torchvision.__version__}"),
+            *run.header(
+                threads=torch.get_num_threads(), versions=f"torchvision {torchvision.__version__}"
+            ),
             "",
             *table,
             "",
@@ -167,7 +205,12 @@ def main() -> None:
     )
     print(text)
     if args.write:
-        run.write("Model" if label == DEFAULT_PRESET else f"Model ({args.preset if not args.checkpoint else cfg.model.geometry + ' checkpoint'})", text)
+        run.write(
+            "Model"
+            if label == DEFAULT_PRESET
+            else f"Model ({args.preset if not args.checkpoint else cfg.model.geometry + ' checkpoint'})",
+            text,
+        )
 
 
 if __name__ == "__main__":

@@ -39,11 +39,15 @@ LOG_PERIOD = 10
 def _history(uri: str, run_id: str, key: str) -> list[float]:
     from mlflow.tracking import MlflowClient
 
-    points = sorted(MlflowClient(tracking_uri=uri).get_metric_history(run_id, key), key=lambda m: m.step)
+    points = sorted(
+        MlflowClient(tracking_uri=uri).get_metric_history(run_id, key), key=lambda m: m.step
+    )
     return [p.value for p in points]
 
 
-def measure(workers: int, shards: Path, work: Path, iterations: int, use_gpu: bool) -> dict[str, float]:
+def measure(
+    workers: int, shards: Path, work: Path, iterations: int, use_gpu: bool
+) -> dict[str, float]:
     num_classes = CategoryMap.from_manifest(read_manifest(shards)).num_classes
     cfg = load_config(
         preset="cpu-small",
@@ -82,7 +86,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--num-images", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=256, help="longer side of the synthetic images")
+    parser.add_argument(
+        "--image-size", type=int, default=256, help="longer side of the synthetic images"
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
     add_write_args(parser, "Training")

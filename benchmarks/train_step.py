@@ -66,7 +66,17 @@ def step(model, images, targets, path: str) -> None:
 def peak_memory(name: str, path: str, threads: int = 0) -> float:
     """Peak resident memory (GiB) of a fresh process that builds the model and runs one step."""
     out = subprocess.run(
-        [sys.executable, __file__, "--child", name, path, *(["--threads", str(threads)] if threads else [])], capture_output=True, text=True, check=True
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            path,
+            *(["--threads", str(threads)] if threads else []),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_gib"]
 
@@ -74,9 +84,17 @@ def peak_memory(name: str, path: str, threads: int = 0) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["cpu-small", "demo"])
-    ap.add_argument("--repeats", type=int, default=5, help="timed steps per path (0: peak memory only)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    ap.add_argument("--peak-memory", action="store_true", help="peak RSS of one step per path, in fresh processes")
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="timed steps per path (0: peak memory only)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads (default: torch's choice)"
+    )
+    ap.add_argument(
+        "--peak-memory",
+        action="store_true",
+        help="peak RSS of one step per path, in fresh processes",
+    )
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -85,7 +103,11 @@ def main() -> None:
         name, path = args.child
         step(*setup(name), path)
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec from the parent
-        hwm_kib = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+        hwm_kib = next(
+            int(line.split()[1])
+            for line in Path("/proc/self/status").read_text().splitlines()
+            if line.startswith("VmHWM:")
+        )
         print(json.dumps({"peak_gib": hwm_kib / 2**20}))
         return
 
@@ -96,22 +118,33 @@ def main() -> None:
         sparse = dense = float("nan")
         if args.repeats > 0:
             batch = setup(name)  # (model, images, targets)
-            sparse, dense = timeit_pair(lambda: step(*batch, "sparse"), lambda: step(*batch, "dense"), args.repeats)  # noqa: B023
+            sparse, dense = timeit_pair(
+                lambda: step(*batch, "sparse"),  # noqa: B023 (called before the loop moves on)
+                lambda: step(*batch, "dense"),  # noqa: B023
+                args.repeats,
+            )
             del batch
         mem = {p: peak_memory(name, p, args.threads) for p in PATHS} if args.peak_memory else {}
         rows.append((name, sparse, dense, mem))
-        print(f"{name}: sparse {sparse:.3f} s, dense {dense:.3f} s, {dense / sparse:.2f}x", file=sys.stderr)
+        print(
+            f"{name}: sparse {sparse:.3f} s, dense {dense:.3f} s, {dense / sparse:.2f}x",
+            file=sys.stderr,
+        )
     load_after = os.getloadavg()
 
     print(f"Training step, sparse vs dense mask loss ({start}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}; load average 1/5/15 min "
           f"before {'/'.join(f'{x:.2f}' for x in load_before)}, after {'/'.join(f'{x:.2f}' for x in load_after)})\n")  # fmt: skip
-    print("| model | image, batch | sparse, s | dense, s | dense / sparse | peak RSS sparse / dense, GiB |")
+    print(
+        "| model | image, batch | sparse, s | dense, s | dense / sparse | peak RSS sparse / dense, GiB |"
+    )
     print("|---|---|---|---|---|---|")
     for name, sparse, dense, mem in rows:
         _, _, (h, w), n = MODELS[name]
         peak = f"{mem['sparse']:.2f} / {mem['dense']:.2f}" if mem else "-"
-        print(f"| {name} | {h}x{w}, {n} | {sparse:.3f} | {dense:.3f} | {dense / sparse:.2f}x | {peak} |")
+        print(
+            f"| {name} | {h}x{w}, {n} | {sparse:.3f} | {dense:.3f} | {dense / sparse:.2f}x | {peak} |"
+        )
 
 
 if __name__ == "__main__":

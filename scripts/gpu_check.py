@@ -112,12 +112,20 @@ CPU_SIZES = Sizes(
     image=(64, 96),
     model_overrides={**_TINY, "model.window_sizes": [9]},
     train_iters=2,
-    train_overrides={**_TINY, "model.min_level": 3, "input.min_size_train": [64, 64], "input.max_size_train": 96},
+    train_overrides={
+        **_TINY,
+        "model.min_level": 3,
+        "input.min_size_train": [64, 64],
+        "input.max_size_train": 96,
+    },
     timing_image=(64, 96),
     detections=5,
     maskrcnn_options={  # its mask head on 512 sampled boxes dominates a CPU's time otherwise
-        "rpn_pre_nms_top_n_train": 40, "rpn_post_nms_top_n_train": 40, "rpn_pre_nms_top_n_test": 40,
-        "rpn_post_nms_top_n_test": 40, "box_batch_size_per_image": 16,
+        "rpn_pre_nms_top_n_train": 40,
+        "rpn_post_nms_top_n_train": 40,
+        "rpn_pre_nms_top_n_test": 40,
+        "rpn_post_nms_top_n_test": 40,
+        "box_batch_size_per_image": 16,
     },
     window_shape=(1, 5, 5, 32, 48),
     lams=(1, 2, 4),
@@ -149,9 +157,19 @@ class Result:
 
 
 class Run:
-    def __init__(self, out: Path, device: torch.device, sizes: Sizes, budget_s: float, command: str, gpu: bool | None = None):
+    def __init__(
+        self,
+        out: Path,
+        device: torch.device,
+        sizes: Sizes,
+        budget_s: float,
+        command: str,
+        gpu: bool | None = None,
+    ):
         self.out, self.device, self.sizes, self.command = out, device, sizes, command
-        self.gpu = device.type == "cuda" if gpu is None else gpu  # gpu=True elsewhere: tests of the GPU branches
+        self.gpu = (
+            device.type == "cuda" if gpu is None else gpu
+        )  # gpu=True elsewhere: tests of the GPU branches
         self.t0 = time.monotonic()
         self.deadline = self.t0 + budget_s
         self.started = datetime.datetime.now(datetime.timezone.utc)
@@ -161,7 +179,15 @@ class Run:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def check(self, name: str, fn: Callable[[Run], Result], *, gpu_only: bool = False, needs_s: float = 0.0, optional: bool = False) -> Check:
+    def check(
+        self,
+        name: str,
+        fn: Callable[[Run], Result],
+        *,
+        gpu_only: bool = False,
+        needs_s: float = 0.0,
+        optional: bool = False,
+    ) -> Check:
         """Runs one check and records it. gpu_only: skipped without a GPU. needs_s: skipped (a
         failure unless `optional`) when less time than that is left of the budget."""
         c = Check(name)
@@ -213,7 +239,9 @@ def _peak_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, float]:
     """Median seconds of each function, run in turn each repeat (so load changes hit all alike)."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -241,7 +269,11 @@ def _no_tf32():
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    return (
+        torch.autocast(device_type=device.type, dtype=dtype)
+        if dtype is not None
+        else contextlib.nullcontext()
+    )
 
 
 def _mib(value: float | None) -> str:
@@ -283,8 +315,15 @@ def check_environment(run: Run) -> Result:
     figures["torchvision"] = torchvision.__version__
     if missing:
         raise CheckFailed(f"modules missing: {missing} (needed: {list(REQUIRED_MODULES)})")
-    where = f"{figures['gpu']} (sm {figures['capability']}, {figures['gpu_memory_gib']} GiB)" if run.gpu else "no GPU"
-    return Result(f"{where}; torch {torch.__version__}, CUDA {torch.version.cuda}, Python {figures['python']}", figures)
+    where = (
+        f"{figures['gpu']} (sm {figures['capability']}, {figures['gpu_memory_gib']} GiB)"
+        if run.gpu
+        else "no GPU"
+    )
+    return Result(
+        f"{where}; torch {torch.__version__}, CUDA {torch.version.cuda}, Python {figures['python']}",
+        figures,
+    )
 
 
 def _installed(module: str) -> bool:
@@ -296,8 +335,15 @@ def _installed(module: str) -> bool:
 
 def _nvidia_smi(field_name: str) -> str:
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={field_name}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={field_name}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return (
+            out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+        )
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -308,7 +354,12 @@ def cuda_home() -> str | None:
     if home and Path(home, "bin", "nvcc").exists():
         return home
     try:
-        found = subprocess.run(["bash", str(REPO / "scripts" / "cuda_home.sh")], capture_output=True, text=True, timeout=20).stdout.strip()
+        found = subprocess.run(
+            ["bash", str(REPO / "scripts" / "cuda_home.sh")],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         found = ""
     if found:
@@ -324,23 +375,51 @@ def check_build(run: Run) -> Result:
         raise CheckFailed("no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH)")
     major, minor = torch.cuda.get_device_capability(run.device)
     arch = f"{major}.{minor}"
-    env = {**os.environ, "CUDA_HOME": home, "TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(os.cpu_count() or 4)}
+    env = {
+        **os.environ,
+        "CUDA_HOME": home,
+        "TORCH_CUDA_ARCH_LIST": arch,
+        "MAX_JOBS": str(os.cpu_count() or 4),
+    }
     env.pop("TENSORMASK_NO_CUDA", None)
     log = run.out / "build.log"
     cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
     with log.open("w") as f:
-        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=max(60.0, run.left() - 120))
+        done = subprocess.run(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=max(60.0, run.left() - 120),
+        )
     text = log.read_text(errors="replace")
     if done.returncode != 0:
-        raise CheckFailed(f"`{shlex.join(cmd)}` failed (exit {done.returncode}); last lines:\n" + "\n".join(text.splitlines()[-30:]))
+        raise CheckFailed(
+            f"`{shlex.join(cmd)}` failed (exit {done.returncode}); last lines:\n"
+            + "\n".join(text.splitlines()[-30:])
+        )
     compiled = sorted(set(re.findall(r"(csrc/\S+\.(?:cu|cpp))", text)))
     nvcc = sorted({c for c in compiled if c.endswith(".cu")})
-    info = subprocess.run([sys.executable, "-m", "tensormask_ray.ops.build_info"], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    info = subprocess.run(
+        [sys.executable, "-m", "tensormask_ray.ops.build_info"],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     (run.out / "build_info.txt").write_text(info.stdout + info.stderr)
     if info.returncode != 0:
-        raise CheckFailed(f"the built extension does not load or lacks kernels:\n{info.stdout}{info.stderr}")
+        raise CheckFailed(
+            f"the built extension does not load or lacks kernels:\n{info.stdout}{info.stderr}"
+        )
     registered = re.search(r"CUDA kernels registered: (\d+)/(\d+)", info.stdout)
-    if not registered or registered.group(1) != registered.group(2) or int(registered.group(1)) == 0:
+    if (
+        not registered
+        or registered.group(1) != registered.group(2)
+        or int(registered.group(1)) == 0
+    ):
         raise CheckFailed(f"CUDA kernels not all registered:\n{info.stdout}")
     from torch.utils.cpp_extension import is_ninja_available
 
@@ -348,13 +427,25 @@ def check_build(run: Run) -> Result:
     return Result(
         f"sm {arch}, CUDA_HOME {home}; compiled {len(compiled)} files ({', '.join(nvcc) or 'no .cu'} with nvcc); "
         f"CUDA kernels registered {registered.group(1)}/{registered.group(2)}{'' if ninja else ' (no ninja: files compiled one after another)'}",
-        {"arch": arch, "cuda_home": home, "compiled": compiled, "build_info": info.stdout.strip().splitlines()},
+        {
+            "arch": arch,
+            "cuda_home": home,
+            "compiled": compiled,
+            "build_info": info.stdout.strip().splitlines(),
+        },
     )
 
 
 def check_build_info(run: Run) -> Result:
     """Without a GPU: what the installed extension provides (nothing is built)."""
-    info = subprocess.run([sys.executable, "-m", "tensormask_ray.ops.build_info"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    info = subprocess.run(
+        [sys.executable, "-m", "tensormask_ray.ops.build_info"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if info.returncode != 0:
         raise CheckFailed(f"the installed extension does not load:\n{info.stdout}{info.stderr}")
     kernels = re.search(r"CUDA kernels registered: (\d+/\d+)", info.stdout)
@@ -368,12 +459,29 @@ def check_build_info(run: Run) -> Result:
 # ----------------------------------------------------------------------------- 3/7. op tests
 def _pytest(run: Run, marker: str, name: str) -> dict[str, Any]:
     junit = run.out / f"{name}-junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "tests/ops", "-m", marker, "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/ops",
+        "-m",
+        marker,
+        "-q",
+        "-rfE",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(30.0, run.left() - 30))
+    done = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(30.0, run.left() - 30)
+    )
     (run.out / f"{name}.log").write_text(done.stdout + done.stderr)
     if not junit.is_file():
-        raise CheckFailed(f"pytest wrote no report (exit {done.returncode}):\n" + (done.stdout + done.stderr)[-3000:])
+        raise CheckFailed(
+            f"pytest wrote no report (exit {done.returncode}):\n"
+            + (done.stdout + done.stderr)[-3000:]
+        )
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     failed: list[str] = []
     for case in ET.parse(junit).getroot().iter("testcase"):
@@ -384,7 +492,12 @@ def _pytest(run: Run, marker: str, name: str) -> dict[str, Any]:
                 if kind != "skipped":
                     failed.append(f"{case.get('classname')}::{case.get('name')}")
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return {"command": shlex.join(cmd), "counts": counts, "failed": failed, "returncode": done.returncode}
+    return {
+        "command": shlex.join(cmd),
+        "counts": counts,
+        "failed": failed,
+        "returncode": done.returncode,
+    }
 
 
 def check_cuda_op_tests(run: Run) -> Result:
@@ -405,7 +518,9 @@ def check_cpu_op_tests(run: Run) -> Result:
     try:
         r = _pytest(run, "not gpu", "ops-cpu")
     except subprocess.TimeoutExpired:
-        return Result("stopped: the time budget ran out before the CPU op tests ended", status="skip")
+        return Result(
+            "stopped: the time budget ran out before the CPU op tests ended", status="skip"
+        )
     c = r["counts"]
     summary = f"{c['passed']} passed, {c['failures'] + c['errors']} failed, {c['skipped']} skipped of {c['tests']} under torch {torch.__version__}"
     if c["failures"] or c["errors"]:
@@ -430,7 +545,10 @@ def synthetic_batch(n: int, h: int, w: int, num_classes: int, seed: int = 0):
         for _ in range(6):
             bw = int(torch.randint(max(8, w // 12), w // 2, (1,), generator=g))
             bh = int(torch.randint(max(8, h // 12), h // 2, (1,), generator=g))
-            x0, y0 = int(torch.randint(0, w - bw, (1,), generator=g)), int(torch.randint(0, h - bh, (1,), generator=g))
+            x0, y0 = (
+                int(torch.randint(0, w - bw, (1,), generator=g)),
+                int(torch.randint(0, h - bh, (1,), generator=g)),
+            )
             m = torch.zeros(h, w, dtype=torch.uint8)
             m[y0 : y0 + bh, x0 : x0 + bw] = 1
             boxes.append([x0, y0, x0 + bw, y0 + bh])
@@ -456,7 +574,9 @@ def _targets_to(targets: list[dict], device: torch.device) -> list[dict]:
     return [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
-def train_step_losses(model, images, targets, device: torch.device, dtype: torch.dtype | None = None) -> tuple[dict[str, float], float, float | None]:
+def train_step_losses(
+    model, images, targets, device: torch.device, dtype: torch.dtype | None = None
+) -> tuple[dict[str, float], float, float | None]:
     """One forward + backward on `device` -> (losses, global grad norm, peak GPU MiB)."""
     model.zero_grad(set_to_none=True)
     _reset_peak(device)
@@ -503,8 +623,12 @@ def check_model(run: Run) -> Result:
         "| losses | " + " | ".join(cpu) + " | peak GPU memory (fwd+bwd) |",
         "|---|" + "---|" * len(cpu) + "---|",
         "| CPU float32 | " + " | ".join(f"{cpu[k]:.5f}" for k in cpu) + " | |",
-        "| CUDA float32 (no TF32) | " + " | ".join(f"{fp32[k]:.5f}" for k in cpu) + f" | {_mib(peak32)} |",
-        "| CUDA bf16 autocast | " + " | ".join(f"{bf16[k]:.5f}" for k in cpu) + f" | {_mib(peak16)} |",
+        "| CUDA float32 (no TF32) | "
+        + " | ".join(f"{fp32[k]:.5f}" for k in cpu)
+        + f" | {_mib(peak32)} |",
+        "| CUDA bf16 autocast | "
+        + " | ".join(f"{bf16[k]:.5f}" for k in cpu)
+        + f" | {_mib(peak16)} |",
     ]
     worst = max(rel.values())
     summary = (
@@ -512,7 +636,9 @@ def check_model(run: Run) -> Result:
         f"of float32); peak {_mib(peak32)} (fp32), {_mib(peak16)} (bf16)"
     )
     if worst > 2e-3:
-        raise CheckFailed(f"{what}: CUDA float32 losses differ from the CPU's by up to {worst:.2e} (relative): {fp32} vs {cpu}")
+        raise CheckFailed(
+            f"{what}: CUDA float32 losses differ from the CPU's by up to {worst:.2e} (relative): {fp32} vs {cpu}"
+        )
     return Result(summary, figures, table)
 
 
@@ -565,7 +691,12 @@ def check_training(run: Run) -> Result:
 
         cfg = apply_overrides(cfg, run.sizes.train_overrides).validate()
     run_dir = run.work / "training"
-    ctx = LocalContext(run.device, synthetic_batches(cfg, num_images=32, image_size=224, seed=0, style="simple"), run_dir, keep=1)
+    ctx = LocalContext(
+        run.device,
+        synthetic_batches(cfg, num_images=32, image_size=224, seed=0, style="simple"),
+        run_dir,
+        keep=1,
+    )
     recorder = _Recorder()
     t0 = time.perf_counter()
     last = run_training_loop(cfg, ctx, RunSettings(run_dir=str(run_dir)), recorder)
@@ -575,7 +706,9 @@ def check_training(run: Run) -> Result:
         raise CheckFailed(f"the loop stopped at iteration {last.get('iteration')} of {iterations}")
     if not all(math.isfinite(v) for v in losses):
         raise CheckFailed(f"non-finite training loss: {losses}")
-    rates = [m["train/images_per_sec"] for _, m in recorder.logged if "train/images_per_sec" in m][1:]
+    rates = [m["train/images_per_sec"] for _, m in recorder.logged if "train/images_per_sec" in m][
+        1:
+    ]
     figures = {
         "iterations": iterations,
         "loss_per_checkpoint": losses,
@@ -587,14 +720,18 @@ def check_training(run: Run) -> Result:
     table = [
         "| iteration | " + " | ".join(str(r["iteration"]) for r in ctx.reports) + " |",
         "|---|" + "---|" * len(losses),
-        "| mean training loss since the previous checkpoint | " + " | ".join(f"{v:.3f}" for v in losses) + " |",
+        "| mean training loss since the previous checkpoint | "
+        + " | ".join(f"{v:.3f}" for v in losses)
+        + " |",
     ]
     ratio = losses[-1] / losses[0]
     what = f"demo model, {iterations} iterations on synthetic shapes in {seconds:.0f} s"
     if figures["images_per_sec"]:
         what += f" ({figures['images_per_sec']:.1f} images/s)"
     if run.gpu and ratio > 0.8:
-        raise CheckFailed(f"{what}: the loss did not fall by 20% ({losses[0]:.3f} -> {losses[-1]:.3f})")
+        raise CheckFailed(
+            f"{what}: the loss did not fall by 20% ({losses[0]:.3f} -> {losses[-1]:.3f})"
+        )
     summary = f"{what}: loss {losses[0]:.3f} -> {losses[-1]:.3f} ({ratio:.2f}x)"
     if not run.gpu:
         summary += "; a few CPU iterations only check the loop (the loss must fall on the GPU run)"
@@ -624,7 +761,14 @@ def check_window_op_timings(run: Run) -> Result:
                 device, run.sizes.warmup, run.sizes.repeats,
             )  # fmt: skip
         times["bwd"] = time_interleaved(
-            {"bwd": lambda y=y, xg=xg, grad=grad: torch.autograd.grad(y, xg, grad, retain_graph=True)}, device, run.sizes.warmup, run.sizes.repeats
+            {
+                "bwd": lambda y=y, xg=xg, grad=grad: torch.autograd.grad(
+                    y, xg, grad, retain_graph=True
+                )
+            },
+            device,
+            run.sizes.warmup,
+            run.sizes.repeats,
         )["bwd"]
         mib = y.numel() * y.element_size() / 2**20
         figures[f"lam{lam}"] = {**times, "out_shape": list(y.shape), "mib": mib}
@@ -642,7 +786,11 @@ def check_window_op_timings(run: Run) -> Result:
         *rows,
     ]
     worst = max(v["fwd"] / v["copy"] for v in figures.values())
-    return Result(f"swap_align2nat at lam {list(run.sizes.lams)}: forward at most {worst:.1f}x a copy of the same bytes", figures, table)
+    return Result(
+        f"swap_align2nat at lam {list(run.sizes.lams)}: forward at most {worst:.1f}x a copy of the same bytes",
+        figures,
+        table,
+    )
 
 
 def _maskrcnn(h: int, num_classes: int, detections: int, **options):
@@ -653,12 +801,23 @@ def _maskrcnn(h: int, num_classes: int, detections: int, **options):
     from torchvision.ops import FrozenBatchNorm2d
 
     torch.manual_seed(0)
-    kwargs = dict(num_classes=num_classes + 1, min_size=h, max_size=1333, box_score_thresh=0.0, box_detections_per_img=detections, **options)
+    kwargs = dict(
+        num_classes=num_classes + 1,
+        min_size=h,
+        max_size=1333,
+        box_score_thresh=0.0,
+        box_detections_per_img=detections,
+        **options,
+    )
     try:
         from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     except ImportError:  # a torchvision without it: its builder (batch norm, every layer trained)
-        return torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kwargs)
-    backbone = _resnet_fpn_extractor(torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3)
+        return torchvision.models.detection.maskrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None, **kwargs
+        )
+    backbone = _resnet_fpn_extractor(
+        torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3
+    )
     return MaskRCNN(backbone, **kwargs)
 
 
@@ -670,7 +829,14 @@ def check_model_timings(run: Run) -> Result:
 
     device, (h, w) = run.device, run.sizes.timing_image
     detections = run.sizes.detections
-    cfg = paper_config(run, **{"inference.score_thresh": 0.0, "inference.detections_per_image": detections, "input.min_size_test": h})
+    cfg = paper_config(
+        run,
+        **{
+            "inference.score_thresh": 0.0,
+            "inference.detections_per_image": detections,
+            "input.min_size_test": h,
+        },
+    )
     torch.manual_seed(0)
     tm = build_model(cfg).to(device)
     mr = _maskrcnn(h, cfg.model.num_classes, detections, **run.sizes.maskrcnn_options).to(device)
@@ -678,7 +844,9 @@ def check_model_timings(run: Run) -> Result:
     norm = _normalised(images).to(device)
     images = images.to(device)
     tm_targets = _targets_to(targets, device)
-    mr_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": t["masks"]} for t in tm_targets]
+    mr_targets = [
+        {"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": t["masks"]} for t in tm_targets
+    ]
     tm_opt = torch.optim.SGD([p for p in tm.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
     mr_opt = torch.optim.SGD([p for p in mr.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
     precisions = [("fp32", None)] + ([("bf16", torch.bfloat16)] if run.gpu else [])
@@ -687,10 +855,16 @@ def check_model_timings(run: Run) -> Result:
         tm.eval()
         mr.eval()
         with torch.inference_mode(), _autocast(device, dtype):
-            found = (tm(norm[:1], image_sizes=[(h, w)])[0]["scores"].numel(), mr([images[0]])[0]["scores"].numel())
+            found = (
+                tm(norm[:1], image_sizes=[(h, w)])[0]["scores"].numel(),
+                mr([images[0]])[0]["scores"].numel(),
+            )
             _reset_peak(device)
             inf = time_interleaved(
-                {"tm": lambda: tm(norm[:1], image_sizes=[(h, w)]), "mr": lambda: mr([images[0]])}, device, run.sizes.warmup, run.sizes.repeats
+                {"tm": lambda: tm(norm[:1], image_sizes=[(h, w)]), "mr": lambda: mr([images[0]])},
+                device,
+                run.sizes.warmup,
+                run.sizes.repeats,
             )
             peak_inf = _peak_mib(device)
         tm.train()
@@ -711,11 +885,23 @@ def check_model_timings(run: Run) -> Result:
             mr_opt.step()
 
         _reset_peak(device)
-        step = time_interleaved({"tm": tm_step, "mr": mr_step}, device, run.sizes.warmup, run.sizes.repeats)
+        step = time_interleaved(
+            {"tm": tm_step, "mr": mr_step}, device, run.sizes.warmup, run.sizes.repeats
+        )
         peak_step = _peak_mib(device)
-        figures[name] = {"inference": inf, "train_step": step, "detections": found, "peak_mib_inference": peak_inf, "peak_mib_train": peak_step}
-        rows.append(f"| inference, s/image, {name} | {inf['tm']:.4f} | {inf['mr']:.4f} | {inf['tm'] / inf['mr']:.2f}x | {found[0]} / {found[1]} detections, peak {_mib(peak_inf)} |")
-        rows.append(f"| training step, s (batch 2), {name} | {step['tm']:.4f} | {step['mr']:.4f} | {step['tm'] / step['mr']:.2f}x | fwd + bwd + SGD step, peak {_mib(peak_step)} |")
+        figures[name] = {
+            "inference": inf,
+            "train_step": step,
+            "detections": found,
+            "peak_mib_inference": peak_inf,
+            "peak_mib_train": peak_step,
+        }
+        rows.append(
+            f"| inference, s/image, {name} | {inf['tm']:.4f} | {inf['mr']:.4f} | {inf['tm'] / inf['mr']:.2f}x | {found[0]} / {found[1]} detections, peak {_mib(peak_inf)} |"
+        )
+        rows.append(
+            f"| training step, s (batch 2), {name} | {step['tm']:.4f} | {step['mr']:.4f} | {step['tm'] / step['mr']:.2f}x | fwd + bwd + SGD step, peak {_mib(peak_step)} |"
+        )
     table = [
         f"Images {h}x{w}, random weights, both models forced to {detections} detections (zero score thresholds); median of "
         f"{run.sizes.repeats} timed alternately after {run.sizes.warmup} warm-up; bf16 = torch.autocast. TensorMask: "
@@ -742,11 +928,16 @@ def check_detectron2(run: Run) -> Result:
     try:
         from tensormask import _C as d2  # noqa: N812 - Detectron2's name
     except Exception as e:  # noqa: BLE001 - anything here means: not available
-        return Result(f"not available: Detectron2's TensorMask extension is not importable here (`from tensormask import _C`: {type(e).__name__})", status="skip")
+        return Result(
+            f"not available: Detectron2's TensorMask extension is not importable here (`from tensormask import _C`: {type(e).__name__})",
+            status="skip",
+        )
     if not hasattr(d2, "swap_align2nat_forward"):
         return Result("not available: `tensormask._C` has no swap_align2nat_forward", status="skip")
     if not run.gpu:
-        return Result("not compared: Detectron2's kernel is CUDA-only and there is no GPU", status="skip")
+        return Result(
+            "not compared: Detectron2's kernel is CUDA-only and there is no GPU", status="skip"
+        )
     import inspect
 
     from tensormask_ray.ops import api
@@ -765,15 +956,32 @@ def check_detectron2(run: Run) -> Result:
             theirs_out = d2.swap_align2nat_forward(flat, lam, PAD)
             ours_out = ours()
             compared = d2_geometry or (lam * V) % 2 == 1
-            diff = float((ours_out.reshape(theirs_out.shape) - theirs_out).abs().max()) if compared else None
-            times = time_interleaved({"ours": ours, "d2": lambda lam=lam: d2.swap_align2nat_forward(flat, lam, PAD)}, run.device, run.sizes.warmup, run.sizes.repeats)
+            diff = (
+                float((ours_out.reshape(theirs_out.shape) - theirs_out).abs().max())
+                if compared
+                else None
+            )
+            times = time_interleaved(
+                {"ours": ours, "d2": lambda lam=lam: d2.swap_align2nat_forward(flat, lam, PAD)},
+                run.device,
+                run.sizes.warmup,
+                run.sizes.repeats,
+            )
         figures[f"lam{lam}"] = {**times, "max_abs_diff": diff}
-        rows.append(f"| {lam} | {1e3 * times['ours']:.3f} | {1e3 * times['d2']:.3f} | {times['d2'] / times['ours']:.2f}x | {'-' if diff is None else f'{diff:.2e}'} |")
+        rows.append(
+            f"| {lam} | {1e3 * times['ours']:.3f} | {1e3 * times['d2']:.3f} | {times['d2'] / times['ours']:.2f}x | {'-' if diff is None else f'{diff:.2e}'} |"
+        )
         if diff is not None and diff > 1e-4:
-            raise CheckFailed(f"lam {lam}: ours and Detectron2's swap_align2nat differ by {diff:.2e}")
+            raise CheckFailed(
+                f"lam {lam}: ours and Detectron2's swap_align2nat differ by {diff:.2e}"
+            )
     table = [
         f"swap_align2nat forward, (N, V, U, H, W) = {run.sizes.window_shape}, float32; values compared "
-        + ("at every lam (our geometry=\"detectron2\")" if d2_geometry else "where lam*V is odd (the geometries agree there)"),
+        + (
+            'at every lam (our geometry="detectron2")'
+            if d2_geometry
+            else "where lam*V is odd (the geometries agree there)"
+        ),
         "",
         "| lam | ours ms | Detectron2 ms | Detectron2 / ours | max abs difference |",
         "|---|---|---|---|---|",
@@ -798,7 +1006,11 @@ def machine_line(run: Run) -> str:
 def write_report(run: Run) -> tuple[Path, Path]:
     seconds = time.monotonic() - run.t0
     failed = [c.name for c in run.checks if c.status == "fail"]
-    verdict = f"**{len(failed)} of {len(run.checks)} checks FAILED: {', '.join(failed)}**" if failed else f"**no check failed** ({sum(c.status == 'pass' for c in run.checks)} passed, {sum(c.status == 'skip' for c in run.checks)} skipped)"
+    verdict = (
+        f"**{len(failed)} of {len(run.checks)} checks FAILED: {', '.join(failed)}**"
+        if failed
+        else f"**no check failed** ({sum(c.status == 'pass' for c in run.checks)} passed, {sum(c.status == 'skip' for c in run.checks)} skipped)"
+    )
     lines = [
         "## GPU",
         "",
@@ -842,12 +1054,26 @@ def write_report(run: Run) -> tuple[Path, Path]:
 
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("out", help="folder for gpu-check.md, gpu-check.json and the logs")
     ap.add_argument("--no-build", action="store_true", help="use the extension already built here")
-    ap.add_argument("--budget", type=float, default=BUDGET_S, metavar="S", help=f"time budget in seconds (default {BUDGET_S:.0f})")
-    ap.add_argument("--train-iters", type=int, help="training iterations (default 300 on a GPU, 4 on a CPU)")
-    ap.add_argument("--write-results", action="store_true", help="also replace the '## GPU' section of benchmarks/RESULTS.md")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=BUDGET_S,
+        metavar="S",
+        help=f"time budget in seconds (default {BUDGET_S:.0f})",
+    )
+    ap.add_argument(
+        "--train-iters", type=int, help="training iterations (default 300 on a GPU, 4 on a CPU)"
+    )
+    ap.add_argument(
+        "--write-results",
+        action="store_true",
+        help="also replace the '## GPU' section of benchmarks/RESULTS.md",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -855,8 +1081,16 @@ def main(argv: list[str] | None = None) -> int:
     sizes = GPU_SIZES if gpu else CPU_SIZES
     if args.train_iters:
         sizes = Sizes(**{**asdict(sizes), "train_iters": args.train_iters})
-    command = "python scripts/gpu_check.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    run = Run(out, torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu"), sizes, args.budget, command)
+    command = "python scripts/gpu_check.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    run = Run(
+        out,
+        torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu"),
+        sizes,
+        args.budget,
+        command,
+    )
     torch.backends.cudnn.benchmark = False
 
     run.check("environment", check_environment)
@@ -865,7 +1099,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         build = run.check("build", check_build_info)
     if build.status == "fail":
-        for name in ("CUDA op tests", "model", "training", "window op timings", "TensorMask vs Mask R-CNN", "Detectron2 kernel"):
+        for name in (
+            "CUDA op tests",
+            "model",
+            "training",
+            "window op timings",
+            "TensorMask vs Mask R-CNN",
+            "Detectron2 kernel",
+        ):
             run.checks.append(Check(name, "fail", summary="not run: the build failed"))
     else:
         run.check("CUDA op tests", check_cuda_op_tests, needs_s=60)
@@ -882,7 +1123,10 @@ def main(argv: list[str] | None = None) -> int:
         from results_md import write_section
 
         write_section("GPU", md.read_text().split("\n", 2)[2])
-    print(f"[gpu-check] {'OK' if run.ok else 'FAILED'} in {time.monotonic() - run.t0:.0f} s; report: {md} and {js}", flush=True)
+    print(
+        f"[gpu-check] {'OK' if run.ok else 'FAILED'} in {time.monotonic() - run.t0:.0f} s; report: {md} and {js}",
+        flush=True,
+    )
     return 0 if run.ok else 1
 
 

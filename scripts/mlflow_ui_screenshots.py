@@ -33,10 +33,16 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 VIEWPORT = {"width": 1800, "height": 860}
 
 
-def _pick_runs(server: MlflowServer, experiment_id: str, sweep: str | None, run: str | None) -> tuple[dict, list[dict], dict]:
+def _pick_runs(
+    server: MlflowServer, experiment_id: str, sweep: str | None, run: str | None
+) -> tuple[dict, list[dict], dict]:
     """(the sweep's parent run, its trials best first, a training run) of the experiment."""
     runs = server.search_runs(experiment_id, order_by=["attributes.start_time DESC"])
-    parents = [r for r in runs if "sweep_dir" in tags(r) and (sweep is None or r["info"]["run_name"] == sweep)]
+    parents = [
+        r
+        for r in runs
+        if "sweep_dir" in tags(r) and (sweep is None or r["info"]["run_name"] == sweep)
+    ]
     if not parents:
         raise SystemExit(f"no sweep{' ' + sweep if sweep else ''} in the experiment")
     parent = parents[0]
@@ -60,9 +66,13 @@ def _save(page, out: Path, height: int | None = None) -> None:
     """The page (its top `height` pixels) as a 256-colour PNG: UI screenshots stay sharp and small."""
     from PIL import Image
 
-    clip = {"x": 0, "y": 0, "width": page.viewport_size["width"], "height": height} if height else None
+    clip = (
+        {"x": 0, "y": 0, "width": page.viewport_size["width"], "height": height} if height else None
+    )
     page.screenshot(path=str(out), clip=clip)
-    Image.open(out).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
+    Image.open(out).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(
+        out, optimize=True
+    )
     print(f"wrote {out} ({out.stat().st_size // 1024} KB)")
 
 
@@ -81,7 +91,9 @@ def _add_columns(page, names: list[str]) -> None:
     for name in names:
         search.fill(name)
         time.sleep(1)
-        page.get_by_role("menuitemcheckbox", name=name, exact=True).or_(page.get_by_text(name, exact=True)).last.click()
+        page.get_by_role("menuitemcheckbox", name=name, exact=True).or_(
+            page.get_by_text(name, exact=True)
+        ).last.click()
     page.keyboard.press("Escape")
 
 
@@ -95,7 +107,9 @@ def _widen_run_names(page, pixels: int = 80) -> None:
     page.mouse.up()
 
 
-def runs_list(page, base: str, experiment_id: str, parent: dict, trials: list[dict], out: Path) -> None:
+def runs_list(
+    page, base: str, experiment_id: str, parent: dict, trials: list[dict], out: Path
+) -> None:
     """The runs list, the sweep expanded, with the columns sweep/score and the swept values added.
     (Sorting by sweep/score ranks the runs as `runs compare` does, but shows them flat.)"""
     page.goto(f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
@@ -104,7 +118,9 @@ def runs_list(page, base: str, experiment_id: str, parent: dict, trials: list[di
     _close_assistant(page)
     page.locator('[data-component-id*="runnamecellrenderer"]').first.click()  # the sweep's [+]
     _settle(page, 1)
-    swept = sorted({p["key"] for t in trials for p in t["data"]["params"] if p["key"].startswith("sweep.")})
+    swept = sorted(
+        {p["key"] for t in trials for p in t["data"]["params"] if p["key"].startswith("sweep.")}
+    )
     _add_columns(page, ["sweep/score", *swept])
     _widen_run_names(page)
     page.mouse.move(5, 5)  # no tooltip
@@ -135,7 +151,9 @@ def run_charts(page, base: str, experiment_id: str, run: dict, out: Path) -> Non
     its training loss, mask AP and the validation overlays (ground truth | prediction) at the last
     validation."""
     page.set_viewport_size({"width": VIEWPORT["width"], "height": 1400})
-    page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run['info']['run_id']}/model-metrics?workflowType=machine_learning")
+    page.goto(
+        f"{base}/#/experiments/{experiment_id}/runs/{run['info']['run_id']}/model-metrics?workflowType=machine_learning"
+    )
     page.get_by_text("Model metrics").first.wait_for()
     _settle(page, 4)
     _close_assistant(page)
@@ -154,7 +172,10 @@ def run_charts(page, base: str, experiment_id: str, run: dict, out: Path) -> Non
 
 
 def _history(page, base: str, run: dict, key: str) -> list[dict]:
-    response = page.request.get(f"{base}/api/2.0/mlflow/metrics/get-history", params={"run_id": run["info"]["run_id"], "metric_key": key})
+    response = page.request.get(
+        f"{base}/api/2.0/mlflow/metrics/get-history",
+        params={"run_id": run["info"]["run_id"], "metric_key": key},
+    )
     return response.json().get("metrics", [])
 
 
@@ -171,12 +192,16 @@ def _choose(page, select, values: list[str]) -> None:
 def compare(page, base: str, experiment_id: str, trials: list[dict], out: Path) -> None:
     """The trials' compare view: parallel coordinates of the swept values and sweep/score."""
     ids = ",".join(f'"{t["info"]["run_id"]}"' for t in trials)
-    page.goto(f'{base}/#/compare-runs?runs=[{ids}]&experiments=["{experiment_id}"]&workflowType=machine_learning')
+    page.goto(
+        f'{base}/#/compare-runs?runs=[{ids}]&experiments=["{experiment_id}"]&workflowType=machine_learning'
+    )
     page.get_by_text("Parallel Coordinates Plot").first.wait_for()
     _settle(page, 2)
     page.get_by_role("button", name="Clear All").click()
     selects = page.locator('[role="tabpanel"] .du-bois-light-select')
-    swept = sorted({p["key"] for t in trials for p in t["data"]["params"] if p["key"].startswith("sweep.")})
+    swept = sorted(
+        {p["key"] for t in trials for p in t["data"]["params"] if p["key"].startswith("sweep.")}
+    )
     _choose(page, selects.nth(0), swept)
     _choose(page, selects.nth(1), ["sweep/score"])
     page.mouse.move(5, 5)
@@ -194,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
-    uri = args.store if args.store.startswith("sqlite:") else f"sqlite:///{Path(args.store).resolve()}"
+    uri = (
+        args.store
+        if args.store.startswith("sqlite:")
+        else f"sqlite:///{Path(args.store).resolve()}"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     server = MlflowServer(uri, Path(tempfile.mkdtemp(prefix="mlflow-ui-"))).start()
@@ -207,9 +236,18 @@ def main(argv: list[str] | None = None) -> int:
             page.set_default_timeout(180_000)  # a loaded 2-core machine draws slowly
             failed = []
             for name, step in (
-                ("mlflow-runs.png", lambda f: runs_list(page, server.url, experiment_id, parent, trials, f)),
-                ("mlflow-charts.png", lambda f: run_charts(page, server.url, experiment_id, training, f)),
-                ("mlflow-compare.png", lambda f: compare(page, server.url, experiment_id, trials, f)),
+                (
+                    "mlflow-runs.png",
+                    lambda f: runs_list(page, server.url, experiment_id, parent, trials, f),
+                ),
+                (
+                    "mlflow-charts.png",
+                    lambda f: run_charts(page, server.url, experiment_id, training, f),
+                ),
+                (
+                    "mlflow-compare.png",
+                    lambda f: compare(page, server.url, experiment_id, trials, f),
+                ),
             ):
                 try:
                     step(out / name)

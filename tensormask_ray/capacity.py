@@ -74,7 +74,10 @@ def shortfall(reservation: Reservation, free: dict[str, float]) -> str | None:
     options = r.fits(free_cpus - r.data_cpus) if r.fits else []
     if options:
         return text + ". What fits: " + "; or ".join(options)
-    return text + f". Nothing fits beside Ray Data's {_fmt(r.data_cpus)} CPU: the cluster needs more CPUs"
+    return (
+        text
+        + f". Nothing fits beside Ray Data's {_fmt(r.data_cpus)} CPU: the cluster needs more CPUs"
+    )
 
 
 def check_capacity(reservation: Reservation, command: str, settle_s: float = 5.0) -> None:
@@ -86,7 +89,9 @@ def check_capacity(reservation: Reservation, command: str, settle_s: float = 5.0
     import ray
 
     deadline = time.monotonic() + settle_s
-    while (problem := shortfall(reservation, ray.available_resources())) and time.monotonic() < deadline:
+    while (
+        problem := shortfall(reservation, ray.available_resources())
+    ) and time.monotonic() < deadline:
         time.sleep(0.5)
     if problem:
         raise UserError(
@@ -112,7 +117,13 @@ def train_reservation(num_workers: int, cpus_per_worker: float, use_gpu: bool) -
     )
 
 
-def sweep_reservation(concurrent_trials: int, workers: int, cpus_per_worker: float, gpus_per_worker: float, trial_cpus: float) -> Reservation:
+def sweep_reservation(
+    concurrent_trials: int,
+    workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    trial_cpus: float,
+) -> Reservation:
     """Trials that run at once each hold their Train workers (and the trial function's own
     small request); one Ray Data task at a time keeps every trial's data flowing."""
     per_trial = workers * cpus_per_worker + trial_cpus
@@ -137,7 +148,9 @@ def sweep_reservation(concurrent_trials: int, workers: int, cpus_per_worker: flo
     )
 
 
-def inference_reservation(num_actors: int, cpus_per_actor: float, gpus_per_actor: float) -> Reservation:
+def inference_reservation(
+    num_actors: int, cpus_per_actor: float, gpus_per_actor: float
+) -> Reservation:
     def fits(room: float) -> list[str]:
         options = []
         if (cpus := _share(room, num_actors)) is not None:

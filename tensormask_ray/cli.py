@@ -17,14 +17,23 @@ from .errors import UserError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("tensormask_ray.demo", "run the whole pipeline on data it makes itself (local Ray, local MLflow)"),
+    "demo": (
+        "tensormask_ray.demo",
+        "run the whole pipeline on data it makes itself (local Ray, local MLflow)",
+    ),
     "data": ("tensormask_ray.data.cli", "make datasets and write Parquet shards"),
     "train": ("tensormask_ray.train.cli", "distributed training with Ray Train"),
     "sweep": ("tensormask_ray.tune.cli", "hyper-parameter sweeps with Ray Tune"),
     "runs": ("tensormask_ray.tune.runs_cli", "compare the trials of a sweep, find the best"),
     "evaluate": ("tensormask_ray.evaluation.cli", "COCO mask/box AP, test-dev result files"),
-    "predict": ("tensormask_ray.evaluation.predict_cli", "masks drawn over images, detections as JSON"),
-    "convert": ("tensormask_ray.convert.cli", "checkpoints of other codebases (Detectron2) -> ours"),
+    "predict": (
+        "tensormask_ray.evaluation.predict_cli",
+        "masks drawn over images, detections as JSON",
+    ),
+    "convert": (
+        "tensormask_ray.convert.cli",
+        "checkpoints of other codebases (Detectron2) -> ours",
+    ),
     "submit": ("tensormask_ray.cluster.cli", "submit train/sweep/evaluate to a Ray cluster"),
     "jobs": ("tensormask_ray.cluster.jobs_cli", "list, follow and stop Ray jobs"),
 }

@@ -24,7 +24,9 @@ class ConfigError(UserError, ValueError):
     """A config key or value is wrong; the message names the key."""
 
 
-MaskHead = Literal["simple_natural", "simple_aligned", "upscale_natural", "upscale_aligned", "bipyramid"]
+MaskHead = Literal[
+    "simple_natural", "simple_aligned", "upscale_natural", "upscale_aligned", "bipyramid"
+]
 # "paper": the geometry this project derives from the paper (window centres at grid-cell centres,
 # swap_align2nat reading integer rows, edge-replicating interpolation of the window grid).
 # "detectron2": Detectron2's TensorMask exactly (docs/detectron2.md): window centres at stride * x,
@@ -134,7 +136,8 @@ class InputConfig:
 class DataConfig:
     train_shards: str = ""  # folder of Parquet shards written by `tensormask-ray data prepare`
     val_shards: str = ""
-    val_json: str = ""  # COCO json of the validation split (for pycocotools); from the manifest if empty
+    # COCO json of the validation split (for pycocotools); from the manifest if empty
+    val_json: str = ""
     batch_size_per_worker: int = 2
     seed: int = 0
     max_val_images: int = 0  # 0: all
@@ -185,9 +188,11 @@ class TrainConfig:
 class TrackingConfig:
     mlflow_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "tensormask"
-    log_model: bool = True  # log the best checkpoint as an MLflow model at the end of a training run
+    # log the best checkpoint as an MLflow model at the end of a training run
+    log_model: bool = True
     registered_model: str = ""  # also register it (a sweep: its best trial's) under this name
-    overlay_images: int = 3  # validation images drawn (ground truth | prediction) at each validation
+    # validation images drawn (ground truth | prediction) at each validation
+    overlay_images: int = 3
     system_metrics_interval: float = 10.0  # seconds between CPU/memory/GPU samples; 0: off
 
 
@@ -265,8 +270,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         for mode in ("nearest", "bilinear")
         for lam in (1.5, 3.0, 5.0)
     },
-    "table2c-bipyramid": {"model.mask_head": "bipyramid", "model.window_sizes": [15], **SCHEDULES["6x"]},
-    "table2d-bipyramid-2win": {"model.mask_head": "bipyramid", "model.window_sizes": [15, 11], **SCHEDULES["6x"]},
+    "table2c-bipyramid": {
+        "model.mask_head": "bipyramid",
+        "model.window_sizes": [15],
+        **SCHEDULES["6x"],
+    },
+    "table2d-bipyramid-2win": {
+        "model.mask_head": "bipyramid",
+        "model.window_sizes": [15, 11],
+        **SCHEDULES["6x"],
+    },
     "table3-r50": {
         "model.mask_head": "bipyramid",
         "model.window_sizes": [15, 11],
@@ -368,7 +381,11 @@ DETECTRON2_TENSORMASK: dict[str, Any] = {
     **SCHEDULES["1x"],
 }
 PRESETS["d2-tensormask-r50-1x"] = DETECTRON2_TENSORMASK
-PRESETS["d2-tensormask-r50-6x"] = {**DETECTRON2_TENSORMASK, **SCHEDULES["6x"], "input.min_size_train": [640, 800]}
+PRESETS["d2-tensormask-r50-6x"] = {
+    **DETECTRON2_TENSORMASK,
+    **SCHEDULES["6x"],
+    "input.min_size_train": [640, 800],
+}
 
 
 # ----------------------------------------------------------------------------- dict <-> dataclass
@@ -535,7 +552,9 @@ def validate(cfg: Config) -> None:
     """Cross-field checks; each error names the key at fault."""
     m = cfg.model
     if m.backbone.depth not in (18, 34, 50, 101):
-        raise ConfigError(f"config key 'model.backbone.depth': {m.backbone.depth} not in [18, 34, 50, 101]")
+        raise ConfigError(
+            f"config key 'model.backbone.depth': {m.backbone.depth} not in [18, 34, 50, 101]"
+        )
     if not 0 <= m.backbone.freeze_at <= 5:
         raise ConfigError("config key 'model.backbone.freeze_at': must be in [0, 5]")
     if not 2 <= m.min_level <= 5 <= m.max_level <= 7:
@@ -597,11 +616,15 @@ def validate(cfg: Config) -> None:
     if len(i.min_size_train) != 2 or i.min_size_train[0] > i.min_size_train[1]:
         raise ConfigError("config key 'input.min_size_train': [low, high] with low <= high")
     if len(i.pixel_mean) != 3 or len(i.pixel_std) != 3:
-        raise ConfigError("config keys 'input.pixel_mean'/'input.pixel_std': three values, one per channel")
+        raise ConfigError(
+            "config keys 'input.pixel_mean'/'input.pixel_std': three values, one per channel"
+        )
     if any(s <= 0 for s in i.pixel_std):
         raise ConfigError("config key 'input.pixel_std': must be > 0")
     top = 1.0 if i.format == "RGB" else 255.0
-    if any(not 0 <= v <= top for v in i.pixel_mean) or (i.format == "BGR255" and max(i.pixel_mean) <= 1):
+    if any(not 0 <= v <= top for v in i.pixel_mean) or (
+        i.format == "BGR255" and max(i.pixel_mean) <= 1
+    ):
         raise ConfigError(
             f"config key 'input.pixel_mean': {i.pixel_mean} does not fit input.format={i.format} "
             f"(pixel values in [0, {top:g}]{'; these look like means of 0-1 pixels' if top > 1 else ''})"
@@ -616,7 +639,9 @@ def validate(cfg: Config) -> None:
     if cfg.tracking.overlay_images < 0:
         raise ConfigError("config key 'tracking.overlay_images': must be >= 0 (0: none)")
     if cfg.tracking.system_metrics_interval < 0:
-        raise ConfigError("config key 'tracking.system_metrics_interval': must be >= 0 seconds (0: off)")
+        raise ConfigError(
+            "config key 'tracking.system_metrics_interval': must be >= 0 seconds (0: off)"
+        )
 
 
 def known_keys() -> list[str]:

@@ -34,24 +34,39 @@ TAGS = ("[train]", "[sweep]", "[evaluate]", "[predict]", "[data]", "[demo]", "[w
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # "(RayTrainWorker pid=123)", "(pid=123, ip=10.0.0.2)", "(raylet)", "(autoscaler +1m2s)"
-_FORWARDED = re.compile(r"^\((?:(?:[^()]* )?pid=[^()]*|raylet[^()]*|autoscaler[^()]*|gcs_server[^()]*)\) ?(?P<rest>.*)$", re.S)
+_FORWARDED = re.compile(
+    r"^\((?:(?:[^()]* )?pid=[^()]*|raylet[^()]*|autoscaler[^()]*|gcs_server[^()]*)\) ?(?P<rest>.*)$",
+    re.S,
+)
 _ERROR = re.compile(r"^tensormask-ray [\w-]+: error: ")
 _REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\]\s*$")
 _LIBRARY_LOG = (
-    re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:TRACE|DEBUG|INFO|WARNING|ERROR|CRITICAL)\s"),  # ray
-    re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+:"),  # mlflow
-    re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] \S+:\d+"),  # Ray's C++ core
+    re.compile(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:TRACE|DEBUG|INFO|WARNING|ERROR|CRITICAL)\s"
+    ),  # ray
+    re.compile(
+        r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+:"
+    ),  # mlflow
+    re.compile(
+        r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] \S+:\d+"
+    ),  # Ray's C++ core
     re.compile(r"^(?:/|[A-Za-z]:\\)\S+\.py:\d+: \w*(?:Warning|Deprecated)\w*: "),  # warnings.warn
 )
 # Ray messages that matter to the user, in our words ({log} is the log file).
 _TRANSLATIONS = (
     (
-        re.compile(r"A worker died or was killed while executing|worker .* died unexpectedly|SYSTEM_ERROR", re.I),
+        re.compile(
+            r"A worker died or was killed while executing|worker .* died unexpectedly|SYSTEM_ERROR",
+            re.I,
+        ),
         "[ray] warning: a Ray worker process died unexpectedly; Ray Train and Tune restart what they can "
         "(train.max_failures, a sweep's max_failures). Details: {log}",
     ),
     (
-        re.compile(r"killed due to (?:the node running )?low (?:on )?memory|OutOfMemoryError|memory monitor", re.I),
+        re.compile(
+            r"killed due to (?:the node running )?low (?:on )?memory|OutOfMemoryError|memory monitor",
+            re.I,
+        ),
         "[ray] warning: Ray killed a worker because this machine is low on memory (fewer workers, smaller "
         "batches or images help). Details: {log}",
     ),
@@ -91,7 +106,9 @@ class LineRouter(io.TextIOBase):
     whole lines, classified by the first line of each write (a log record or a warning is one
     write, however many lines), and sent to the terminal and/or the log file."""
 
-    def __init__(self, terminal: TextIO, log: LogFile, verbose: bool, hidden: set[str] | None = None):
+    def __init__(
+        self, terminal: TextIO, log: LogFile, verbose: bool, hidden: set[str] | None = None
+    ):
         super().__init__()
         self.terminal, self.log, self.verbose = terminal, log, verbose
         self.hidden = hidden if hidden is not None else set()  # tags not shown from workers now
@@ -179,7 +196,9 @@ class Console:
     def __init__(self, log_path: Path, verbose: bool, terminal: TextIO):
         self.log = LogFile(log_path, on_open=self.announce)
         self.verbose = verbose
-        self.terminal = terminal  # the real stderr: notices, so stdout stays the command's output (JSON)
+        self.terminal = (
+            terminal  # the real stderr: notices, so stdout stays the command's output (JSON)
+        )
         self.announced = False
         self.started_ray = False  # this command started Ray: it stops it before the routers go
         self.hidden: set[str] = set()  # shared by both routers
@@ -190,7 +209,9 @@ class Console:
             return
         self.announced = True
         if self.verbose:
-            line = f"Logs of Ray and other libraries are shown (verbose) and kept in {self.log.path}\n"
+            line = (
+                f"Logs of Ray and other libraries are shown (verbose) and kept in {self.log.path}\n"
+            )
         else:
             line = f"Logs of Ray and other libraries: {self.log.path} (--verbose or {VERBOSE_ENV}=1 shows them here)\n"
         self.terminal.write(line)
@@ -213,7 +234,9 @@ def default_log_path(command: str, log_dir: str | os.PathLike | None = None) -> 
 
 
 @contextmanager
-def routed(command: str, verbose: bool = False, log_dir: str | os.PathLike | None = None) -> Iterator[Console]:
+def routed(
+    command: str, verbose: bool = False, log_dir: str | os.PathLike | None = None
+) -> Iterator[Console]:
     """While the block runs, the terminal shows our lines only (all lines when verbose) and the
     log file gets everything. Logging handlers that captured the real stdout/stderr before (Ray's
     are made at import) write through the routers too. Nested use keeps the outer routing."""
@@ -346,11 +369,17 @@ def ensure_ray(address: str | None = None, needed_cpus: float = 0) -> None:
     announce_log()
     if not ray.is_initialized():
         cpus = local_ray_cpus(address, needed_cpus)
-        context = ray.init(address=address, log_to_driver=True, **({"num_cpus": cpus} if cpus else {}))
+        context = ray.init(
+            address=address, log_to_driver=True, **({"num_cpus": cpus} if cpus else {})
+        )
         if _current is not None:
             _current.started_ray = True
         total = ray.cluster_resources().get("CPU", 0)
-        dashboard = f", dashboard http://{context.dashboard_url}" if getattr(context, "dashboard_url", None) else ""
+        dashboard = (
+            f", dashboard http://{context.dashboard_url}"
+            if getattr(context, "dashboard_url", None)
+            else ""
+        )
         print(f"Ray cluster with {total:g} CPUs{dashboard}", flush=True)
     if (_current is not None and not _current.verbose) or not sys.stdout.isatty():
         quiet_ray_data()

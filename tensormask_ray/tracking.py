@@ -37,7 +37,9 @@ from .errors import UserError
 from .finite import is_finite_number
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per model load, not 7 bars
+os.environ.setdefault(
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
+)  # one line per model load, not 7 bars
 
 _PARAM_VALUE_MAX = 6000  # MLflow 3 limit on a param value
 _TAG_VALUE_MAX = 5000  # kept below MLflow's limit; longer text goes into an artifact
@@ -58,7 +60,7 @@ def resolve_tracking_uri(uri: str = "") -> str:
         uri = f"sqlite:///{Path('mlflow.db').resolve()}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # sqlite:///relative.db -> absolute, so workers in other directories hit the same file
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     elif "://" not in uri:  # a bare path: a local sqlite store in that file
         uri = f"sqlite:///{Path(uri).resolve()}"
     return uri
@@ -124,12 +126,18 @@ def experiment_id(uri: str, name: str) -> str:
     if exp is None:
         location = (root / _folder_name(name)).as_uri() if root else None
         try:
-            return client.create_experiment(name, artifact_location=location, tags={"mlflow.experimentKind": EXPERIMENT_KIND})
+            return client.create_experiment(
+                name, artifact_location=location, tags={"mlflow.experimentKind": EXPERIMENT_KIND}
+            )
         except Exception:  # created concurrently by another process
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
-    if root and not exp.artifact_location.startswith(root.as_uri()) and (uri, name) not in _warned_locations:
+    if (
+        root
+        and not exp.artifact_location.startswith(root.as_uri())
+        and (uri, name) not in _warned_locations
+    ):
         _warned_locations.add((uri, name))
         print(
             f"warning: MLflow experiment '{name}' of {uri} keeps its artifacts in {exp.artifact_location} "
@@ -154,7 +162,14 @@ def run_context_tags() -> dict[str, str]:
 
     tags = {k: str(v) for k, v in resolve_tags().items() if k not in GIT_TAGS}
     here = str(Path(__file__).resolve().parent)
-    for key, value in zip(GIT_TAGS, (git_utils.get_git_commit(here), git_utils.get_git_branch(here), git_utils.get_git_repo_url(here))):
+    for key, value in zip(
+        GIT_TAGS,
+        (
+            git_utils.get_git_commit(here),
+            git_utils.get_git_branch(here),
+            git_utils.get_git_repo_url(here),
+        ),
+    ):
         if value:
             tags[key] = value
     return tags
@@ -205,7 +220,10 @@ class RunLogger:
         """A new RUNNING run. `context_tags`: the source/git/user tags (default: this process's,
         see `run_context_tags`)."""
         client = _client(uri)
-        all_tags = {**(run_context_tags() if context_tags is None else context_tags), **(tags or {})}
+        all_tags = {
+            **(run_context_tags() if context_tags is None else context_tags),
+            **(tags or {}),
+        }
         if parent_run_id:
             all_tags[PARENT_RUN_TAG] = parent_run_id
         run = client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=all_tags)
@@ -266,20 +284,28 @@ class RunLogger:
             source=json.dumps({"uri": dataset.uri}),
             profile=json.dumps(dict(dataset.profile)),
         )
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=[InputTag(DATASET_CONTEXT_TAG, context)])])
+        self.client.log_inputs(
+            self.run_id,
+            datasets=[DatasetInput(entity, tags=[InputTag(DATASET_CONTEXT_TAG, context)])],
+        )
 
     def log_error(self, error: BaseException | str) -> None:
         """An exception (or an error report's text) as the tag `error` (its last line) and the
         artifact error.txt (the whole traceback)."""
         if isinstance(error, BaseException):
-            line, details = error_text(error), "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            line, details = (
+                error_text(error),
+                "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+            )
         else:
             details = str(error).strip()
             line = (details.splitlines() or ["unknown error"])[-1][:_TAG_VALUE_MAX]
         self.set_tags({"error": line})
         self.log_text(details, "error.txt")
 
-    def log_model(self, checkpoint: str | Path, *, step: int, tags: Mapping[str, Any] | None = None) -> str:
+    def log_model(
+        self, checkpoint: str | Path, *, step: int, tags: Mapping[str, Any] | None = None
+    ) -> str:
         """Logs a checkpoint folder (weights + config, see `train.checkpoint.export_for_inference`)
         as this run's MLflow model; returns the model id (`models:/<id>`). `step`: the training
         iteration of the checkpoint (the run's metrics at that step are linked to the model)."""
@@ -318,13 +344,17 @@ class RunLogger:
         self.client.update_run(self.run_id, status="RUNNING")
 
 
-def find_runs(uri: str, experiment: str, filter_string: str = "", order_by: list[str] | None = None):
+def find_runs(
+    uri: str, experiment: str, filter_string: str = "", order_by: list[str] | None = None
+):
     """Runs of an experiment as mlflow Run objects (empty if the experiment does not exist)."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    return client.search_runs([exp.experiment_id], filter_string=filter_string, order_by=order_by or [], max_results=5000)
+    return client.search_runs(
+        [exp.experiment_id], filter_string=filter_string, order_by=order_by or [], max_results=5000
+    )
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -342,7 +372,9 @@ def get_run(uri: str, run_id: str):
     except MlflowException as e:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise UserError(f"MLflow run {run_id} not found in {uri}: {e.message}") from e
-        raise UserError(f"could not read MLflow run {run_id} from {uri} ({e.error_code}): {e.message}") from e
+        raise UserError(
+            f"could not read MLflow run {run_id} from {uri} ({e.error_code}): {e.message}"
+        ) from e
 
 
 # ----------------------------------------------------------------------------- models
@@ -351,7 +383,15 @@ def _pip_requirements() -> list[str]:
     from importlib import metadata
 
     out = []
-    for name in ("tensormask-ray", "torch", "torchvision", "numpy", "pycocotools", "pillow", "pyyaml"):
+    for name in (
+        "tensormask-ray",
+        "torch",
+        "torchvision",
+        "numpy",
+        "pycocotools",
+        "pillow",
+        "pyyaml",
+    ):
         try:
             out.append(f"{name}=={metadata.version(name).split('+')[0]}")
         except metadata.PackageNotFoundError:
@@ -377,7 +417,9 @@ def model_ref(uri: str, model_uri: str) -> ModelRef:
     """`models:/NAME/VERSION`, `models:/NAME/latest`, `models:/NAME@ALIAS` or `models:/<model id>`
     -> its label and source run; a UserError naming the URI if the store has no such model."""
     if not model_uri.startswith("models:/"):
-        raise UserError(f"--model {model_uri}: expected models:/NAME/VERSION (or models:/NAME@ALIAS)")
+        raise UserError(
+            f"--model {model_uri}: expected models:/NAME/VERSION (or models:/NAME@ALIAS)"
+        )
     client, rest = _client(uri), model_uri[len("models:/") :]
     try:
         if "@" in rest:
@@ -386,7 +428,9 @@ def model_ref(uri: str, model_uri: str) -> ModelRef:
         elif "/" in rest:
             name, number = rest.rsplit("/", 1)
             if number == "latest":
-                found = client.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"], max_results=1)
+                found = client.search_model_versions(
+                    f"name = '{name}'", order_by=["version_number DESC"], max_results=1
+                )
                 if not found:
                     raise UserError(f"--model {model_uri}: no registered model '{name}' in {uri}")
                 version = found[0]
@@ -410,10 +454,16 @@ def download_model(uri: str, model_uri: str, dst: str | Path) -> Path:
 
     Path(dst).mkdir(parents=True, exist_ok=True)
     with _quiet("mlflow"):
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=str(dst), tracking_uri=uri
+            )
+        )
     flavor = Model.load(str(local)).flavors.get("python_function", {})
     if flavor.get("loader_module") != __name__ or not flavor.get("data"):
-        raise UserError(f"--model {model_uri} is not a tensormask-ray model (its pyfunc loader is {flavor.get('loader_module')!r})")
+        raise UserError(
+            f"--model {model_uri} is not a tensormask-ray model (its pyfunc loader is {flavor.get('loader_module')!r})"
+        )
     return local / flavor["data"]
 
 
@@ -434,7 +484,11 @@ class TensorMaskPredictor:
 
         self.model, self.cfg, categories = load_model_for_inference(checkpoint, device=device)
         self.device = device
-        self.category_ids = list(CategoryMap.of_model(categories, self.cfg.model.num_classes, f"checkpoint {checkpoint}").ids)
+        self.category_ids = list(
+            CategoryMap.of_model(
+                categories, self.cfg.model.num_classes, f"checkpoint {checkpoint}"
+            ).ids
+        )
 
     def predict(self, model_input: Any, params: dict | None = None) -> list[list[dict]]:
         import numpy as np
@@ -445,10 +499,16 @@ class TensorMaskPredictor:
 
         if hasattr(model_input, "iloc"):  # a DataFrame: the first column
             model_input = list(model_input.iloc[:, 0])
-        single = isinstance(model_input, (str, Path)) or (isinstance(model_input, np.ndarray) and model_input.ndim == 3)
+        single = isinstance(model_input, (str, Path)) or (
+            isinstance(model_input, np.ndarray) and model_input.ndim == 3
+        )
         out = []
         for item in [model_input] if single else model_input:
-            image = decode_image(Path(item).read_bytes()) if isinstance(item, (str, Path)) else np.asarray(item, dtype=np.uint8)
+            image = (
+                decode_image(Path(item).read_bytes())
+                if isinstance(item, (str, Path))
+                else np.asarray(item, dtype=np.uint8)
+            )
             prediction = predict_image(self.model, image, self.cfg)  # on the model's device
             out.append(predictions_to_coco(prediction, 0, self.category_ids))
         return out
@@ -465,12 +525,17 @@ def start_system_metrics(uri: str, run_id: str, interval: float, node_id: str | 
     try:
         import psutil  # noqa: F401 - MLflow's CPU monitor needs it
     except ImportError:
-        print("warning: no system metrics in MLflow: `pip install psutil` (and nvidia-ml-py for GPUs)", file=sys.stderr)
+        print(
+            "warning: no system metrics in MLflow: `pip install psutil` (and nvidia-ml-py for GPUs)",
+            file=sys.stderr,
+        )
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True, node_id=node_id, tracking_uri=uri)
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval, resume_logging=True, node_id=node_id, tracking_uri=uri
+    )
     monitor.start()
     return monitor
 
@@ -500,4 +565,3 @@ class _quiet:
 
     def __exit__(self, *exc):
         self.logger.setLevel(self.level)
-

@@ -19,7 +19,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Commands run by the tests keep their log files out of the checkout (console.py; default ./logs).
-os.environ.setdefault("TENSORMASK_LOG_DIR", os.path.join(tempfile.gettempdir(), f"tensormask-ray-test-logs-{os.getpid()}"))
+os.environ.setdefault(
+    "TENSORMASK_LOG_DIR",
+    os.path.join(tempfile.gettempdir(), f"tensormask-ray-test-logs-{os.getpid()}"),
+)
 
 # Ray workers import this project: make the checkout importable in every process the tests
 # start (harmless when the package is pip-installed in editable mode).

@@ -40,13 +40,20 @@ def random_detectron2_tensormask(calibration: torch.Tensor, seed: int = 0) -> Te
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-            gain = 1.0 if name.startswith("backbone.fpn") or ".top_block" in name else math.sqrt(2.0)
+            gain = (
+                1.0 if name.startswith("backbone.fpn") or ".top_block" in name else math.sqrt(2.0)
+            )
             m.weight.copy_(torch.randn(m.weight.shape, generator=g) * gain / math.sqrt(fan_in))
             if m.bias is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
         elif isinstance(m, FrozenBatchNorm2d):
-            last = name.endswith("conv3.norm")  # the residual branch's last norm: small, keeps the sum O(1)
-            m.weight.copy_(torch.rand(m.num_features, generator=g) * (0.3 if last else 1.0) + (0.1 if last else 0.5))
+            last = name.endswith(
+                "conv3.norm"
+            )  # the residual branch's last norm: small, keeps the sum O(1)
+            m.weight.copy_(
+                torch.rand(m.num_features, generator=g) * (0.3 if last else 1.0)
+                + (0.1 if last else 0.5)
+            )
             m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
     def set_statistics(bn, inputs):  # each norm normalises what actually reaches it
@@ -54,7 +61,11 @@ def random_detectron2_tensormask(calibration: torch.Tensor, seed: int = 0) -> Te
         bn.running_mean.copy_(x.mean(dim=(0, 2, 3)))
         bn.running_var.copy_(x.var(dim=(0, 2, 3)) + 1e-3)
 
-    hooks = [m.register_forward_pre_hook(set_statistics) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    hooks = [
+        m.register_forward_pre_hook(set_statistics)
+        for m in model.modules()
+        if isinstance(m, FrozenBatchNorm2d)
+    ]
     features = model.features(calibration)
     for h in hooks:
         h.remove()

@@ -50,7 +50,15 @@ class FrozenBatchNorm2d(nn.Module):
 
     def forward(self, x):
         assert not x.requires_grad  # the reference runs inference only
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps)
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=False,
+            eps=self.eps,
+        )
 
 
 class Conv2d(nn.Conv2d):
@@ -59,7 +67,9 @@ class Conv2d(nn.Conv2d):
         self.norm = norm
 
     def forward(self, x):
-        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        x = F.conv2d(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
         if self.norm is not None:
             x = self.norm(x)
         return x
@@ -79,7 +89,9 @@ class BasicStem(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, *, bottleneck_channels, stride=1, stride_in_1x1=True):
+    def __init__(
+        self, in_channels, out_channels, *, bottleneck_channels, stride=1, stride_in_1x1=True
+    ):
         super().__init__()
         if in_channels != out_channels:
             self.shortcut = Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False,
@@ -117,8 +129,12 @@ class ResNet(nn.Module):
         for idx, n in enumerate(blocks):
             first_stride = 1 if idx == 0 else 2
             stage = [
-                BottleneckBlock(in_channels if i == 0 else out_channels, out_channels, bottleneck_channels=bottleneck,
-                                stride=first_stride if i == 0 else 1)  # fmt: skip
+                BottleneckBlock(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    bottleneck_channels=bottleneck,
+                    stride=first_stride if i == 0 else 1,
+                )  # fmt: skip
                 for i in range(n)
             ]
             name = f"res{idx + 2}"
@@ -158,12 +174,17 @@ class FPN(nn.Module):
         lateral, output = [], []
         for stage, c in zip(range(2, 6), in_channels):
             lateral_conv = Conv2d(c, out_channels, kernel_size=1, bias=True)
-            output_conv = Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=True)
+            output_conv = Conv2d(
+                out_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=True
+            )
             self.add_module(f"fpn_lateral{stage}", lateral_conv)
             self.add_module(f"fpn_output{stage}", output_conv)
             lateral.append(lateral_conv)
             output.append(output_conv)
-        self.lateral_convs, self.output_convs = lateral[::-1], output[::-1]  # plain lists: not registered
+        self.lateral_convs, self.output_convs = (
+            lateral[::-1],
+            output[::-1],
+        )  # plain lists: not registered
         self.top_block = LastLevelP6P7(in_channels[-1], out_channels)
         self.size_divisibility = 32
 
@@ -172,7 +193,9 @@ class FPN(nn.Module):
         results = []
         prev_features = self.lateral_convs[0](bottom_up_features[self.in_features[-1]])
         results.append(self.output_convs[0](prev_features))
-        for idx, (lateral_conv, output_conv) in enumerate(zip(self.lateral_convs, self.output_convs)):
+        for idx, (lateral_conv, output_conv) in enumerate(
+            zip(self.lateral_convs, self.output_convs)
+        ):
             if idx > 0:
                 features = bottom_up_features[self.in_features[-idx - 1]]
                 top_down_features = F.interpolate(prev_features, scale_factor=2.0, mode="nearest")
@@ -185,7 +208,9 @@ class FPN(nn.Module):
 
 
 # ----------------------------------------------------------------------------- SwapAlign2Nat
-def swap_align2nat(X: torch.Tensor, lambda_val: int, pad_val: float = -6.0, positions=None) -> torch.Tensor:
+def swap_align2nat(
+    X: torch.Tensor, lambda_val: int, pad_val: float = -6.0, positions=None
+) -> torch.Tensor:
     """SwapAlign2NatForwardFeat on (N, Vin*Uin, Hin, Win) -> (N, Vout*Uout, Hout, Wout), literally:
     per output element the 16 terms in the kernel's order, weights in float32 as it computes them.
     positions = (ys, xs), (K,) each: only the outputs at those (y, x) (every v, u), (N, Vout*Uout, K):
@@ -259,12 +284,19 @@ class TensorMaskHead(nn.Module):
             return nn.Sequential(*layers)
 
         self.cls_subnet = subnet(cls_channels)
-        self.cls_score = nn.Conv2d(cls_channels, num_anchors * num_classes, kernel_size=3, stride=1, padding=1)
+        self.cls_score = nn.Conv2d(
+            cls_channels, num_anchors * num_classes, kernel_size=3, stride=1, padding=1
+        )
         self.bbox_subnet = subnet(bbox_channels)
-        self.bbox_pred = nn.Conv2d(bbox_channels, num_anchors * 4, kernel_size=3, stride=1, padding=1)
+        self.bbox_pred = nn.Conv2d(
+            bbox_channels, num_anchors * 4, kernel_size=3, stride=1, padding=1
+        )
         self.mask_subnet = subnet(mask_channels)
         for mask_size in self.mask_sizes:
-            self.add_module(f"mask_pred_{mask_size:02d}", nn.Conv2d(mask_channels, mask_size * mask_size, 1, 1, 0))
+            self.add_module(
+                f"mask_pred_{mask_size:02d}",
+                nn.Conv2d(mask_channels, mask_size * mask_size, 1, 1, 0),
+            )
         self.lambdas = [2**lvl for lvl in range(num_levels)]  # SwapAlign2Nat(2**lvl) per level
         self.mask_fuse = nn.Sequential(nn.Conv2d(mask_channels, mask_channels, 3, 1, 1), nn.ReLU())
 
@@ -278,7 +310,9 @@ class TensorMaskHead(nn.Module):
             lambda_val = 2.0**lvl
             mask_feat_up = mask_feat
             if lvl > 0:
-                mask_feat_up = F.interpolate(mask_feat, scale_factor=lambda_val, mode="bilinear", align_corners=False)
+                mask_feat_up = F.interpolate(
+                    mask_feat, scale_factor=lambda_val, mode="bilinear", align_corners=False
+                )
             mask_feats_up.append(self.mask_fuse(mask_feat_up[:, :, :H, :W] + mask_feat_high_res))
         return mask_feats_up
 
@@ -290,7 +324,10 @@ class TensorMaskHead(nn.Module):
         pred_logits = [self.cls_score(self.cls_subnet(x)) for x in features]
         pred_deltas = [self.bbox_pred(self.bbox_subnet(x)) for x in features]
         pred_masks = [
-            [getattr(self, f"mask_pred_{mask_size:02d}")(mask_feat) for mask_size in self.mask_sizes]
+            [
+                getattr(self, f"mask_pred_{mask_size:02d}")(mask_feat)
+                for mask_size in self.mask_sizes
+            ]
             for mask_feat in self.mask_features(features)
         ]
         return pred_logits, pred_deltas, pred_masks
@@ -309,8 +346,12 @@ def permute_to_N_HWA_K(tensor, K):
 def grid_anchors_with_indexes(grid_sizes, strides, sizes):
     """TensorMaskAnchorGenerator: anchors (shift 0, not stride/2) and (L, I, H, W, A) indexes."""
     anchors, indexes = [], []
-    for lvl, ((grid_height, grid_width), stride, level_sizes) in enumerate(zip(grid_sizes, strides, sizes)):
-        base = torch.tensor([[-s / 2, -s / 2, s / 2, s / 2] for s in level_sizes], dtype=torch.float32)
+    for lvl, ((grid_height, grid_width), stride, level_sizes) in enumerate(
+        zip(grid_sizes, strides, sizes)
+    ):
+        base = torch.tensor(
+            [[-s / 2, -s / 2, s / 2, s / 2] for s in level_sizes], dtype=torch.float32
+        )
         shifts_x = torch.arange(0, grid_width * stride, step=stride, dtype=torch.float32)
         shifts_y = torch.arange(0, grid_height * stride, step=stride, dtype=torch.float32)
         shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
@@ -352,7 +393,9 @@ def apply_deltas(deltas, boxes, weights=BBOX_REG_WEIGHTS, scale_clamp=SCALE_CLAM
 
 def _do_paste_mask(masks, boxes, img_h: int, img_w: int):
     """mask_ops._do_paste_mask with skip_empty=True (the CPU path)."""
-    x0_int, y0_int = torch.clamp(boxes.min(dim=0).values.floor()[:2] - 1, min=0).to(dtype=torch.int32)
+    x0_int, y0_int = torch.clamp(boxes.min(dim=0).values.floor()[:2] - 1, min=0).to(
+        dtype=torch.int32
+    )
     x1_int = torch.clamp(boxes[:, 2].max().ceil() + 1, max=img_w).to(dtype=torch.int32)
     y1_int = torch.clamp(boxes[:, 3].max().ceil() + 1, max=img_h).to(dtype=torch.int32)
     x0, y0, x1, y1 = torch.split(boxes, 1, dim=1)
@@ -373,7 +416,9 @@ def paste_masks_in_image(masks, boxes, image_shape, threshold=0.5):
     img_h, img_w = image_shape
     img_masks = torch.zeros(N, img_h, img_w, dtype=torch.bool)
     for inds in torch.chunk(torch.arange(N), N):  # CPU: one by one
-        masks_chunk, spatial_inds = _do_paste_mask(masks[inds, None, :, :], boxes[inds], img_h, img_w)
+        masks_chunk, spatial_inds = _do_paste_mask(
+            masks[inds, None, :, :], boxes[inds], img_h, img_w
+        )
         img_masks[(inds,) + spatial_inds] = masks_chunk >= threshold
     return img_masks
 
@@ -387,7 +432,11 @@ def paste_mask_lists_in_image(masks, boxes, image_shape, threshold=0.5):
     for msize in torch.unique(mask_sizes).tolist():
         cur_ind = torch.where(mask_sizes == msize)[0]
         ind_masks.append(cur_ind)
-        img_masks.append(paste_masks_in_image(torch.cat([masks[i] for i in cur_ind]), boxes[cur_ind], image_shape, threshold))
+        img_masks.append(
+            paste_masks_in_image(
+                torch.cat([masks[i] for i in cur_ind]), boxes[cur_ind], image_shape, threshold
+            )
+        )
     img_masks, ind_masks = torch.cat(img_masks), torch.cat(ind_masks)
     out = torch.empty_like(img_masks)
     out[ind_masks, :, :] = img_masks
@@ -401,12 +450,18 @@ class TensorMask(nn.Module):
                  detections_im=100):  # fmt: skip
         super().__init__()
         self.num_classes, self.score_threshold = num_classes, score_threshold
-        self.topk_candidates, self.nms_threshold, self.detections_im = topk_candidates, nms_threshold, detections_im
+        self.topk_candidates, self.nms_threshold, self.detections_im = (
+            topk_candidates,
+            nms_threshold,
+            detections_im,
+        )
         self.backbone = FPN(ResNet(50))
         self.strides = [4, 8, 16, 32, 64, 128]
         self.anchor_sizes = ANCHOR_SIZES
         self.mask_sizes = [size // self.strides[0] for size in ANCHOR_SIZES[0]]  # [11, 15]
-        self.head = TensorMaskHead(len(ANCHOR_SIZES), len(ANCHOR_SIZES[0]), self.mask_sizes, num_classes=num_classes)
+        self.head = TensorMaskHead(
+            len(ANCHOR_SIZES), len(ANCHOR_SIZES[0]), self.mask_sizes, num_classes=num_classes
+        )
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
 
@@ -451,15 +506,21 @@ class TensorMask(nn.Module):
         return self.inference(pred_logits, pred_deltas, pred_masks, [f.shape[-2:] for f in features], image_size,
                               image_rgb.shape[:2])  # fmt: skip
 
-    def inference(self, pred_logits, pred_deltas, pred_masks, grid_sizes, image_size, output_size, img_idx=0):
+    def inference(
+        self, pred_logits, pred_deltas, pred_masks, grid_sizes, image_size, output_size, img_idx=0
+    ):
         anchors, indexes = grid_anchors_with_indexes(grid_sizes, self.strides, self.anchor_sizes)
-        logits = torch.cat([permute_to_N_HWA_K(x, self.num_classes) for x in pred_logits], dim=1)[img_idx]
+        logits = torch.cat([permute_to_N_HWA_K(x, self.num_classes) for x in pred_logits], dim=1)[
+            img_idx
+        ]
         deltas = torch.cat([permute_to_N_HWA_K(x, 4) for x in pred_deltas], dim=1)[img_idx]
         masks = [[mla[img_idx] for mla in ml] for ml in pred_masks]
         boxes, scores, classes, result_masks, result_anchors = self.inference_single_image(
             logits, deltas, masks, anchors, indexes
         )
-        return self.postprocess(boxes, scores, classes, result_masks, result_anchors, image_size, *output_size)
+        return self.postprocess(
+            boxes, scores, classes, result_masks, result_anchors, image_size, *output_size
+        )
 
     def inference_single_image(self, pred_logits, pred_deltas, pred_masks, anchors, indexes):
         pred_logits = pred_logits.flatten().sigmoid_()
@@ -478,7 +539,9 @@ class TensorMask(nn.Module):
         result_masks = []
         for lvl, _, h, w, anc in result_indexes.tolist():
             cur_size = self.mask_sizes[anc] * (2**lvl)
-            natural = self.head.natural_masks(pred_masks[lvl][anc][None], lvl, [h], [w])[0]  # pred_masks[lvl][anc][:, h, w]
+            natural = self.head.natural_masks(pred_masks[lvl][anc][None], lvl, [h], [w])[
+                0
+            ]  # pred_masks[lvl][anc][:, h, w]
             result_masks.append(torch.sigmoid(natural.view(1, cur_size, cur_size)))
         return pred_boxes[keep], pred_prob[keep], cls_idxs[keep], result_masks, result_anchors
 
@@ -530,7 +593,9 @@ def assignment_rule(gt_boxes, anchor_boxes, unit_lengths, min_anchor_size, scale
     """arch._assignment_rule: (matches (M,), match_labels (M,) int8: 1 fg, 0 bg, -1 ignored)."""
     N, M = gt_boxes.shape[0], anchor_boxes.shape[0]
     if N == 0 or M == 0:
-        return gt_boxes.new_full((N,), 0, dtype=torch.int64), gt_boxes.new_full((N,), -1, dtype=torch.int8)
+        return gt_boxes.new_full((N,), 0, dtype=torch.int64), gt_boxes.new_full(
+            (N,), -1, dtype=torch.int8
+        )
     lt = torch.min(gt_boxes[:, None, :2], anchor_boxes[:, :2])
     rb = torch.max(gt_boxes[:, None, 2:], anchor_boxes[:, 2:])
     union = torch.cat([lt, rb], dim=2)
@@ -564,7 +629,9 @@ def crop_and_resize(bitmasks: torch.Tensor, boxes: torch.Tensor, mask_size: int)
 
     batch_inds = torch.arange(len(boxes)).to(dtype=boxes.dtype)[:, None]
     rois = torch.cat([batch_inds, boxes], dim=1)
-    output = roi_align(bitmasks.to(torch.float32)[:, None], rois, (mask_size, mask_size), 1.0, 0, aligned=True)
+    output = roi_align(
+        bitmasks.to(torch.float32)[:, None], rois, (mask_size, mask_size), 1.0, 0, aligned=True
+    )
     return output.squeeze(1) >= 0.5
 
 
@@ -582,7 +649,9 @@ def ground_truth(model: TensorMask, grid_sizes, gt_boxes, gt_classes, gt_bitmask
     masks = {}
     if len(gt_boxes) == 0:
         return gt_classes_i, indexes[:0], torch.zeros((0, 4)), masks
-    gt_matched_inds, anchor_labels = assignment_rule(gt_boxes, anchors, unit_lengths, min_anchor_size)
+    gt_matched_inds, anchor_labels = assignment_rule(
+        gt_boxes, anchors, unit_lengths, min_anchor_size
+    )
     fg_inds = anchor_labels == 1
     fg_anchors = anchors[fg_inds]
     gt_fg_matched_inds = gt_matched_inds[fg_inds]

@@ -40,7 +40,11 @@ class MlflowServer:
 
     def start(self, timeout: float = 240.0) -> MlflowServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        env = {
+            **os.environ,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
         env.pop("MLFLOW_TRACKING_URI", None)
         self.log = open(self.workdir / "server.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -51,7 +55,9 @@ class MlflowServer:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {self.log_text()[-3000:]}")
+                raise RuntimeError(
+                    f"mlflow server exited with {self.proc.returncode}: {self.log_text()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
                     if r.status == 200:
@@ -59,7 +65,9 @@ class MlflowServer:
             except (urllib.error.URLError, OSError):
                 time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"mlflow server did not answer on {self.url} within {timeout:.0f} s: {self.log_text()[-3000:]}")
+        raise RuntimeError(
+            f"mlflow server did not answer on {self.url} within {timeout:.0f} s: {self.log_text()[-3000:]}"
+        )
 
     def log_text(self) -> str:
         return (self.workdir / "server.log").read_text(errors="replace")
@@ -82,7 +90,9 @@ class MlflowServer:
 
     def post(self, endpoint: str, body: dict) -> dict:
         request = urllib.request.Request(
-            f"{self.url}{API}/{endpoint}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            f"{self.url}{API}/{endpoint}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=60) as r:
             return json.loads(r.read())
@@ -90,8 +100,15 @@ class MlflowServer:
     def experiment(self, name: str) -> dict:
         return self.get("experiments/get-by-name", experiment_name=name)["experiment"]
 
-    def search_runs(self, experiment_id: str, filter: str = "", order_by: list[str] | None = None) -> list[dict]:
-        body = {"experiment_ids": [experiment_id], "filter": filter, "max_results": 1000, "order_by": order_by or []}
+    def search_runs(
+        self, experiment_id: str, filter: str = "", order_by: list[str] | None = None
+    ) -> list[dict]:
+        body = {
+            "experiment_ids": [experiment_id],
+            "filter": filter,
+            "max_results": 1000,
+            "order_by": order_by or [],
+        }
         return self.post("runs/search", body).get("runs", [])
 
     def run(self, run_id: str) -> dict:

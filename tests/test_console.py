@@ -40,11 +40,17 @@ def test_ray_lines_go_to_the_log_and_ours_to_the_terminal(router):
     r, terminal, log = router
     for chunk in RAY_LINES:
         r.write(chunk)
-    r.write("\x1b[36m(RayTrainWorker pid=6470)\x1b[0m [train] iter 10/220  eta 2m10s  loss 3.834 [repeated 2x across cluster]\n")
+    r.write(
+        "\x1b[36m(RayTrainWorker pid=6470)\x1b[0m [train] iter 10/220  eta 2m10s  loss 3.834 [repeated 2x across cluster]\n"
+    )
     print("==> [ 13 s] 2/6 train", file=r)
     print("segm    15.1   28.9", file=r)
     r.flush()
-    assert terminal.getvalue().splitlines() == ["[train] iter 10/220  eta 2m10s  loss 3.834", "==> [ 13 s] 2/6 train", "segm    15.1   28.9"]
+    assert terminal.getvalue().splitlines() == [
+        "[train] iter 10/220  eta 2m10s  loss 3.834",
+        "==> [ 13 s] 2/6 train",
+        "segm    15.1   28.9",
+    ]
     logged = log.path.read_text()
     for chunk in RAY_LINES:
         assert chunk.splitlines()[-1] in logged
@@ -72,9 +78,14 @@ def test_messages_that_matter_are_said_in_our_words_once(router):
 def test_hidden_worker_tags_go_to_the_log_only(router):
     r, terminal, _ = router
     r.hidden.add("[train]")
-    r.write("(RayTrainWorker pid=1) [train] iter 6/12\n(TrainController pid=2) [warning] training worker rank 0 failed\n")
+    r.write(
+        "(RayTrainWorker pid=1) [train] iter 6/12\n(TrainController pid=2) [warning] training worker rank 0 failed\n"
+    )
     print("[train] printed by the driver itself", file=r)
-    assert terminal.getvalue().splitlines() == ["[warning] training worker rank 0 failed", "[train] printed by the driver itself"]
+    assert terminal.getvalue().splitlines() == [
+        "[warning] training worker rank 0 failed",
+        "[train] printed by the driver itself",
+    ]
 
 
 def test_routed_redirects_streams_and_logging_handlers_and_restores_them(tmp_path, monkeypatch):
@@ -83,7 +94,9 @@ def test_routed_redirects_streams_and_logging_handlers_and_restores_them(tmp_pat
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setattr(sys, "stderr", err)
     handler = logging.StreamHandler(err)  # made before, as Ray's are at import
-    handler.setFormatter(logging.Formatter("%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s")
+    )
     logger = logging.getLogger("ray.test_console")
     logger.addHandler(handler)
     logger.propagate = False
@@ -91,7 +104,9 @@ def test_routed_redirects_streams_and_logging_handlers_and_restores_them(tmp_pat
         with console.routed("train", log_dir=tmp_path) as c:
             print("[train] ours")
             logger.warning("Ray's own")
-            sys.stderr.write(warnings.formatwarning("a library's", DeprecationWarning, "/x/lib.py", 3))
+            sys.stderr.write(
+                warnings.formatwarning("a library's", DeprecationWarning, "/x/lib.py", 3)
+            )
         assert sys.stdout is out and sys.stderr is err and handler.stream is err
     finally:
         logger.removeHandler(handler)

@@ -17,7 +17,20 @@ def test_finite_numbers_are_numbers(x):
 
 
 @pytest.mark.parametrize(
-    "x", [True, False, np.bool_(True), math.nan, math.inf, -math.inf, np.float32("nan"), "1", None, [1], 1j]
+    "x",
+    [
+        True,
+        False,
+        np.bool_(True),
+        math.nan,
+        math.inf,
+        -math.inf,
+        np.float32("nan"),
+        "1",
+        None,
+        [1],
+        1j,
+    ],
 )
 def test_bools_non_finite_and_non_numbers_are_not(x):
     assert not is_finite_number(x)

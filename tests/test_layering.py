@@ -12,7 +12,11 @@ PACKAGE = REPO / "tensormask_ray"
 
 def _rules() -> tuple[dict[str, int], set[tuple[str, str]]]:
     text = (REPO / "README.md").read_text()
-    layers = {name: int(n) for n, names in re.findall(r"^layer (\d+)\s+(.+)$", text, re.M) for name in names.split()}
+    layers = {
+        name: int(n)
+        for n, names in re.findall(r"^layer (\d+)\s+(.+)$", text, re.M)
+        for name in names.split()
+    }
     exceptions = set(re.findall(r"^exception\s+(\w+) -> (\w+)\s", text, re.M))
     return layers, exceptions
 
@@ -46,7 +50,11 @@ def _imports(path: Path) -> list[tuple[str, int]]:
             names = [a.name for a in node.names]
         else:
             continue
-        found += [(n, node.lineno) for n in names if n == "tensormask_ray" or n.startswith("tensormask_ray.")]
+        found += [
+            (n, node.lineno)
+            for n in names
+            if n == "tensormask_ray" or n.startswith("tensormask_ray.")
+        ]
     return found
 
 
@@ -54,9 +62,15 @@ def test_every_import_goes_up_the_layers_readme_lists():
     layers, exceptions = _rules()
     layers.update(root=0)
     assert layers["commands"] == max(layers.values())
-    units = {p.name.removesuffix(".py") for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    units = {
+        p.name.removesuffix(".py")
+        for p in PACKAGE.iterdir()
+        if p.suffix == ".py" or (p / "__init__.py").is_file()
+    }
     units -= {"__init__"}
-    assert units - set(layers) == set(), "README's layers must name every package and top-level module"
+    assert units - set(layers) == set(), (
+        "README's layers must name every package and top-level module"
+    )
     wrong, used = [], set()
     for path in sorted(PACKAGE.rglob("*.py")):
         source = _unit(".".join(path.relative_to(REPO).with_suffix("").parts))
@@ -67,6 +81,10 @@ def test_every_import_goes_up_the_layers_readme_lists():
             if (source, to) in exceptions:
                 used.add((source, to))
                 continue
-            wrong.append(f"{path.relative_to(REPO)}:{line} ({source}, layer {layers[source]}) imports {target} (layer {layers[to]})")
+            wrong.append(
+                f"{path.relative_to(REPO)}:{line} ({source}, layer {layers[source]}) imports {target} (layer {layers[to]})"
+            )
     assert not wrong, "imports against the layers in README.md:\n" + "\n".join(wrong)
-    assert exceptions <= used, f"exceptions README lists that no import needs any more: {exceptions - used}"
+    assert exceptions <= used, (
+        f"exceptions README lists that no import needs any more: {exceptions - used}"
+    )

@@ -11,7 +11,9 @@ from tensormask_ray.tracking import _folder_name, artifact_root
 def test_artifacts_go_next_to_their_store_and_two_stores_never_share_a_folder():
     assert artifact_root("sqlite:////data/demo/mlflow.db") == Path("/data/demo/mlartifacts")
     assert artifact_root("sqlite:////data/demo/other.db") == Path("/data/demo/other.db-mlartifacts")
-    assert artifact_root("sqlite:////data/demo/mlflow.sqlite") == Path("/data/demo/mlflow.sqlite-mlartifacts")
+    assert artifact_root("sqlite:////data/demo/mlflow.sqlite") == Path(
+        "/data/demo/mlflow.sqlite-mlartifacts"
+    )
     assert artifact_root("http://mlflow:5000") is None  # a server keeps its own
 
 
@@ -74,7 +76,14 @@ def test_log_metrics_logs_finite_numbers_only_in_batches(monkeypatch):
     monkeypatch.setattr(tracking, "_client", lambda uri: recorder)
     logger = tracking.RunLogger("sqlite:///m.db", "run1")
     logger.log_metrics(
-        {"loss": 0.5, "ap@0.5": np.float32(0.25), "nan": math.nan, "inf": math.inf, "flag": True, "name": "x"},
+        {
+            "loss": 0.5,
+            "ap@0.5": np.float32(0.25),
+            "nan": math.nan,
+            "inf": math.inf,
+            "flag": True,
+            "name": "x",
+        },
         step=7,
     )
     ((run_id, metrics, _),) = recorder.batches

@@ -107,7 +107,8 @@ _PATH_OPTIONS = (
 # Keys of config and sweep-spec files, by their last name, that hold paths: the config's
 # PATH_KEYS, and the spec's and tracking's own.
 _PATH_KEYS = frozenset(
-    [key.rsplit(".", 1)[-1] for key in PATH_KEYS] + ["storage_path", "mlflow_uri", "checkpoint", "out_dir"]
+    [key.rsplit(".", 1)[-1] for key in PATH_KEYS]
+    + ["storage_path", "mlflow_uri", "checkpoint", "out_dir"]
 )
 # Environment variable names that look like credentials: never put in a job's runtime env,
 # whose env_vars anyone who can read the dashboard can see.

@@ -22,7 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "unpickler that admits numpy arrays and plain containers only. Every key must map: a missing, "
         "extra or mis-shaped one is an error that lists them all. See docs/detectron2.md.",
     )
-    p.add_argument("checkpoint", metavar="MODEL", help="model_final_*.pkl from Detectron2's model zoo, or a .pth")
+    p.add_argument(
+        "checkpoint",
+        metavar="MODEL",
+        help="model_final_*.pkl from Detectron2's model zoo, or a .pth",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint folder")
     p.add_argument(
         "--preset",
@@ -30,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"config of the model ({', '.join(D2_PRESETS)}; default {DEFAULT_PRESET}); the schedule "
         "part only matters for fine-tuning",
     )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides on the preset")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides on the preset"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in DIR")
 
 
@@ -38,7 +44,11 @@ def run(args: argparse.Namespace) -> int:
     from ..train.checkpoint import STATE_FILE
     from .detectron2 import convert_detectron2
 
-    out = convert_detectron2(args.checkpoint, args.out, args.preset, list(args.overrides), args.overwrite)
+    out = convert_detectron2(
+        args.checkpoint, args.out, args.preset, list(args.overrides), args.overwrite
+    )
     print(f"[convert] wrote {out / STATE_FILE} (preset {args.preset}, 80 COCO categories)")
-    print(f"[convert] evaluate it: tensormask-ray evaluate --checkpoint {out} --shards SHARDS --out EVAL_DIR")
+    print(
+        f"[convert] evaluate it: tensormask-ray evaluate --checkpoint {out} --shards SHARDS --out EVAL_DIR"
+    )
     return 0

@@ -71,9 +71,13 @@ def detectron2_name(key: str, cfg: Config) -> str:
             continue
         index = int(match.group(1)) if "{" in replacement else 0
         replacement = replacement.replace("{level}", str(m.min_level + index))
-        replacement = replacement.replace("{size}", f"{m.window_sizes[index]:02d}" if "{size}" in replacement else "")
+        replacement = replacement.replace(
+            "{size}", f"{m.window_sizes[index]:02d}" if "{size}" in replacement else ""
+        )
         return match.expand(replacement)
-    raise UserError(f"no Detectron2 name for this model's key '{key}' (model.mask_head={m.mask_head}?)")
+    raise UserError(
+        f"no Detectron2 name for this model's key '{key}' (model.mask_head={m.mask_head}?)"
+    )
 
 
 def read_detectron2_checkpoint(path: str | Path) -> dict[str, np.ndarray | torch.Tensor]:
@@ -110,7 +114,9 @@ def _tensor(value: Any, key: str) -> torch.Tensor:
     elif isinstance(value, np.ndarray) and value.dtype.kind in "fiu":
         t = torch.from_numpy(np.ascontiguousarray(value))
     else:
-        raise UserError(f"Detectron2 key '{key}' holds a {type(value).__name__}, not a numeric array")
+        raise UserError(
+            f"Detectron2 key '{key}' holds a {type(value).__name__}, not a numeric array"
+        )
     return t.detach().to(torch.float32).clone()
 
 
@@ -119,7 +125,9 @@ def _listed(kind: str, items: list[str]) -> str:
     return f"{kind} ({len(items)}): {items[:SHOWN]}{more}"
 
 
-def convert_state_dict(d2_state: dict[str, Any], cfg: Config, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_state_dict(
+    d2_state: dict[str, Any], cfg: Config, own: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Detectron2 tensors -> our state dict for a model whose state_dict() is `own` (names and
     shapes). Raises UserError listing every missing, unmapped and mis-shaped key at once."""
     names = {key: detectron2_name(key, cfg) for key in own}
@@ -130,7 +138,11 @@ def convert_state_dict(d2_state: dict[str, Any], cfg: Config, own: dict[str, tor
             stat = d2_key.rsplit(".", 1)[-1]
             if stat in _BN_STATS and d2_key.rsplit(".", 1)[0] + ".weight" in d2_state:
                 # FrozenBatchNorm2d._load_from_state_dict: statistics absent -> identity
-                out[key] = torch.zeros_like(own[key]) if stat == "running_mean" else torch.ones_like(own[key])
+                out[key] = (
+                    torch.zeros_like(own[key])
+                    if stat == "running_mean"
+                    else torch.ones_like(own[key])
+                )
                 continue
             missing.append(d2_key)
             continue
@@ -169,7 +181,11 @@ def _check_window_order(d2_state: dict[str, Any], cfg: Config) -> list[str]:
         match = _MASK_PRED.match(key)
         if match and int(match.group(1)) not in order:
             order.append(int(match.group(1)))
-    if order and sorted(order) == sorted(cfg.model.window_sizes) and order != list(cfg.model.window_sizes):
+    if (
+        order
+        and sorted(order) == sorted(cfg.model.window_sizes)
+        and order != list(cfg.model.window_sizes)
+    ):
         return [
             f"the checkpoint's windows come in the order {order} (its mask_pred_* modules, i.e. "
             f"ANCHOR_GENERATOR.SIZES), not model.window_sizes {cfg.model.window_sizes}: pass "
@@ -237,7 +253,9 @@ def convert_detectron2(
         raise UserError(f"{out / STATE_FILE} exists; pass --overwrite to replace it")
     cfg = load_config(None, overrides, preset)
     if cfg.model.weights or cfg.model.backbone.weights:
-        raise UserError("model.weights / model.backbone.weights make no sense for a conversion: the file holds them")
+        raise UserError(
+            "model.weights / model.backbone.weights make no sense for a conversion: the file holds them"
+        )
     src = Path(path)
     d2_state = read_detectron2_checkpoint(src)
     model = build_model(cfg)

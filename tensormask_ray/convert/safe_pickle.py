@@ -42,7 +42,9 @@ def _numpy_attr(path: str) -> Any:
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     """`_codecs.encode`, as Python 3 pickles `bytes` at protocol 2, for its one use: latin-1."""
     if encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
-        raise UnsafePickleError(f"the pickle encodes bytes as {encoding!r}; only latin-1 is expected")
+        raise UnsafePickleError(
+            f"the pickle encodes bytes as {encoding!r}; only latin-1 is expected"
+        )
     return text.encode("latin1")
 
 
@@ -81,12 +83,16 @@ class _ArrayUnpickler(pickle.Unpickler):
         return getter()
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError(f"{self.source}: refused a persistent id {pid!r}: not a plain pickle of arrays")
+        raise UnsafePickleError(
+            f"{self.source}: refused a persistent id {pid!r}: not a plain pickle of arrays"
+        )
 
 
 def _check_no_objects(value: Any, source: str, where: str = "") -> None:
     if isinstance(value, np.ndarray) and value.dtype.hasobject:
-        raise UnsafePickleError(f"{source}: {where or 'an entry'} is an object array; only numeric arrays are allowed")
+        raise UnsafePickleError(
+            f"{source}: {where or 'an entry'} is an object array; only numeric arrays are allowed"
+        )
     if isinstance(value, dict):
         for k, v in value.items():
             _check_no_objects(v, source, f"{where}.{k}" if where else str(k))

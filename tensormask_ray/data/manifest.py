@@ -65,15 +65,22 @@ class CategoryMap:
         return [self._lookup[int(c)] for c in category_ids]
 
     @classmethod
-    def of_model(cls, categories: Sequence[dict[str, Any]], num_classes: int, where: str) -> CategoryMap:
+    def of_model(
+        cls, categories: Sequence[dict[str, Any]], num_classes: int, where: str
+    ) -> CategoryMap:
         """A trained model's map: its checkpoint's categories in the order it was trained with
         (not re-sorted); for a checkpoint without categories, ids 0 .. K-1 named "class i".
         DataError (naming `where`) when their number is not the model's class count."""
         if not categories:
             return cls(tuple(range(num_classes)), tuple(f"class {i}" for i in range(num_classes)))
         if len(categories) != num_classes:
-            raise DataError(f"{where}: {len(categories)} categories for a {num_classes}-class model")
-        return cls(tuple(int(c["id"]) for c in categories), tuple(str(c.get("name", c["id"])) for c in categories))
+            raise DataError(
+                f"{where}: {len(categories)} categories for a {num_classes}-class model"
+            )
+        return cls(
+            tuple(int(c["id"]) for c in categories),
+            tuple(str(c.get("name", c["id"])) for c in categories),
+        )
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -158,13 +165,18 @@ def dataset_summary(shards_dir: str | Path) -> dict[str, Any]:
     location: the same data prepared in two places gets the same digest, other data another."""
     manifest = read_manifest(shards_dir)
     path = Path(shards_dir).resolve()
-    content = {key: manifest.get(key) for key in ("kind", "categories", "shards", "num_images", "num_annotations")}
+    content = {
+        key: manifest.get(key)
+        for key in ("kind", "categories", "shards", "num_images", "num_annotations")
+    }
     content["source_sha256"] = (manifest.get("source") or {}).get("sha256")
     digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:10]
     num_images = manifest.get("num_images", sum(int(s["images"]) for s in manifest["shards"]))
     profile = {
         "num_images": num_images,
-        "num_annotations": manifest.get("num_annotations", sum(int(s["annotations"]) for s in manifest["shards"])),
+        "num_annotations": manifest.get(
+            "num_annotations", sum(int(s["annotations"]) for s in manifest["shards"])
+        ),
         "num_shards": len(manifest["shards"]),
         "num_categories": len(manifest["categories"]),
     }

@@ -37,7 +37,9 @@ class MergeSource:
             try:
                 repeat = int(count)
             except ValueError:
-                raise DataError(f"merge source {text!r}: repeat {count!r} is not an integer") from None
+                raise DataError(
+                    f"merge source {text!r}: repeat {count!r} is not an integer"
+                ) from None
         json_path, _, images = text.partition(":")
         path = Path(json_path)
         return cls(path, Path(images) if images else path.parent / IMAGES_DIR, repeat)
@@ -47,7 +49,9 @@ def _load(source: MergeSource) -> dict[str, Any]:
     if source.repeat < 0:
         raise DataError(f"merge source {source.json}: repeat must be >= 0, got {source.repeat}")
     if source.repeat and not source.images_dir.is_dir():
-        raise DataError(f"merge source {source.json}: images folder {source.images_dir} does not exist")
+        raise DataError(
+            f"merge source {source.json}: images folder {source.images_dir} does not exist"
+        )
     data, _ = load_coco_json(source.json)
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
@@ -97,7 +101,12 @@ def merge_coco(sources: list[MergeSource], out_dir: str | Path) -> CocoFiles:
                             f"{ann['category_id']}, which its 'categories' list lacks"
                         )
                     annotations.append(
-                        {**ann, "id": len(annotations) + 1, "image_id": new_id, "category_id": cat_map[ann["category_id"]]}
+                        {
+                            **ann,
+                            "id": len(annotations) + 1,
+                            "image_id": new_id,
+                            "category_id": cat_map[ann["category_id"]],
+                        }
                     )
     dataset = {
         "info": {"description": "merged: " + ", ".join(f"{s.json} x{s.repeat}" for s in sources)},

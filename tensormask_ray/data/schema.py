@@ -29,7 +29,9 @@ SHARD_SCHEMA = pa.schema(
         pa.field("boxes", pa.list_(pa.list_(pa.float32(), 4))),  # COCO [x, y, w, h], image pixels
         pa.field("areas", pa.list_(pa.float32())),
         pa.field("iscrowd", pa.list_(pa.bool_())),
-        pa.field("rle_counts", pa.list_(pa.string())),  # compressed RLE counts, size (height, width)
+        pa.field(
+            "rle_counts", pa.list_(pa.string())
+        ),  # compressed RLE counts, size (height, width)
     ]
 )
 

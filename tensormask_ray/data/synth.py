@@ -55,17 +55,32 @@ class SynthStyle:
     empty_images: bool = True  # every tenth image has no object
     max_object_fraction: float = 0.9  # the largest diameter / side, of the image's shorter side
     whole_shapes: bool = False  # shapes lie inside the image (else they may be cut by its edge)
-    plain_background: bool = False  # one colour with a gentle gradient (else a blotchy colour field)
+    # one colour with a gentle gradient (else a blotchy colour field)
+    plain_background: bool = False
 
 
 STYLES: dict[str, SynthStyle] = {
     "cluttered": SynthStyle(),
-    "simple": SynthStyle(stripes=False, noise_std=3.0, objects=(1, 4), min_object_size=16.0, crowds=False, empty_images=False),
+    "simple": SynthStyle(
+        stripes=False,
+        noise_std=3.0,
+        objects=(1, 4),
+        min_object_size=16.0,
+        crowds=False,
+        empty_images=False,
+    ),
     # The demo's: several whole, mid-sized shapes on a plain background, the easiest to learn from
     # random weights in a few CPU minutes and still all four classes, occlusion and every level.
     "plain": SynthStyle(
-        stripes=False, noise_std=3.0, objects=(3, 6), min_object_size=20.0, crowds=False, empty_images=False,
-        max_object_fraction=0.45, whole_shapes=True, plain_background=True,
+        stripes=False,
+        noise_std=3.0,
+        objects=(3, 6),
+        min_object_size=20.0,
+        crowds=False,
+        empty_images=False,
+        max_object_fraction=0.45,
+        whole_shapes=True,
+        plain_background=True,
     ),
 }
 
@@ -74,8 +89,14 @@ def _background(rng: np.random.Generator, h: int, w: int, style: SynthStyle) -> 
     """Smooth colour field (+ a few soft stripes) + pixel noise, float32 (H, W, 3) in [0, 255]."""
     if style.plain_background:
         yy, xx = np.mgrid[:h, :w].astype(np.float32)
-        slope = rng.uniform(-12, 12, size=(2, 3)).astype(np.float32)  # colour change across the image
-        field = rng.uniform(70, 190, size=3).astype(np.float32) + (yy / h - 0.5)[..., None] * slope[0] + (xx / w - 0.5)[..., None] * slope[1]
+        slope = rng.uniform(-12, 12, size=(2, 3)).astype(
+            np.float32
+        )  # colour change across the image
+        field = (
+            rng.uniform(70, 190, size=3).astype(np.float32)
+            + (yy / h - 0.5)[..., None] * slope[0]
+            + (xx / w - 0.5)[..., None] * slope[1]
+        )
         return field + rng.normal(0, style.noise_std, size=field.shape)
     coarse = rng.uniform(40, 215, size=(rng.integers(3, 9), rng.integers(3, 9), 3)).astype(np.uint8)
     field = np.asarray(
@@ -105,10 +126,14 @@ def _polygon_mask(poly: list[float], h: int, w: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
-def _shape(rng: np.random.Generator, h: int, w: int, min_size: float, max_size: float, whole: bool = False):
+def _shape(
+    rng: np.random.Generator, h: int, w: int, min_size: float, max_size: float, whole: bool = False
+):
     """One random shape -> (category id, full mask, polygon or None). whole: inside the image."""
     size = math.exp(rng.uniform(math.log(min_size), math.log(max_size)))
-    if whole:  # the centre at least the circumscribed radius (a square's half-diagonal) from the edges
+    if (
+        whole
+    ):  # the centre at least the circumscribed radius (a square's half-diagonal) from the edges
         r = min(size / 2 * math.sqrt(2), w / 2, h / 2)
         cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
     else:
@@ -183,7 +208,9 @@ def synth_image(
         placed = 0
         while placed < wanted and attempts < 40:
             attempts += 1
-            category_id, full, poly = _shape(rng, h, w, st.min_object_size, st.max_object_fraction * min(h, w), st.whole_shapes)
+            category_id, full, poly = _shape(
+                rng, h, w, st.min_object_size, st.max_object_fraction * min(h, w), st.whole_shapes
+            )
             if full.sum() < MIN_VISIBLE_PIXELS:
                 continue
             ok = all(
@@ -229,7 +256,11 @@ def synth_style(name: str) -> SynthStyle:
 
 
 def make_synthetic_coco(
-    out_dir: str | Path, num_images: int, image_size: int = 256, seed: int = 0, style: str = "cluttered"
+    out_dir: str | Path,
+    num_images: int,
+    image_size: int = 256,
+    seed: int = 0,
+    style: str = "cluttered",
 ) -> CocoFiles:
     """Writes `num_images` synthetic images to OUT/images and their annotations to
     OUT/instances.json. Image ids are 1..N; about 60% of unoccluded polygon shapes keep their

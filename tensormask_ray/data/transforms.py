@@ -164,7 +164,9 @@ def normalize(
     return out
 
 
-def denormalize(image: np.ndarray | torch.Tensor, pixel_mean, pixel_std, format: str = "RGB") -> np.ndarray:
+def denormalize(
+    image: np.ndarray | torch.Tensor, pixel_mean, pixel_std, format: str = "RGB"
+) -> np.ndarray:
     """float (3, H, W) normalised in `format` -> uint8 RGB (H, W, 3), for drawing and tests."""
     x = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     mean = np.asarray(pixel_mean, dtype=np.float32)[:, None, None]
@@ -189,7 +191,9 @@ def preprocess_for_test(
     h, w = image_uint8_hwc.shape[:2]
     new_h, new_w, scale = resized_shape(h, w, input_cfg.min_size_test, input_cfg.max_size_test)
     image = resize_image(np.ascontiguousarray(image_uint8_hwc), new_h, new_w)
-    return torch.from_numpy(normalize(image, input_cfg.pixel_mean, input_cfg.pixel_std, input_cfg.format)), scale
+    return torch.from_numpy(
+        normalize(image, input_cfg.pixel_mean, input_cfg.pixel_std, input_cfg.format)
+    ), scale
 
 
 # ----------------------------------------------------------------------------- train time

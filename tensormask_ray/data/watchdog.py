@@ -63,7 +63,9 @@ class DataWatchdog(Iterator[Any]):
         self.describe, self.what, self.setting = describe, what, setting
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pull, args=(iter(batches),), name="data-watchdog", daemon=True)
+        self._thread = threading.Thread(
+            target=self._pull, args=(iter(batches),), name="data-watchdog", daemon=True
+        )
         self._thread.start()
 
     def _pull(self, it: Iterator[Any]) -> None:

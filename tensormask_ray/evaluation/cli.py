@@ -120,7 +120,9 @@ def _check_data_arguments(args: argparse.Namespace) -> None:
         if args.max_images < 0:
             raise UserError(f"--max-images {args.max_images}: must be 0 (all) or more")
         if args.window_masks and not args.shards:
-            raise UserError("--window-masks needs --shards DIR (the ground-truth masks at the model's input)")
+            raise UserError(
+                "--window-masks needs --shards DIR (the ground-truth masks at the model's input)"
+            )
     if args.metric_prefix.strip("/") != args.metric_prefix or not args.metric_prefix:
         raise UserError(
             f"--metric-prefix {args.metric_prefix!r}: a non-empty name without leading or trailing '/'"
@@ -237,7 +239,9 @@ def run(args: argparse.Namespace) -> int:
         uri = resolve_tracking_uri(args.mlflow_uri or cfg.tracking.mlflow_uri)
         # A store named by the user (or the checkpoint's config) gets a run even without a
         # training run to nest it under; the default ./mlflow.db does not.
-        standalone = bool(args.mlflow_uri or cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        standalone = bool(
+            args.mlflow_uri or cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        )
         split = _split_name(args)
         params = {
             "checkpoint": ref.path,
@@ -318,9 +322,21 @@ def run(args: argparse.Namespace) -> int:
         if detections_path.stat().st_size <= MAX_LOGGED_DETECTIONS_BYTES:
             artifacts.append(detections_path)
         else:
-            print(f"[evaluate] {detections_path} is over {MAX_LOGGED_DETECTIONS_BYTES >> 20} MiB: not copied to MLflow", file=sys.stderr)
+            print(
+                f"[evaluate] {detections_path} is over {MAX_LOGGED_DETECTIONS_BYTES >> 20} MiB: not copied to MLflow",
+                file=sys.stderr,
+            )
         run_id = log_evaluation_run(
-            ref, uri, cfg.tracking.experiment, split, logged, iteration or 0, params, artifacts, dataset, standalone
+            ref,
+            uri,
+            cfg.tracking.experiment,
+            split,
+            logged,
+            iteration or 0,
+            params,
+            artifacts,
+            dataset,
+            standalone,
         )
         if run_id:
             summary["mlflow_run_id"] = run_id

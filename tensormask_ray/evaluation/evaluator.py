@@ -33,7 +33,9 @@ def iter_shard_images(
     seen = 0
     for shard in manifest["shards"]:
         table = pq.read_table(Path(shards_dir) / shard["file"], columns=["image_id", "image_bytes"])
-        for image_id, data in zip(table.column("image_id").to_pylist(), table.column("image_bytes").to_pylist()):
+        for image_id, data in zip(
+            table.column("image_id").to_pylist(), table.column("image_bytes").to_pylist()
+        ):
             if seen % world_size == rank:
                 yield int(image_id), decode_image(data)
             seen += 1
@@ -55,30 +57,43 @@ def predict_image(model, image: np.ndarray, cfg: Config) -> dict:
     batch = pad_images([tensor], cfg.input.size_divisibility)  # (1, 3, H, W)
     was_training = model.training
     model.eval()
-    out = model(batch.to(model_device(model)), image_sizes=[(h, w)], output_sizes=[image.shape[:2]])[0]
+    out = model(
+        batch.to(model_device(model)), image_sizes=[(h, w)], output_sizes=[image.shape[:2]]
+    )[0]
     model.train(was_training)
     return {k: v.cpu() for k, v in out.items()}
 
 
 def predict_shards(
-    model, shards_dir: str | Path, cfg: Config, max_images: int = 0, rank: int = 0, world_size: int = 1
+    model,
+    shards_dir: str | Path,
+    cfg: Config,
+    max_images: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[list[dict], list[int]]:
     """COCO result dicts and the image ids predicted, for this rank's slice of the shards'
     images (see `iter_shard_images`)."""
     category_ids = CategoryMap.from_manifest(read_manifest(shards_dir)).ids
     results, image_ids = [], []
     for image_id, image in iter_shard_images(shards_dir, max_images, rank, world_size):
-        results.extend(predictions_to_coco(predict_image(model, image, cfg), image_id, category_ids))
+        results.extend(
+            predictions_to_coco(predict_image(model, image, cfg), image_id, category_ids)
+        )
         image_ids.append(image_id)
     return results, image_ids
 
 
-def score_predictions(shards_dir: str | Path, results: list[dict], image_ids: list[int]) -> dict[str, float]:
+def score_predictions(
+    shards_dir: str | Path, results: list[dict], image_ids: list[int]
+) -> dict[str, float]:
     """COCO segm/bbox AP of the results on the given images of the shards."""
     return evaluate_coco(coco_gt_from_shards(shards_dir), results, image_ids=image_ids)
 
 
-def evaluate_model(model, shards_dir: str | Path, cfg: Config, max_images: int = 0) -> dict[str, float]:
+def evaluate_model(
+    model, shards_dir: str | Path, cfg: Config, max_images: int = 0
+) -> dict[str, float]:
     """COCO segm/bbox AP of `model` on the shards (optionally the first `max_images` only), in
     this process."""
     return score_predictions(shards_dir, *predict_shards(model, shards_dir, cfg, max_images))
@@ -87,7 +102,9 @@ def evaluate_model(model, shards_dir: str | Path, cfg: Config, max_images: int =
 OVERLAY_SCORE = 0.3  # detections drawn on validation overlays
 
 
-def overlay_images(model, shards_dir: str | Path, cfg: Config, num_images: int, max_images: int = 0) -> list[tuple[str, np.ndarray]]:
+def overlay_images(
+    model, shards_dir: str | Path, cfg: Config, num_images: int, max_images: int = 0
+) -> list[tuple[str, np.ndarray]]:
     """(name, (H, 2W + gap, 3) uint8) for `num_images` images spread evenly over the shards (the
     first `max_images` of them when given): ground truth left, the model's prediction right
     (score >= OVERLAY_SCORE), named by their file name without its extension."""
@@ -98,7 +115,9 @@ def overlay_images(model, shards_dir: str | Path, cfg: Config, num_images: int, 
         return []
     manifest = read_manifest(shards_dir)
     total = min(max_images or manifest["num_images"], manifest["num_images"])
-    wanted = {round(i * (total - 1) / max(num_images - 1, 1)) for i in range(min(num_images, total))}
+    wanted = {
+        round(i * (total - 1) / max(num_images - 1, 1)) for i in range(min(num_images, total))
+    }
     categories = CategoryMap.from_manifest(manifest)
     class_names = list(categories.names)
     coco_gt = coco_gt_from_shards(shards_dir)
@@ -108,7 +127,10 @@ def overlay_images(model, shards_dir: str | Path, cfg: Config, num_images: int, 
             continue
         truth = instances_from_coco(coco_gt, image_id, categories)
         prediction = predict_image(model, image, cfg)
-        drawn = side_by_side(draw_instances(image, truth, class_names), draw_instances(image, prediction, class_names, score_thresh=OVERLAY_SCORE))
+        drawn = side_by_side(
+            draw_instances(image, truth, class_names),
+            draw_instances(image, prediction, class_names, score_thresh=OVERLAY_SCORE),
+        )
         out.append((Path(coco_gt.imgs[image_id]["file_name"]).stem, drawn))
     return out
 

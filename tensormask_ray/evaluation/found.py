@@ -35,7 +35,11 @@ def instances_found(
             by_image[int(r["image_id"])].append(r)
     per_image: dict[int, list[int]] = {}
     for image_id in ids:
-        truth = [a for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id])) if not a.get("iscrowd", 0)]
+        truth = [
+            a
+            for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id]))
+            if not a.get("iscrowd", 0)
+        ]
         dets = sorted(by_image[image_id], key=lambda r: -r["score"])
         per_image[image_id] = [_matches(coco_gt, truth, dets, iou_thresh), len(truth)]
     return {
@@ -51,7 +55,10 @@ def _matches(coco_gt: COCO, truth: list[dict], dets: list[dict], iou_thresh: flo
     if not truth or not dets:
         return 0
     gt_rles = [coco_gt.annToRLE(a) for a in truth]
-    ious = np.asarray(mask_utils.iou([d["segmentation"] for d in dets], gt_rles, [0] * len(truth)), dtype=np.float64)
+    ious = np.asarray(
+        mask_utils.iou([d["segmentation"] for d in dets], gt_rles, [0] * len(truth)),
+        dtype=np.float64,
+    )
     ious = ious.reshape(len(dets), len(truth))  # (detections, instances)
     same_class = np.array([[d["category_id"] == a["category_id"] for a in truth] for d in dets])
     ious = np.where(same_class, ious, -1.0)

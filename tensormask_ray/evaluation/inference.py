@@ -545,7 +545,9 @@ def _ray_batches(
     # here gets at least one logical CPU more than the actors need (the step is light); on a
     # cluster with no CPU to spare, check_capacity fails at once.
     ensure_ray(address, needed_cpus=num_actors * cpus_per_actor + 1)
-    check_capacity(inference_reservation(num_actors, cpus_per_actor, gpus_per_actor), "batch inference")
+    check_capacity(
+        inference_reservation(num_actors, cpus_per_actor, gpus_per_actor), "batch inference"
+    )
     remote_args: dict[str, Any] = {"num_cpus": cpus_per_actor}
     if gpus_per_actor > 0:
         remote_args["num_gpus"] = gpus_per_actor

@@ -180,7 +180,9 @@ def load_model(args: argparse.Namespace, overrides: dict[str, Any]):
         args.model, Path(args.out) / "model",
     )  # fmt: skip
     local = args.num_actors == 0
-    model, cfg, categories = load_model_for_inference(ref.path, overrides, args.device if local else "cpu")
+    model, cfg, categories = load_model_for_inference(
+        ref.path, overrides, args.device if local else "cpu"
+    )
     return ref, model, cfg, categories
 
 

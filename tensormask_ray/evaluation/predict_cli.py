@@ -103,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = inference_overrides(args)
     ref, model, cfg, categories = load_model(args, overrides)
     local = args.num_actors == 0
-    model_categories = CategoryMap.of_model(categories, cfg.model.num_classes, f"checkpoint {ref.path}")
+    model_categories = CategoryMap.of_model(
+        categories, cfg.model.num_classes, f"checkpoint {ref.path}"
+    )
     category_ids, class_names = list(model_categories.ids), list(model_categories.names)
     names_by_id = dict(zip(category_ids, class_names))
 

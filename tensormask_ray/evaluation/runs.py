@@ -81,7 +81,9 @@ def resolve_checkpoint(
     raise UserError("which model? give --checkpoint PATH, --mlflow-run ID or --best-of SWEEP")
 
 
-def registered_model_checkpoint(model: str, mlflow_uri: str, download_dir: str | Path | None, mlflow_run: str | None = None) -> CheckpointRef:
+def registered_model_checkpoint(
+    model: str, mlflow_uri: str, download_dir: str | Path | None, mlflow_run: str | None = None
+) -> CheckpointRef:
     """A model logged by a training run (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, ...),
     downloaded; its evaluation goes under the run that logged it (or `mlflow_run`)."""
     import tempfile
@@ -90,8 +92,12 @@ def registered_model_checkpoint(model: str, mlflow_uri: str, download_dir: str |
 
     uri = resolve_tracking_uri(mlflow_uri)
     ref = model_ref(uri, model)
-    folder = download_model(uri, model, download_dir or tempfile.mkdtemp(prefix="tensormask-model-"))
-    return CheckpointRef(str(folder), mlflow_run or ref.run_id, bool(mlflow_run), f"--model {model}", ref.label)
+    folder = download_model(
+        uri, model, download_dir or tempfile.mkdtemp(prefix="tensormask-model-")
+    )
+    return CheckpointRef(
+        str(folder), mlflow_run or ref.run_id, bool(mlflow_run), f"--model {model}", ref.label
+    )
 
 
 def run_id_beside(checkpoint: Path) -> str | None:
@@ -191,7 +197,13 @@ def log_evaluation_run(
 
         experiment = experiment_name(uri, parent.info.experiment_id)
     tags = {"evaluation.checkpoint": ref.path, "evaluation.split": split}
-    logger = RunLogger.create(uri, experiment, f"eval {ref.name} {split}", tags=tags, parent_run_id=parent and parent.info.run_id)
+    logger = RunLogger.create(
+        uri,
+        experiment,
+        f"eval {ref.name} {split}",
+        tags=tags,
+        parent_run_id=parent and parent.info.run_id,
+    )
     try:
         logger.log_params(params)
         if dataset:

@@ -16,13 +16,20 @@ from .evaluator import overlay_images, predict_shards, score_predictions
 
 
 def validate_on_shards(
-    model: torch.nn.Module, cfg: Config, ctx: WorkerContext, run: RunSettings, iteration: int, logger
+    model: torch.nn.Module,
+    cfg: Config,
+    ctx: WorkerContext,
+    run: RunSettings,
+    iteration: int,
+    logger,
 ) -> dict[str, float]:
     """COCO AP on `run.val_shards`: every rank predicts its slice of the images (image i on rank
     i % world_size), rank 0 gathers the results and scores them. A collective; returns the val/*
     metrics on rank 0 and {} on the others. `model` is the bare module (not the DDP wrapper)."""
     t0 = time.perf_counter()
-    mine = predict_shards(model, run.val_shards, cfg, cfg.data.max_val_images, ctx.rank, ctx.world_size)
+    mine = predict_shards(
+        model, run.val_shards, cfg, cfg.data.max_val_images, ctx.rank, ctx.world_size
+    )
     gathered = gather_to_rank0(mine)
     if gathered is None:
         return {}
@@ -38,7 +45,9 @@ def validate_on_shards(
     val = {f"val/{k}": v for k, v in ap.items()}
     if logger is not None:
         logger.log_metrics(val, step=iteration)
-        for name, overlay in overlay_images(model, run.val_shards, cfg, cfg.tracking.overlay_images, cfg.data.max_val_images):
+        for name, overlay in overlay_images(
+            model, run.val_shards, cfg, cfg.tracking.overlay_images, cfg.data.max_val_images
+        ):
             logger.log_image(overlay, key=f"val/overlay/{name}", step=iteration)
     return val
 

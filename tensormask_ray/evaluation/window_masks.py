@@ -57,20 +57,26 @@ def window_mask_ious(
         a = assign_windows(model.groups, grids, boxes, crowd, **model.assign_kwargs)
         flat = (a.labels >= 0).nonzero(as_tuple=True)[0]  # (P,) positive windows
         if flat.numel():
-            group, ys, xs, windows = locate_windows(model.groups, grids, flat)  # windows (P, 4) xyxy
+            group, ys, xs, windows = locate_windows(
+                model.groups, grids, flat
+            )  # windows (P, 4) xyxy
             probs = model.decode_masks(masks, group, ys, xs, i)  # P soft masks (Vo, Uo)
             h, w = image_sizes[i]
             gt_index = a.labels[flat]  # (P,)
             window_iou = torch.empty(flat.numel())
             for s in range(0, flat.numel(), PASTE_CHUNK):
                 e = min(s + PASTE_CHUNK, flat.numel())
-                pasted = paste_masks(probs[s:e], windows[s:e], h, w, model.mask_threshold)  # (C, h, w)
+                pasted = paste_masks(
+                    probs[s:e], windows[s:e], h, w, model.mask_threshold
+                )  # (C, h, w)
                 gt = gt_masks[gt_index[s:e], :h, :w]
                 inter = (pasted & gt).flatten(1).sum(1)
                 union = (pasted | gt).flatten(1).sum(1)
                 window_iou[s:e] = (inter / union.clamp(min=1)).float().cpu()
             sums = torch.zeros(len(boxes)).index_add_(0, gt_index.cpu(), window_iou)
-            counts = torch.zeros(len(boxes)).index_add_(0, gt_index.cpu(), torch.ones_like(window_iou))
+            counts = torch.zeros(len(boxes)).index_add_(
+                0, gt_index.cpu(), torch.ones_like(window_iou)
+            )
             assigned = counts > 0
             ious[assigned] = sums[assigned] / counts[assigned]
         ious[crowd.cpu()] = math.nan  # a crowd region is not an instance to segment
@@ -97,11 +103,15 @@ def summarize(ious: np.ndarray, areas: np.ndarray, crowd: np.ndarray) -> dict[st
     result["IoU_M"] = mean((areas >= SMALL) & (areas < LARGE))
     result["IoU_L"] = mean(areas >= LARGE)
     for thr in (0.5, 0.75):
-        result[f"IoU>={thr:g}"] = float(100 * (ious[scored] >= thr).mean()) if scored.any() else -1.0
+        result[f"IoU>={thr:g}"] = (
+            float(100 * (ious[scored] >= thr).mean()) if scored.any() else -1.0
+        )
     return result
 
 
-def evaluate_window_masks(model, shards_dir: str | Path, cfg: Config, max_images: int = 0) -> dict[str, float]:
+def evaluate_window_masks(
+    model, shards_dir: str | Path, cfg: Config, max_images: int = 0
+) -> dict[str, float]:
     """The figures above for `model` on a folder of shards, images at the test resolution."""
     from ..config import apply_overrides
     from ..data.transforms import collate_train, train_sample
@@ -128,9 +138,13 @@ def evaluate_window_masks(model, shards_dir: str | Path, cfg: Config, max_images
             sample = train_sample(row, categories, test_cfg.input, seed=0, epoch=0)
             batch = collate_train([sample], cfg.input.size_divisibility)
             targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-            (ious,) = window_mask_ious(model, batch["images"].to(device), targets, batch["image_sizes"])
+            (ious,) = window_mask_ious(
+                model, batch["images"].to(device), targets, batch["image_sizes"]
+            )
             (h, w), (oh, ow) = batch["image_sizes"][0], batch["orig_sizes"][0]
-            areas = batch["targets"][0]["masks"].flatten(1).sum(1).float() * (oh * ow) / (h * w)  # original pixels
+            areas = (
+                batch["targets"][0]["masks"].flatten(1).sum(1).float() * (oh * ow) / (h * w)
+            )  # original pixels
             all_ious.append(ious.numpy())
             all_areas.append(areas.numpy())
             all_crowd.append(batch["targets"][0]["iscrowd"].numpy())

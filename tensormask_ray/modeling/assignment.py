@@ -43,7 +43,9 @@ import torch
 
 from .windows import WindowGroup
 
-IGNORE = -1  # left out of the classification loss (here: as a matched index; targets.py: as a class)
+IGNORE = (
+    -1
+)  # left out of the classification loss (here: as a matched index; targets.py: as a class)
 NEGATIVE = -2  # matched to no ground truth (a class target says K, the background class, instead)
 
 
@@ -92,12 +94,18 @@ def assign_windows(
     too_small = gt_long < scale_ratio * min_side  # fallback candidates
     if d2:
         # Detectron2 sees neither crowd regions nor boxes with an empty side (its mapper drops them).
-        taking_part = ~gt_crowd & (boxes[:, 2] - boxes[:, 0] > 1e-5) & (boxes[:, 3] - boxes[:, 1] > 1e-5)
+        taking_part = (
+            ~gt_crowd & (boxes[:, 2] - boxes[:, 0] > 1e-5) & (boxes[:, 3] - boxes[:, 1] > 1e-5)
+        )
         gt_crowd = torch.zeros_like(gt_crowd)
         min_need = min(g.side - g.stride for g in groups)  # its min_anchor_size
-        gt_upper = gt_long * (1.0 / scale_ratio)  # (G,) the largest window side (less a stride) allowed
+        gt_upper = gt_long * (
+            1.0 / scale_ratio
+        )  # (G,) the largest window side (less a stride) allowed
         if small_object_fallback:
-            gt_upper = torch.where(gt_upper < min_need, torch.full_like(gt_upper, min_need), gt_upper)
+            gt_upper = torch.where(
+                gt_upper < min_need, torch.full_like(gt_upper, min_need), gt_upper
+            )
 
     R = int(math.ceil(center_radius))
     offs = torch.arange(-R, R + 1, device=device)
@@ -126,7 +134,9 @@ def assign_windows(
             central = ox * ox + oy * oy <= center_radius * center_radius
             big_enough = (gt_upper - (g.side - g.stride) >= 0) & taking_part  # (G,)
         else:
-            central = ((cx - gt_ctr[:, :1]) ** 2 + (cy - gt_ctr[:, 1:]) ** 2) <= (center_radius * g.stride) ** 2
+            central = ((cx - gt_ctr[:, :1]) ** 2 + (cy - gt_ctr[:, 1:]) ** 2) <= (
+                center_radius * g.stride
+            ) ** 2
             big_enough = gt_long >= scale_ratio * g.side  # (G,)
             if small_object_fallback and g.side == min_side:
                 big_enough = big_enough | too_small
@@ -139,7 +149,9 @@ def assign_windows(
 
     crowd = gt_crowd[gt]
     real_win, real_gt = win[~crowd], gt[~crowd]
-    count = torch.zeros(M, dtype=torch.int64, device=device).index_add_(0, real_win, torch.ones_like(real_win))
+    count = torch.zeros(M, dtype=torch.int64, device=device).index_add_(
+        0, real_win, torch.ones_like(real_win)
+    )
     if uniqueness:
         labels[real_win[count[real_win] == 1]] = real_gt[count[real_win] == 1]
     elif d2:

@@ -56,7 +56,9 @@ class DetectronFrozenBatchNorm2d(FrozenBatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:
             return super().forward(x)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
 
 
 def _stride_in_1x1(net: torchvision.models.ResNet) -> None:
@@ -84,9 +86,13 @@ class ResNetBackbone(nn.Module):
         if norm not in NORMS:
             raise ValueError(f"ResNet norm must be one of {NORMS}, got {norm!r}")
         if stride_in_1x1 and depth < 50:
-            raise ValueError(f"stride_in_1x1 needs bottleneck blocks (ResNet-50/101), not ResNet-{depth}")
+            raise ValueError(
+                f"stride_in_1x1 needs bottleneck blocks (ResNet-50/101), not ResNet-{depth}"
+            )
         frozen = DetectronFrozenBatchNorm2d if stride_in_1x1 else FrozenBatchNorm2d
-        net = _RESNETS[depth](weights=None, norm_layer=frozen if norm == "FrozenBN" else _group_norm)
+        net = _RESNETS[depth](
+            weights=None, norm_layer=frozen if norm == "FrozenBN" else _group_norm
+        )
         if stride_in_1x1:
             _stride_in_1x1(net)
         if weights:
@@ -116,7 +122,9 @@ def load_torchvision_weights(net: nn.Module, path: str) -> None:
     """Loads a local torchvision ResNet state_dict (the classifier `fc.*` is ignored)."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"backbone weights not found: {p} (model.backbone.weights must be a local file)")
+        raise UserError(
+            f"backbone weights not found: {p} (model.backbone.weights must be a local file)"
+        )
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling/format failure is the user's file

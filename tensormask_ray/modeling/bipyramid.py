@@ -39,7 +39,13 @@ class Bipyramid:
 
     def window_op(self, window_size: int, k: int) -> WindowOp:
         lam = 2**k
-        return WindowOp((lam * window_size, lam * window_size), alpha=1, stride=lam, mode="bilinear", geometry=self.geometry)
+        return WindowOp(
+            (lam * window_size, lam * window_size),
+            alpha=1,
+            stride=lam,
+            mode="bilinear",
+            geometry=self.geometry,
+        )
 
     def cell_size(self, level: int, min_level: int) -> int:
         return 2**min_level
@@ -48,14 +54,22 @@ class Bipyramid:
 class BipyramidFusion(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.fuse = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
+        self.fuse = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)
+        )
 
     def upsample(self, feat: torch.Tensor, k: int, size: tuple[int, int]) -> torch.Tensor:
         """(N, C, h, w) at level k -> (N, C, H, W) at the finest resolution, geometry-preserving:
         scale 2^k (so grid centres stay put), then crop to the finest map's size."""
         if k == 0:
             return feat
-        up = F.interpolate(feat, scale_factor=2.0**k, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+        up = F.interpolate(
+            feat,
+            scale_factor=2.0**k,
+            mode="bilinear",
+            align_corners=False,
+            recompute_scale_factor=False,
+        )
         return up[:, :, : size[0], : size[1]]
 
     def fusion_input(self, feat: torch.Tensor, k: int, finest: torch.Tensor) -> torch.Tensor:
@@ -81,7 +95,11 @@ class LazyBipyramidMasks(LazyMasks):
     halo = 1  # the fusion's 3x3 conv
 
     def __init__(
-        self, fusion: BipyramidFusion, mask_preds: nn.ModuleList, coarse_sizes: list[int], mask_feats: list[torch.Tensor]
+        self,
+        fusion: BipyramidFusion,
+        mask_preds: nn.ModuleList,
+        coarse_sizes: list[int],
+        mask_feats: list[torch.Tensor],
     ):
         super().__init__(mask_preds, coarse_sizes, mask_feats)
         self.fusion = fusion
@@ -94,7 +112,9 @@ class LazyBipyramidMasks(LazyMasks):
     def bounds(self, k: int) -> tuple[int, int]:
         return self.size
 
-    def features(self, k: int, image: int, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+    def features(
+        self, k: int, image: int, rows: tuple[int, int], cols: tuple[int, int]
+    ) -> torch.Tensor:
         return self.fused_crop(k, image, rows, cols)
 
     def dense_features(self, k: int) -> torch.Tensor:
@@ -108,16 +128,22 @@ class LazyBipyramidMasks(LazyMasks):
         key = (k, image)
         if key not in self._up:
             one = slice(image, image + 1)
-            self._up[key] = self.fusion.fusion_input(self.mask_feats[k][one], k, self.mask_feats[0][one])
+            self._up[key] = self.fusion.fusion_input(
+                self.mask_feats[k][one], k, self.mask_feats[0][one]
+            )
         return self._up[key]
 
-    def fused_crop(self, k: int, image: int, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+    def fused_crop(
+        self, k: int, image: int, rows: tuple[int, int], cols: tuple[int, int]
+    ) -> torch.Tensor:
         """The fusion's output (1, C, r1 - r0, c1 - c0) on rows [r0, r1) x cols [c0, c1) of the finest
         grid: the 3x3 conv reads a one-pixel halo, zeros outside the map (its padding)."""
         (r0, r1), (c0, c1) = rows, cols
         H, W = self.size
         x = self._fusion_input(k, image)
         a0, a1, b0, b1 = max(r0 - 1, 0), min(r1 + 1, H), max(c0 - 1, 0), min(c1 + 1, W)
-        x = F.pad(x[:, :, a0:a1, b0:b1], (b0 - (c0 - 1), (c1 + 1) - b1, a0 - (r0 - 1), (r1 + 1) - a1))
+        x = F.pad(
+            x[:, :, a0:a1, b0:b1], (b0 - (c0 - 1), (c1 + 1) - b1, a0 - (r0 - 1), (r1 + 1) - a1)
+        )
         conv = self.fusion.fuse[0]
         return F.relu(F.conv2d(x, conv.weight, conv.bias))

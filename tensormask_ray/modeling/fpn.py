@@ -26,9 +26,17 @@ class FPN(nn.Module):
             raise ValueError(f"fuse must be 'avg' or 'sum', got {fuse!r}")
         self.min_level, self.max_level, self.fuse = min_level, max_level, fuse
         self.lateral_levels = list(range(min_level, min(max_level, 5) + 1))  # from C_l, l <= 5
-        self.lateral = nn.ModuleList(nn.Conv2d(in_channels[f"C{lv}"], channels, 1) for lv in self.lateral_levels)
-        self.output = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in self.lateral_levels)
-        self.p6 = nn.Conv2d(in_channels["C5"], channels, 3, stride=2, padding=1) if max_level >= 6 else None
+        self.lateral = nn.ModuleList(
+            nn.Conv2d(in_channels[f"C{lv}"], channels, 1) for lv in self.lateral_levels
+        )
+        self.output = nn.ModuleList(
+            nn.Conv2d(channels, channels, 3, padding=1) for _ in self.lateral_levels
+        )
+        self.p6 = (
+            nn.Conv2d(in_channels["C5"], channels, 3, stride=2, padding=1)
+            if max_level >= 6
+            else None
+        )
         self.p7 = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if max_level >= 7 else None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

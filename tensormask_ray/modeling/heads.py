@@ -26,7 +26,10 @@ from .lazy import LazyMasks, LazyPyramidMasks
 def conv_tower(in_channels: int, channels: int, depth: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(depth):
-        layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+        ]
     return nn.Sequential(*layers)
 
 
@@ -54,7 +57,9 @@ class TensorMaskHead(nn.Module):
         self.cls_pred = nn.Conv2d(tail(cls_channels), A * num_classes, 3, padding=1)
         self.box_pred = nn.Conv2d(tail(box_channels), A * 4, 3, padding=1)
         self.bipyramid = BipyramidFusion(tail(mask_channels)) if bipyramid else None
-        self.mask_preds = nn.ModuleList(nn.Conv2d(tail(mask_channels), c * c, 1) for c in coarse_sizes)
+        self.mask_preds = nn.ModuleList(
+            nn.Conv2d(tail(mask_channels), c * c, 1) for c in coarse_sizes
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
@@ -74,7 +79,11 @@ class TensorMaskHead(nn.Module):
         box = [self.box_pred(self.box_tower(f)) for f in features]
         mask_feats = [self.mask_tower(f) for f in features]
         if self.bipyramid is not None and lazy_masks:
-            return cls, box, LazyBipyramidMasks(self.bipyramid, self.mask_preds, self.coarse_sizes, mask_feats)
+            return (
+                cls,
+                box,
+                LazyBipyramidMasks(self.bipyramid, self.mask_preds, self.coarse_sizes, mask_feats),
+            )
         if lazy_masks:
             return cls, box, LazyPyramidMasks(self.mask_preds, self.coarse_sizes, mask_feats)
         if self.bipyramid is not None:
@@ -82,5 +91,7 @@ class TensorMaskHead(nn.Module):
         masks = []
         for f in mask_feats:
             N, _, H, W = f.shape
-            masks.append([pred(f).view(N, c, c, H, W) for pred, c in zip(self.mask_preds, self.coarse_sizes)])
+            masks.append(
+                [pred(f).view(N, c, c, H, W) for pred, c in zip(self.mask_preds, self.coarse_sizes)]
+            )
         return cls, box, masks

@@ -35,7 +35,9 @@ class LazyMasks:
 
     halo = 0
 
-    def __init__(self, mask_preds: nn.ModuleList, coarse_sizes: list[int], mask_feats: list[torch.Tensor]):
+    def __init__(
+        self, mask_preds: nn.ModuleList, coarse_sizes: list[int], mask_feats: list[torch.Tensor]
+    ):
         self.mask_preds, self.coarse_sizes = mask_preds, list(coarse_sizes)
         self.mask_feats = mask_feats  # per level (N, C, H_k, W_k), the mask tower's output
 
@@ -43,7 +45,9 @@ class LazyMasks:
         """(H, W) of level k's full head tensor."""
         raise NotImplementedError
 
-    def features(self, k: int, image: int, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+    def features(
+        self, k: int, image: int, rows: tuple[int, int], cols: tuple[int, int]
+    ) -> torch.Tensor:
         """Level k's mask features of one image on rows [r0, r1) x cols [c0, c1): (1, C, r1 - r0, c1 - c0)."""
         raise NotImplementedError
 
@@ -80,7 +84,9 @@ class LazyPyramidMasks(LazyMasks):
     def bounds(self, k: int) -> tuple[int, int]:
         return tuple(self.mask_feats[k].shape[-2:])
 
-    def features(self, k: int, image: int, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+    def features(
+        self, k: int, image: int, rows: tuple[int, int], cols: tuple[int, int]
+    ) -> torch.Tensor:
         (r0, r1), (c0, c1) = rows, cols
         return self.mask_feats[k][image : image + 1, :, r0:r1, c0:c1]
 
@@ -129,7 +135,10 @@ def plan_crops(
         boxes[idx[i]] = union[i, j]
         alive[idx[j]] = False
         member_of[member_of == idx[j]] = idx[i]
-    return [(np.flatnonzero(member_of == b), tuple(int(v) for v in boxes[b])) for b in np.flatnonzero(alive)]
+    return [
+        (np.flatnonzero(member_of == b), tuple(int(v) for v in boxes[b]))
+        for b in np.flatnonzero(alive)
+    ]
 
 
 def decode_lazy(
@@ -169,6 +178,13 @@ def decode_lazy(
                 sel = members[group[members] == gi]
                 x = masks.head_crop(feats, g.size_index)  # (1, V', U', r1 - r0, c1 - c0)
                 logits = decode_windows(
-                    x, g.op, zero.expand(sel.numel()), ys[sel], xs[sel], pad_value, origin=(r0, c0), bounds=(H, W)
+                    x,
+                    g.op,
+                    zero.expand(sel.numel()),
+                    ys[sel],
+                    xs[sel],
+                    pad_value,
+                    origin=(r0, c0),
+                    bounds=(H, W),
                 )  # (D_c, Vo, Uo)
                 yield gi, sel, logits

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 
-def focal_loss_star(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 3.0, alpha: float = 0.3) -> torch.Tensor:
+def focal_loss_star(
+    logits: torch.Tensor, targets: torch.Tensor, gamma: float = 3.0, alpha: float = 0.3
+) -> torch.Tensor:
     """FL* (RetinaNet appendix A): -log(sigmoid(gamma * x_t)) / gamma with x_t = x for positives and
     -x for negatives, weighted by alpha (positives) / 1 - alpha (negatives). logits, targets: (R, K),
     targets in {0, 1}. Returns the sum over all entries."""
@@ -24,7 +26,9 @@ def box_l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).abs().sum()
 
 
-def mask_bce_loss(pred_logits: torch.Tensor, target: torch.Tensor, fg_weight: float = 1.5) -> torch.Tensor:
+def mask_bce_loss(
+    pred_logits: torch.Tensor, target: torch.Tensor, fg_weight: float = 1.5
+) -> torch.Tensor:
     """Per-pixel BCE with foreground pixels weighted `fg_weight`, averaged over each window's pixels
     and summed over windows. pred_logits, target: (P, Vo, Uo)."""
     if pred_logits.numel() == 0:

@@ -76,7 +76,9 @@ class _UpscaleHead(_FeaturePyramidHead):
 
     def __post_init__(self):
         if self.geometry != "paper":
-            raise ValueError(f"{self.name} has no Detectron2 counterpart (geometry {self.geometry!r})")
+            raise ValueError(
+                f"{self.name} has no Detectron2 counterpart (geometry {self.geometry!r})"
+            )
 
     def coarse_size(self, window_size: int) -> int:
         return int(round(window_size / self.upscale_factor))
@@ -98,7 +100,9 @@ class UpscaleAligned(_UpscaleHead):
         return WindowOp((window_size, window_size), alpha=1, mode=self.upscale_mode)
 
 
-MASK_HEADS = {h.name: h for h in (SimpleNatural, SimpleAligned, UpscaleNatural, UpscaleAligned, Bipyramid)}
+MASK_HEADS = {
+    h.name: h for h in (SimpleNatural, SimpleAligned, UpscaleNatural, UpscaleAligned, Bipyramid)
+}
 
 
 def build_mask_head(name: str, upscale_factor: float, upscale_mode: str, geometry: str) -> MaskHead:

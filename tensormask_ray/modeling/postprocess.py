@@ -59,12 +59,20 @@ def select_detections(
     boxes = decode_boxes(windows, box_deltas[window], box_weights)
     h, w = image_size
     boxes = torch.stack(
-        [boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1
+        [
+            boxes[:, 0].clamp(0, w),
+            boxes[:, 1].clamp(0, h),
+            boxes[:, 2].clamp(0, w),
+            boxes[:, 3].clamp(0, h),
+        ],
+        dim=1,
     )
     nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     idx = nonempty.nonzero(as_tuple=True)[0]
     kept = idx[batched_nms(boxes[idx], top_scores[idx], label[idx], nms_thresh)][:max_detections]
-    return Detections(group[kept], ys[kept], xs[kept], boxes[kept], windows[kept], top_scores[kept], label[kept])
+    return Detections(
+        group[kept], ys[kept], xs[kept], boxes[kept], windows[kept], top_scores[kept], label[kept]
+    )
 
 
 def select_detections_detectron2(
@@ -102,20 +110,31 @@ def select_detections_detectron2(
     windows = window_boxes(groups, group, ys, xs)  # its anchors
     boxes = decode_boxes(windows, deltas[anchor], box_weights)
     kept = batched_nms(boxes, top_scores, label, nms_thresh)[:max_detections]
-    return Detections(group[kept], ys[kept], xs[kept], boxes[kept], windows[kept], top_scores[kept], label[kept])
+    return Detections(
+        group[kept], ys[kept], xs[kept], boxes[kept], windows[kept], top_scores[kept], label[kept]
+    )
 
 
-def clip_and_drop_empty(boxes: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_and_drop_empty(
+    boxes: torch.Tensor, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Detectron2's Boxes.clip + nonempty: boxes (D, 4) clipped to [0, width] x [0, height], and a
     (D,) bool of those with both sides > 0."""
     boxes = torch.stack(
-        [boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height), boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)],
+        [
+            boxes[:, 0].clamp(0, width),
+            boxes[:, 1].clamp(0, height),
+            boxes[:, 2].clamp(0, width),
+            boxes[:, 3].clamp(0, height),
+        ],
         dim=1,
     )
     return boxes, (boxes[:, 2] - boxes[:, 0] > 0) & (boxes[:, 3] - boxes[:, 1] > 0)
 
 
-def paste_mask(prob: torch.Tensor, window: torch.Tensor, out_h: int, out_w: int, threshold: float = 0.5) -> torch.Tensor:
+def paste_mask(
+    prob: torch.Tensor, window: torch.Tensor, out_h: int, out_w: int, threshold: float = 0.5
+) -> torch.Tensor:
     """prob (Vo, Uo) soft mask covering window (4,) xyxy (output-image pixels) -> (out_h, out_w) bool.
 
     Like Mask R-CNN's paste: every image pixel whose centre falls inside the window samples the
@@ -138,7 +157,9 @@ def paste_mask(prob: torch.Tensor, window: torch.Tensor, out_h: int, out_w: int,
     return out
 
 
-def paste_masks(probs: list[torch.Tensor], windows: torch.Tensor, out_h: int, out_w: int, threshold: float = 0.5) -> torch.Tensor:
+def paste_masks(
+    probs: list[torch.Tensor], windows: torch.Tensor, out_h: int, out_w: int, threshold: float = 0.5
+) -> torch.Tensor:
     """probs: D soft masks (Vo_i, Uo_i); windows (D, 4) in output pixels -> (D, out_h, out_w) bool."""
     if not probs:
         return torch.zeros((0, out_h, out_w), dtype=torch.bool, device=windows.device)

@@ -32,7 +32,11 @@ class BatchTargets:
 
 
 def mask_targets(
-    gt_masks: torch.Tensor, gt_index: torch.Tensor, windows: torch.Tensor, mask_size: int, sampling_ratio: int = 2
+    gt_masks: torch.Tensor,
+    gt_index: torch.Tensor,
+    windows: torch.Tensor,
+    mask_size: int,
+    sampling_ratio: int = 2,
 ) -> torch.Tensor:
     """Resamples gt_masks (G, h, w) {0,1} onto windows (P, 4) xyxy as (P, Vo, Vo) {0,1} targets:
     each cell takes the mean of sampling_ratio^2 samples of its image area (0: ceil(cell size)
@@ -40,7 +44,9 @@ def mask_targets(
     if windows.shape[0] == 0:
         return gt_masks.new_zeros((0, mask_size, mask_size), dtype=torch.float32)
     rois = torch.cat([gt_index[:, None].to(windows.dtype), windows], dim=1)
-    soft = roi_align(gt_masks[:, None].float(), rois, (mask_size, mask_size), 1.0, sampling_ratio, aligned=True)
+    soft = roi_align(
+        gt_masks[:, None].float(), rois, (mask_size, mask_size), 1.0, sampling_ratio, aligned=True
+    )
     return (soft[:, 0] >= 0.5).float()  # (P, Vo, Vo)
 
 
@@ -67,7 +73,11 @@ def build_targets(
     for i, t in enumerate(targets):
         boxes = t["boxes"].float()
         crowd = t.get("iscrowd")
-        crowd = crowd.bool() if crowd is not None else torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+        crowd = (
+            crowd.bool()
+            if crowd is not None
+            else torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+        )
         a = assign_windows(
             groups, grids, boxes, crowd, scale_ratio=scale_ratio, center_radius=center_radius,
             uniqueness=uniqueness, small_object_fallback=small_object_fallback, geometry=geometry,
@@ -107,6 +117,10 @@ def build_targets(
             positives.append(GroupPositives(*(torch.cat(p) for p in zip(*parts))))
         else:
             empty = torch.zeros(0, dtype=torch.int64, device=device)
-            positives.append(GroupPositives(empty, empty, empty, torch.zeros((0, g.mask_size, g.mask_size), device=device)))
+            positives.append(
+                GroupPositives(
+                    empty, empty, empty, torch.zeros((0, g.mask_size, g.mask_size), device=device)
+                )
+            )
     box_deltas = torch.cat(deltas) if deltas else torch.zeros((0, 4), device=device)
     return BatchTargets(cls, fg, box_deltas, positives, int(fg.sum()))

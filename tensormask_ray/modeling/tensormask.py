@@ -70,11 +70,23 @@ class TensorMask(nn.Module):
         self.geometry, self.box_weights = geometry, tuple(box_weights)
         self.backbone, self.fpn, self.head = backbone, fpn, head
         self.groups = groups
-        self.num_classes, self.window_sizes, self.pad_value = num_classes, list(window_sizes), pad_value
+        self.num_classes, self.window_sizes, self.pad_value = (
+            num_classes,
+            list(window_sizes),
+            pad_value,
+        )
         self.loss_weights = loss_weights
-        self.focal_gamma, self.focal_alpha, self.mask_fg_weight = focal_gamma, focal_alpha, mask_fg_weight
+        self.focal_gamma, self.focal_alpha, self.mask_fg_weight = (
+            focal_gamma,
+            focal_alpha,
+            mask_fg_weight,
+        )
         self.assign_kwargs = dict(assign_kwargs or {})
-        self.score_thresh, self.topk_candidates, self.nms_thresh = score_thresh, topk_candidates, nms_thresh
+        self.score_thresh, self.topk_candidates, self.nms_thresh = (
+            score_thresh,
+            topk_candidates,
+            nms_thresh,
+        )
         self.detections_per_image, self.mask_threshold = detections_per_image, mask_threshold
 
     # ------------------------------------------------------------------ shared stages
@@ -99,7 +111,13 @@ class TensorMask(nn.Module):
         assert len(cls) * A == len(self.groups)
         return torch.cat(cls_flat, 1), torch.cat(box_flat, 1), grids
 
-    def forward(self, images: torch.Tensor, targets: list[dict] | None = None, image_sizes=None, output_sizes=None):
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: list[dict] | None = None,
+        image_sizes=None,
+        output_sizes=None,
+    ):
         if self.training:
             if targets is None:
                 raise ValueError("TensorMask in training mode needs targets")
@@ -107,30 +125,54 @@ class TensorMask(nn.Module):
         return self.forward_inference(images, image_sizes, output_sizes)
 
     # ------------------------------------------------------------------ training
-    def forward_training(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+    def forward_training(
+        self, images: torch.Tensor, targets: list[dict]
+    ) -> dict[str, torch.Tensor]:
         """images (N, 3, H, W); targets per image: boxes (G, 4), labels (G,), masks (G, h, w),
         iscrowd (G,). Returns the weighted losses {"loss_cls", "loss_box", "loss_mask"}."""
         sparse = self.mask_training == "sparse"
         cls, box, masks = self.head_outputs(images, lazy_masks=sparse)
         cls_flat, box_flat, grids = self._flatten(cls, box)
-        t = build_targets(self.groups, grids, targets, self.num_classes, **self.assign_kwargs, box_weights=self.box_weights)
+        t = build_targets(
+            self.groups,
+            grids,
+            targets,
+            self.num_classes,
+            **self.assign_kwargs,
+            box_weights=self.box_weights,
+        )
         normalizer = max(1.0, float(t.num_fg))
 
         valid = t.cls != IGNORE  # (N, M)
         onehot = torch.zeros_like(cls_flat[valid])
         fg_valid = t.cls[valid] < self.num_classes
         onehot[fg_valid.nonzero(as_tuple=True)[0], t.cls[valid][fg_valid]] = 1
-        loss_cls = focal_loss_star(cls_flat[valid], onehot, self.focal_gamma, self.focal_alpha) / normalizer
+        loss_cls = (
+            focal_loss_star(cls_flat[valid], onehot, self.focal_gamma, self.focal_alpha)
+            / normalizer
+        )
         loss_box = box_l1_loss(box_flat[t.fg], t.box_deltas.to(box_flat.dtype)) / normalizer
 
-        loss_mask = self.mask_loss_sparse(masks, t.positives) if sparse else self.mask_loss_dense(masks, t.positives)
+        loss_mask = (
+            self.mask_loss_sparse(masks, t.positives)
+            if sparse
+            else self.mask_loss_dense(masks, t.positives)
+        )
         loss_mask = loss_mask / normalizer
         w_cls, w_box, w_mask = self.loss_weights
-        return {"loss_cls": w_cls * loss_cls, "loss_box": w_box * loss_box, "loss_mask": w_mask * loss_mask}
+        return {
+            "loss_cls": w_cls * loss_cls,
+            "loss_box": w_box * loss_box,
+            "loss_mask": w_mask * loss_mask,
+        }
 
-    def mask_loss_dense(self, masks: list[list[torch.Tensor]], positives: list[GroupPositives]) -> torch.Tensor:
+    def mask_loss_dense(
+        self, masks: list[list[torch.Tensor]], positives: list[GroupPositives]
+    ) -> torch.Tensor:
         """The summed mask loss of the positive windows, from every level's dense natural masks."""
-        loss = sum(m.sum() for level in masks for m in level) * 0.0  # keeps every mask param in the graph
+        loss = (
+            sum(m.sum() for level in masks for m in level) * 0.0
+        )  # keeps every mask param in the graph
         for g, pos in zip(self.groups, positives):
             if pos.image.numel() == 0:
                 continue
@@ -146,7 +188,9 @@ class TensorMask(nn.Module):
         group = torch.cat([torch.full_like(p.image, gi) for gi, p in enumerate(positives)])  # (P,)
         cat = lambda field: torch.cat([getattr(p, field) for p in positives])  # noqa: E731
         starts = torch.tensor([0] + [p.image.numel() for p in positives]).cumsum(0).tolist()
-        for gi, sel, pred in decode_lazy(masks, self.groups, group, cat("image"), cat("ys"), cat("xs"), self.pad_value):
+        for gi, sel, pred in decode_lazy(
+            masks, self.groups, group, cat("image"), cat("ys"), cat("xs"), self.pad_value
+        ):
             target = positives[gi].masks[sel - starts[gi]]  # (P_c, Vo, Uo)
             loss = loss + mask_bce_loss(pred, target, self.mask_fg_weight)
         return loss
@@ -174,14 +218,20 @@ class TensorMask(nn.Module):
             scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], device=det.boxes.device)
             boxes, nonempty = clip_and_drop_empty(det.boxes * scale, oh, ow)
             if self.geometry == "detectron2":  # its _postprocess: empty boxes go after NMS
-                det = Detections(*(getattr(det, f)[nonempty] for f in Detections.__dataclass_fields__))
+                det = Detections(
+                    *(getattr(det, f)[nonempty] for f in Detections.__dataclass_fields__)
+                )
                 boxes = boxes[nonempty]
             probs = self.decode_masks(masks, det.group, det.ys, det.xs, i)
             pasted = paste_masks(probs, det.windows * scale, oh, ow, self.mask_threshold)
-            results.append({"boxes": boxes, "scores": det.scores, "labels": det.labels, "masks": pasted})
+            results.append(
+                {"boxes": boxes, "scores": det.scores, "labels": det.labels, "masks": pasted}
+            )
         return results
 
-    def select_detections(self, cls, box, cls_flat, box_flat, grids, image: int, image_size: tuple[int, int]) -> Detections:
+    def select_detections(
+        self, cls, box, cls_flat, box_flat, grids, image: int, image_size: tuple[int, int]
+    ) -> Detections:
         """Top-k + NMS for one image, as the geometry does it (postprocess.py). cls/box: the head's
         per-level outputs; cls_flat/box_flat/grids: the same flattened in window-group order."""
         if self.geometry == "detectron2":
@@ -195,7 +245,13 @@ class TensorMask(nn.Module):
         )  # fmt: skip
 
     def decode_masks(
-        self, masks, group: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, image: int, dense: bool = False
+        self,
+        masks,
+        group: torch.Tensor,
+        ys: torch.Tensor,
+        xs: torch.Tensor,
+        image: int,
+        dense: bool = False,
     ) -> list[torch.Tensor]:
         """Soft natural masks (Vo, Uo) of the given windows of one image, computed sparsely from the
         head tensors: never the dense >100k-window output. dense=True decodes every window with the
@@ -204,20 +260,29 @@ class TensorMask(nn.Module):
             if not dense:
                 out: list[torch.Tensor | None] = [None] * group.numel()
                 at = torch.full_like(group, image)
-                for _, sel, logits in decode_lazy(masks, self.groups, group, at, ys, xs, self.pad_value):
+                for _, sel, logits in decode_lazy(
+                    masks, self.groups, group, at, ys, xs, self.pad_value
+                ):
                     for j, m in zip(sel.tolist(), logits.sigmoid()):
                         out[j] = m
                 return out  # type: ignore[return-value]
-            masks = [[masks.dense(k, a) for a in range(len(self.window_sizes))] for k in range(len(masks.mask_feats))]
+            masks = [
+                [masks.dense(k, a) for a in range(len(self.window_sizes))]
+                for k in range(len(masks.mask_feats))
+            ]
         out: list[torch.Tensor | None] = [None] * group.numel()
         for gi in group.unique().tolist():
             g = self.groups[gi]
             sel = (group == gi).nonzero(as_tuple=True)[0]
             x = masks[g.k][g.size_index][image : image + 1]  # (1, V', U', H_m, W_m)
             if dense:
-                logits = g.op.dense(x, self.pad_value)[torch.zeros_like(sel), :, :, ys[sel], xs[sel]]  # (K, Vo, Uo)
+                logits = g.op.dense(x, self.pad_value)[
+                    torch.zeros_like(sel), :, :, ys[sel], xs[sel]
+                ]  # (K, Vo, Uo)
             else:
-                logits = decode_windows(x, g.op, torch.zeros_like(sel), ys[sel], xs[sel], self.pad_value)
+                logits = decode_windows(
+                    x, g.op, torch.zeros_like(sel), ys[sel], xs[sel], self.pad_value
+                )
             for j, m in zip(sel.tolist(), logits.sigmoid()):
                 out[j] = m
         return out  # type: ignore[return-value]

@@ -47,7 +47,9 @@ class WindowOp:
         if self.alpha < 1:
             raise ValueError(f"{self}: alpha must be >= 1 (a natural head says natural=True)")
         if self.natural and (self.stride != 1 or self.geometry != "paper"):
-            raise ValueError(f"{self}: a natural head's tensor is read in place (stride 1, paper geometry)")
+            raise ValueError(
+                f"{self}: a natural head's tensor is read in place (stride 1, paper geometry)"
+            )
         if self.geometry == "detectron2" and (self.alpha != 1 or self.mode != "bilinear"):
             raise ValueError(f"{self}: geometry 'detectron2' is swap_align2nat (alpha 1, bilinear)")
 
@@ -72,8 +74,14 @@ class WindowOp:
             self._check_detectron2(V, U)
             return api.swap_align2nat(x, self.stride, pad_value, geometry="detectron2")
         if self.stride > 1:
-            if self.alpha != 1 or self.mode != "bilinear" or (Vo, Uo) != (self.stride * V, self.stride * U):
-                raise ValueError(f"{self}: stride > 1 is swap_align2nat (bilinear, alpha 1, lam x size)")
+            if (
+                self.alpha != 1
+                or self.mode != "bilinear"
+                or (Vo, Uo) != (self.stride * V, self.stride * U)
+            ):
+                raise ValueError(
+                    f"{self}: stride > 1 is swap_align2nat (bilinear, alpha 1, lam x size)"
+                )
             return api.swap_align2nat(x, self.stride, pad_value)
         if self.natural:
             return x if same else resize_window_grid(x, (Vo, Uo), self.mode)
@@ -83,7 +91,9 @@ class WindowOp:
             raise ValueError(f"{self}: resizing is only defined with alpha = 1 (up_align2nat)")
         return api.up_align2nat(x, (Vo, Uo), self.mode, pad_value)
 
-    def footprints(self, ys: torch.Tensor, xs: torch.Tensor, bounds: tuple[int, int]) -> torch.Tensor:
+    def footprints(
+        self, ys: torch.Tensor, xs: torch.Tensor, bounds: tuple[int, int]
+    ) -> torch.Tensor:
         """Rows and columns of the (full) head tensor that windows (ys, xs) (K,) of the output grid
         read: (K, 4) [r0, r1, c0, c1), clipped to bounds = the tensor's (H, W). The crop
         [r0, r1) x [c0, c1) holds every in-bounds position the windows read (the bounding box:
@@ -111,12 +121,24 @@ def _axis_table(in_size: int, out_size: int, mode: str, dtype: torch.dtype, devi
     dst = torch.arange(out_size, device=device)
     if out_size == in_size:
         i0 = dst
-        return i0, i0, torch.ones(out_size, dtype=dtype, device=device), torch.zeros(out_size, dtype=dtype, device=device)
+        return (
+            i0,
+            i0,
+            torch.ones(out_size, dtype=dtype, device=device),
+            torch.zeros(out_size, dtype=dtype, device=device),
+        )
     if mode == "nearest":
         # ATen: float scale = in/out; src = min(floor(dst * scale), in - 1), in float32.
-        scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
+        scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(
+            out_size, dtype=torch.float32
+        )
         i0 = torch.floor(dst.to(torch.float32) * scale.to(device)).long().clamp(max=in_size - 1)
-        return i0, i0, torch.ones(out_size, dtype=dtype, device=device), torch.zeros(out_size, dtype=dtype, device=device)
+        return (
+            i0,
+            i0,
+            torch.ones(out_size, dtype=dtype, device=device),
+            torch.zeros(out_size, dtype=dtype, device=device),
+        )
     if mode != "bilinear":
         raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
@@ -233,8 +255,12 @@ def _decode_detectron2(
     xf, xc, xwf, xwc = (t[:, None, :] for t in axis(ox))  # (K, 1, Uo)
     # The window taps divide by lam: on the CPU, where the division is correctly rounded as in
     # the kernels (ATen's CUDA division by a scalar multiplies by its reciprocal).
-    vf, vc, vwf, vwc = (t.to(dev)[None, :, None] for t in axis((v_ + 0.5) / lam - 0.5))  # (1, Vo, 1)
-    uf, uc, uwf, uwc = (t.to(dev)[None, None, :] for t in axis((u_ + 0.5) / lam - 0.5))  # (1, 1, Uo)
+    vf, vc, vwf, vwc = (
+        t.to(dev)[None, :, None] for t in axis((v_ + 0.5) / lam - 0.5)
+    )  # (1, Vo, 1)
+    uf, uc, uwf, uwc = (
+        t.to(dev)[None, None, :] for t in axis((u_ + 0.5) / lam - 0.5)
+    )  # (1, 1, Uo)
     n = batch_idx.long()[:, None, None]
     xx = x.to(dtype)
     pad = torch.tensor(pad_value, dtype=dtype, device=dev)
@@ -242,7 +268,11 @@ def _decode_detectron2(
     def tap(v, u, Y, X) -> torch.Tensor:  # -> (K, Vo, Uo)
         inside = (v >= 0) & (v < V) & (u >= 0) & (u < U) & (Y >= 0) & (Y < H) & (X >= 0) & (X < W)
         val = xx[
-            n, v.clamp(0, V - 1), u.clamp(0, U - 1), (Y - oy0).clamp(0, h - 1), (X - ox0).clamp(0, w - 1)
+            n,
+            v.clamp(0, V - 1),
+            u.clamp(0, U - 1),
+            (Y - oy0).clamp(0, h - 1),
+            (X - ox0).clamp(0, w - 1),
         ]
         return torch.where(inside, val, pad)
 

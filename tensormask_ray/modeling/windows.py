@@ -84,7 +84,9 @@ class WindowGroup:
 GEOMETRIES = ("paper", "detectron2")
 
 
-def build_window_groups(head: MaskHead, window_sizes: list[int], min_level: int, max_level: int) -> list[WindowGroup]:
+def build_window_groups(
+    head: MaskHead, window_sizes: list[int], min_level: int, max_level: int
+) -> list[WindowGroup]:
     """All (level, window size) groups of a mask head (mask_heads.py), level-major: the order of
     every flattened window list."""
     if head.geometry not in GEOMETRIES:
@@ -97,7 +99,9 @@ def build_window_groups(head: MaskHead, window_sizes: list[int], min_level: int,
         for a, V in enumerate(window_sizes):
             op = head.window_op(V, k)
             offset = 0.0 if d2 else 0.5 * cell
-            groups.append(WindowGroup(level, k, a, V, stride, cell, op.out_size[0], offset, op, head.geometry))
+            groups.append(
+                WindowGroup(level, k, a, V, stride, cell, op.out_size[0], offset, op, head.geometry)
+            )
     return groups
 
 
@@ -116,13 +120,19 @@ def locate_windows(
     return group, ys, xs, window_boxes(groups, group, ys, xs)
 
 
-def window_boxes(groups: list[WindowGroup], group: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+def window_boxes(
+    groups: list[WindowGroup], group: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor
+) -> torch.Tensor:
     """The boxes (D, 4) xyxy of the windows at grid positions (ys, xs) (D,) of groups `group` (D,):
     WindowGroup.boxes_at, vectorised over groups (in the detectron2 geometry: its anchors, to the bit)."""
     device = group.device
     stride = torch.tensor([g.stride for g in groups], device=device, dtype=torch.float32)[group]
-    offset = torch.tensor([g.center_offset for g in groups], device=device, dtype=torch.float32)[group]
-    before = torch.tensor([g.extent()[0] for g in groups], device=device, dtype=torch.float32)[group]
+    offset = torch.tensor([g.center_offset for g in groups], device=device, dtype=torch.float32)[
+        group
+    ]
+    before = torch.tensor([g.extent()[0] for g in groups], device=device, dtype=torch.float32)[
+        group
+    ]
     after = torch.tensor([g.extent()[1] for g in groups], device=device, dtype=torch.float32)[group]
     cx, cy = xs.float() * stride + offset, ys.float() * stride + offset
     return torch.stack([cx - before, cy - before, cx + after, cy + after], dim=1)
@@ -143,7 +153,13 @@ def encode_boxes(windows: torch.Tensor, boxes: torch.Tensor, weights=UNIT_WEIGHT
     bx, by = boxes[:, 0] + 0.5 * bw, boxes[:, 1] + 0.5 * bh
     kx, ky, kw, kh = weights
     return torch.stack(
-        [kx * (bx - wx) / ww, ky * (by - wy) / wh, kw * torch.log(bw / ww), kh * torch.log(bh / wh)], dim=1
+        [
+            kx * (bx - wx) / ww,
+            ky * (by - wy) / wh,
+            kw * torch.log(bw / ww),
+            kh * torch.log(bh / wh),
+        ],
+        dim=1,
     )
 
 

@@ -93,7 +93,10 @@ def up_align2nat(
     _check_5d(x, "up_align2nat")
     if isinstance(out_size, int):
         out_size = (out_size, out_size)
-    out_v, out_u = (_check_pos_int(int(s) if not isinstance(s, bool) else s, "out_size", "up_align2nat") for s in out_size)
+    out_v, out_u = (
+        _check_pos_int(int(s) if not isinstance(s, bool) else s, "out_size", "up_align2nat")
+        for s in out_size
+    )
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"up_align2nat: mode must be 'bilinear' or 'nearest', got {mode!r}")
     if _use_fused():

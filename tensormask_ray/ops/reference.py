@@ -19,8 +19,14 @@ def _shift_gather(x: torch.Tensor, step_v: int, step_u: int, pad_value: float) -
     """out[n,v,u,y,x] = x[n,v,u, y + step_v*(v - V//2), x + step_u*(u - U//2)], pad outside."""
     N, V, U, H, W = x.shape  # (N, V, U, H, W)
     dev = x.device
-    ys = torch.arange(H, device=dev)[None, :] + step_v * (torch.arange(V, device=dev) - V // 2)[:, None]  # (V, H)
-    xs = torch.arange(W, device=dev)[None, :] + step_u * (torch.arange(U, device=dev) - U // 2)[:, None]  # (U, W)
+    ys = (
+        torch.arange(H, device=dev)[None, :]
+        + step_v * (torch.arange(V, device=dev) - V // 2)[:, None]
+    )  # (V, H)
+    xs = (
+        torch.arange(W, device=dev)[None, :]
+        + step_u * (torch.arange(U, device=dev) - U // 2)[:, None]
+    )  # (U, W)
     valid = ((ys >= 0) & (ys < H)).view(1, V, 1, H, 1) & ((xs >= 0) & (xs < W)).view(1, 1, U, 1, W)
     idx_y = ys.clamp(0, H - 1).view(1, V, 1, H, 1).expand(N, V, U, H, W)
     idx_x = xs.clamp(0, W - 1).view(1, 1, U, 1, W).expand(N, V, U, H, W)

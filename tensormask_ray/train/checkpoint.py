@@ -55,7 +55,9 @@ def rng_state(device: torch.device | None = None) -> dict[str, Any]:
     """This process's RNG state (python, numpy, torch CPU, and the CUDA generator of `device`)."""
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
+        "numpy": torch.from_numpy(
+            np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()
+        ),
         "numpy_pos": int(np.random.get_state()[2]),
         "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
     }
@@ -124,7 +126,13 @@ def find_checkpoints(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [d for d in [folder, *folder.iterdir()] if d.is_dir() and (d / STATE_FILE).is_file()]
-    found += [d for sub in folder.iterdir() if sub.is_dir() for d in sub.iterdir() if d.is_dir() and (d / STATE_FILE).is_file()]
+    found += [
+        d
+        for sub in folder.iterdir()
+        if sub.is_dir()
+        for d in sub.iterdir()
+        if d.is_dir() and (d / STATE_FILE).is_file()
+    ]
     return sorted(set(found))
 
 
@@ -158,13 +166,17 @@ def checkpoint_file(path: str | Path) -> Path:
         raise UserError(f"checkpoint {p}: no such file or folder. {_found_in(p.parent)}")
     if p.is_dir():
         if not (p / STATE_FILE).is_file():
-            raise UserError(f"{p} is not a checkpoint: it holds no {STATE_FILE} ({_WHAT_A_CHECKPOINT_IS}). {_found_in(p)}")
+            raise UserError(
+                f"{p} is not a checkpoint: it holds no {STATE_FILE} ({_WHAT_A_CHECKPOINT_IS}). {_found_in(p)}"
+            )
         return p / STATE_FILE
     if not zipfile.is_zipfile(p):  # torch.save writes a zip archive
         with p.open("rb") as f:
             head = f.read(64).lstrip()
         kind = "a JSON file" if head[:1] in (b"{", b"[") else "not a PyTorch file"
-        raise UserError(f"{p} is not a checkpoint: it is {kind} ({_WHAT_A_CHECKPOINT_IS}). {_found_in(p.parent)}")
+        raise UserError(
+            f"{p} is not a checkpoint: it is {kind} ({_WHAT_A_CHECKPOINT_IS}). {_found_in(p.parent)}"
+        )
     return p
 
 
@@ -175,7 +187,9 @@ def read_state(path: str | Path) -> dict[str, Any]:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here is the file's
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"checkpoint {p} could not be read ({reason}); {_WHAT_A_CHECKPOINT_IS}") from e
+        raise UserError(
+            f"checkpoint {p} could not be read ({reason}); {_WHAT_A_CHECKPOINT_IS}"
+        ) from e
     if not isinstance(state, dict) or not {"model", "config"} <= set(state):
         raise UserError(
             f"{p} is a PyTorch file but not a tensormask-ray checkpoint (no 'model' and 'config' "
@@ -217,13 +231,18 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
         if wrong:
-            shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:6]]
+            shapes = [
+                f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+                for k in wrong[:6]
+            ]
             parts.append(f"shape mismatches {shapes}")
         raise UserError(f"checkpoint {source} does not match the model config: " + "; ".join(parts))
     model.load_state_dict(weights)
 
 
-def load_model_for_inference(path: str | Path, overrides: dict[str, Any] | None = None, device: str = "cpu"):
+def load_model_for_inference(
+    path: str | Path, overrides: dict[str, Any] | None = None, device: str = "cpu"
+):
     """(model in eval mode, Config, categories) from a checkpoint folder or state.pt. `overrides`
     (dotted keys, e.g. inference.score_thresh) apply to the stored config."""
     from ..config import apply_overrides
@@ -259,6 +278,8 @@ def export_for_inference(checkpoint: str, folder: str | Path) -> int:
             state = read_state(tmp)
     else:
         state = read_state(checkpoint)
-    keep = {k: state[k] for k in ("model", "config", "categories", "iteration", "epoch") if k in state}
+    keep = {
+        k: state[k] for k in ("model", "config", "categories", "iteration", "epoch") if k in state
+    }
     torch.save(keep, folder / STATE_FILE)
     return int(state.get("iteration", 0))

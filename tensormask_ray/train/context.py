@@ -129,4 +129,10 @@ class LocalContext:
             shutil.rmtree(old)
 
 
-__all__ = ["LocalContext", "WorkerContext", "checkpoint_folders", "gather_to_rank0", "max_across_ranks"]
+__all__ = [
+    "LocalContext",
+    "WorkerContext",
+    "checkpoint_folders",
+    "gather_to_rank0",
+    "max_across_ranks",
+]

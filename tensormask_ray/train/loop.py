@@ -45,7 +45,8 @@ from .progress import Progress
 from .schedule import LRSchedule, build_optimizer, set_lr
 
 FAILURE_MARKER = ".failure-injected"
-RESUMED_METRIC = "train/resumed_at_iteration"  # logged (rank 0) each time the run restarts from a checkpoint
+# logged (rank 0) each time the run restarts from a checkpoint
+RESUMED_METRIC = "train/resumed_at_iteration"
 
 
 class InjectedFailure(RuntimeError):
@@ -74,7 +75,13 @@ class Validation(Protocol):
     at the same iterations; it returns the val/* metrics on rank 0 and {} on the others."""
 
     def __call__(
-        self, model: torch.nn.Module, cfg: Config, ctx: WorkerContext, run: RunSettings, iteration: int, logger
+        self,
+        model: torch.nn.Module,
+        cfg: Config,
+        ctx: WorkerContext,
+        run: RunSettings,
+        iteration: int,
+        logger,
     ) -> dict[str, float]: ...
 
 
@@ -95,7 +102,10 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, list[dict]]:
     images = batch["images"].to(device, non_blocking=True)
-    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in batch["targets"]]
+    targets = [
+        {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
+        for t in batch["targets"]
+    ]
     return images, targets
 
 
@@ -158,7 +168,9 @@ def _start_system_metrics(cfg: Config, run: RunSettings, world_size: int):
     if ctx.get_local_rank() != 0 or not run.mlflow_run_id:
         return None
     node = f"node_{ctx.get_node_rank()}" if ctx.get_local_world_size() < world_size else None
-    return start_system_metrics(run.mlflow_uri, run.mlflow_run_id, cfg.tracking.system_metrics_interval, node)
+    return start_system_metrics(
+        run.mlflow_uri, run.mlflow_run_id, cfg.tracking.system_metrics_interval, node
+    )
 
 
 def run_training_loop(
@@ -179,7 +191,9 @@ def run_training_loop(
     _seed_everything(cfg.seed + 1000 * rank)
     with ctx.latest_checkpoint() as folder:
         # model.weights (fine-tuning) initialises a fresh run only; a resumed one has its own weights.
-        model = ctx.prepare_model(build_model(cfg if folder is None else apply_overrides(cfg, {"model.weights": None})))
+        model = ctx.prepare_model(
+            build_model(cfg if folder is None else apply_overrides(cfg, {"model.weights": None}))
+        )
         batch_size = cfg.data.batch_size_per_worker
         schedule = LRSchedule.from_config(cfg.solver, batch_size * world)
         optimizer = build_optimizer(model, cfg.solver, schedule.lr_at(0))
@@ -192,12 +206,17 @@ def run_training_loop(
             state = load_training_state(folder, model, optimizer, rank=rank, device=device)
             if state.get("scheduler", {}).get("scaler") and scaler.is_enabled():
                 scaler.load_state_dict(state["scheduler"]["scaler"])
-            iteration, epoch = state["iteration"], state["epoch"] + 1  # a resumed run starts a fresh epoch
+            iteration, epoch = (
+                state["iteration"],
+                state["epoch"] + 1,
+            )  # a resumed run starts a fresh epoch
             if not state["rng_restored"]:  # a rank the run that wrote the checkpoint did not have
                 _seed_everything(cfg.seed + 1000 * rank + iteration)
             if rank == 0:
                 print(f"[train] resumed from checkpoint at iteration {iteration}", flush=True)
-                if logger is not None:  # one point per (re)start from a checkpoint: the run's restarts
+                if (
+                    logger is not None
+                ):  # one point per (re)start from a checkpoint: the run's restarts
                     logger.log_metrics({RESUMED_METRIC: iteration}, step=iteration)
 
     max_iter = cfg.solver.max_iter
@@ -217,28 +236,47 @@ def run_training_loop(
             except StopIteration:
                 break
             t_data = time.perf_counter()
-            if cfg.train.fail_at_iter and iteration == cfg.train.fail_at_iter and rank == world - 1 and not storage.exists(marker):
-                storage.write_text(marker, f"rank {rank} failed on purpose at iteration {iteration}\n")
-                raise InjectedFailure(f"train.fail_at_iter: rank {rank} raises at iteration {iteration}")
+            if (
+                cfg.train.fail_at_iter
+                and iteration == cfg.train.fail_at_iter
+                and rank == world - 1
+                and not storage.exists(marker)
+            ):
+                storage.write_text(
+                    marker, f"rank {rank} failed on purpose at iteration {iteration}\n"
+                )
+                raise InjectedFailure(
+                    f"train.fail_at_iter: rank {rank} raises at iteration {iteration}"
+                )
             lr = schedule.lr_at(iteration)
             set_lr(optimizer, lr)
             images, targets = _to_device(batch, device)
             model.train()
-            autocast = torch.autocast(device_type="cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+            autocast = (
+                torch.autocast(device_type="cuda", dtype=amp_dtype)
+                if use_amp
+                else contextlib.nullcontext()
+            )
             with autocast:
                 losses = model(images, targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at iteration {iteration}: {{{', '.join(f'{k}: {v.item():.4g}' for k, v in losses.items())}}}")
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at iteration {iteration}: {{{', '.join(f'{k}: {v.item():.4g}' for k, v in losses.items())}}}"
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.solver.grad_clip > 0:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.solver.grad_clip)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], cfg.solver.grad_clip
+                )
             scaler.step(optimizer)
             scaler.update()
             iteration += 1
-            window.add(t_data - t_start, time.perf_counter() - t_start, images.shape[0] * world, losses)
+            window.add(
+                t_data - t_start, time.perf_counter() - t_start, images.shape[0] * world, losses
+            )
             since_report[0] += float(loss.detach())
             since_report[1] += 1
 
@@ -249,12 +287,28 @@ def run_training_loop(
                     logger.log_metrics(metrics, step=iteration)
                 window = _Window()
 
-            if validation is not None and run.val_shards and validation_due(cfg.train, iteration, max_iter):
+            if (
+                validation is not None
+                and run.val_shards
+                and validation_due(cfg.train, iteration, max_iter)
+            ):
                 last_val = validation(_unwrap(model), cfg, ctx, run, iteration, logger) or last_val
 
             if iteration % cfg.train.checkpoint_period == 0 or iteration == max_iter:
                 mean_loss = since_report[0] / max(since_report[1], 1)
-                reported = _checkpoint_and_report(cfg, ctx, run, model, optimizer, scaler, iteration, epoch, mean_loss, last_val, logger)
+                reported = _checkpoint_and_report(
+                    cfg,
+                    ctx,
+                    run,
+                    model,
+                    optimizer,
+                    scaler,
+                    iteration,
+                    epoch,
+                    mean_loss,
+                    last_val,
+                    logger,
+                )
                 since_report = [0.0, 0]
         batches.close()
         epoch += 1
@@ -275,18 +329,26 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
     return out
 
 
-def _checkpoint_and_report(cfg, ctx, run, model, optimizer, scaler, iteration, epoch, mean_loss, last_val, logger) -> dict[str, Any]:
+def _checkpoint_and_report(
+    cfg, ctx, run, model, optimizer, scaler, iteration, epoch, mean_loss, last_val, logger
+) -> dict[str, Any]:
     """Write a checkpoint (rank 0, holding every rank's RNG state) and report on every rank.
     `mean_loss`: this rank's training loss averaged over the iterations since the last report
     (what schedulers such as ASHA compare: a single batch's loss is too noisy)."""
     rank = ctx.rank
-    metrics: dict[str, Any] = {"iteration": iteration, "epoch": epoch, "train/loss": float(mean_loss)}
+    metrics: dict[str, Any] = {
+        "iteration": iteration,
+        "epoch": epoch,
+        "train/loss": float(mean_loss),
+    }
     memory = _peak_memory(ctx.device)
     metrics.update(memory)
     if rank == 0 and logger is not None:
         logger.log_metrics(memory, step=iteration)
     metrics.update(last_val)
-    metrics.setdefault(run.checkpoint_metric, -math.inf if cfg.train.checkpoint_mode == "max" else math.inf)
+    metrics.setdefault(
+        run.checkpoint_metric, -math.inf if cfg.train.checkpoint_mode == "max" else math.inf
+    )
     rng_states = gather_to_rank0(rng_state(ctx.device))
     # A deterministic folder name, so the path can travel with the metrics (Tune's results carry
     # no Train checkpoint, and sweeps need to find each trial's checkpoints).
@@ -300,14 +362,18 @@ def _checkpoint_and_report(cfg, ctx, run, model, optimizer, scaler, iteration, e
                 rng_states=rng_states,
             )  # fmt: skip
             ctx.report(metrics, tmp, dir_name)
-        storage.write_json(storage.join(run.run_dir, PROGRESS_FILE), {"iteration": iteration, "epoch": epoch})
+        storage.write_json(
+            storage.join(run.run_dir, PROGRESS_FILE), {"iteration": iteration, "epoch": epoch}
+        )
     else:
         ctx.report(metrics, None, dir_name)
     sys.stdout.flush()
     return metrics
 
 
-def loop_config(cfg: Config, run: RunSettings, validation: Validation | None = None) -> dict[str, Any]:
+def loop_config(
+    cfg: Config, run: RunSettings, validation: Validation | None = None
+) -> dict[str, Any]:
     """The `train_loop_config` of the TorchTrainer for `train_loop_per_worker`."""
     config = cfg.to_dict()
     if cfg.model.weights:  # the workers may not run in this directory

@@ -30,7 +30,9 @@ class Progress:
         done = it - self.start_iter
         eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.max_iter - it)
         terms = " ".join(
-            f"{k.removeprefix('train/loss_')} {metrics[k]:.3f}" for k in sorted(metrics) if k.startswith("train/loss_")
+            f"{k.removeprefix('train/loss_')} {metrics[k]:.3f}"
+            for k in sorted(metrics)
+            if k.startswith("train/loss_")
         )
         width = len(str(self.max_iter))
         line = (

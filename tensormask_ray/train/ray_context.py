@@ -30,11 +30,16 @@ class RayTrainContext:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # collectives of Python objects use the current device
+            torch.cuda.set_device(
+                self.device
+            )  # collectives of Python objects use the current device
         self._cfg, self._run_dir = cfg, run_dir
         self._shard = None
         node = ray.get_runtime_context().get_node_id()
-        print(f"[train] rank {self.rank} of {self.world_size} on node {node} ({self.device})", flush=True)
+        print(
+            f"[train] rank {self.rank} of {self.world_size} on node {node} ({self.device})",
+            flush=True,
+        )
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return ray.train.torch.prepare_model(model)
@@ -48,7 +53,9 @@ class RayTrainContext:
         with checkpoint.as_directory() as folder:
             yield folder
 
-    def _newest_in_storage(self, registered: ray.train.Checkpoint | None) -> ray.train.Checkpoint | None:
+    def _newest_in_storage(
+        self, registered: ray.train.Checkpoint | None
+    ) -> ray.train.Checkpoint | None:
         """`registered` (Ray's latest), or the progress file's checkpoint where that is newer."""
         progress = storage.read_json(storage.join(self._run_dir, PROGRESS_FILE))
         known = iteration_of(registered.path) if registered is not None else None
@@ -58,7 +65,10 @@ class RayTrainContext:
         if not storage.exists(storage.join(path, STATE_FILE)):
             return registered
         if self.rank == 0:
-            print(f"[train] checkpoint {path} is newer than Ray's record of the run ({registered and registered.path}): resuming from it", flush=True)
+            print(
+                f"[train] checkpoint {path} is newer than Ray's record of the run ({registered and registered.path}): resuming from it",
+                flush=True,
+            )
         return ray.train.Checkpoint(path)
 
     def train_batches(self, epoch: int) -> Iterable[dict[str, Any]]:
@@ -66,7 +76,9 @@ class RayTrainContext:
 
         if self._shard is None:
             self._shard = ray.train.get_dataset_shard("train")
-        return iter_train_batches(self._shard, self._cfg.data.batch_size_per_worker, self._cfg, epoch=epoch)
+        return iter_train_batches(
+            self._shard, self._cfg.data.batch_size_per_worker, self._cfg, epoch=epoch
+        )
 
     def report(self, metrics: dict[str, Any], checkpoint: str | None, dir_name: str) -> None:
         ray.train.report(

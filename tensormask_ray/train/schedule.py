@@ -47,11 +47,15 @@ def scaled_lr(solver: SolverConfig, global_batch: int) -> float:
     return solver.base_lr * global_batch / solver.reference_batch_size
 
 
-def build_optimizer(model: torch.nn.Module, solver: SolverConfig, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, solver: SolverConfig, lr: float
+) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if solver.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=solver.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=solver.momentum, weight_decay=solver.weight_decay)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=solver.momentum, weight_decay=solver.weight_decay
+    )
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -64,4 +64,9 @@ def copy_to_local(uri: str, local_path) -> None:
     import pyarrow.fs
 
     fs, path = _fs_and_path(uri)
-    pyarrow.fs.copy_files(path, str(local_path), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
+    pyarrow.fs.copy_files(
+        path,
+        str(local_path),
+        source_filesystem=fs,
+        destination_filesystem=pyarrow.fs.LocalFileSystem(),
+    )

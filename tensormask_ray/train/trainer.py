@@ -65,16 +65,22 @@ def check_run(cfg: Config, resume: bool) -> tuple[str, str, list[dict]]:
     if cfg.model.weights:
         weights = Path(cfg.model.weights)
         if not state_path(weights).is_file():
-            raise ConfigError(f"config key 'model.weights': no checkpoint at {weights} (a folder holding state.pt, or the file)")
+            raise ConfigError(
+                f"config key 'model.weights': no checkpoint at {weights} (a folder holding state.pt, or the file)"
+            )
     if cfg.data.val_shards:
         val = load_categories(cfg.data.val_shards)
         if [c["id"] for c in val] != [c["id"] for c in categories]:
-            raise ConfigError("config key 'data.val_shards': its categories differ from the training shards'")
+            raise ConfigError(
+                "config key 'data.val_shards': its categories differ from the training shards'"
+            )
     if cfg.train.use_gpu:
         import torch
 
         if not torch.cuda.is_available() and not os.environ.get("RAY_ADDRESS"):
-            raise UserError("--use-gpu (train.use_gpu) was given but this machine has no CUDA device")
+            raise UserError(
+                "--use-gpu (train.use_gpu) was given but this machine has no CUDA device"
+            )
     store = storage.absolute(cfg.train.storage_path)
     run_dir = storage.join(store, cfg.train.run_name)
     exists = storage.exists(storage.join(run_dir, MLFLOW_RUN_FILE))
@@ -139,7 +145,9 @@ def build_trainer(
         train_loop_config=loop_config(cfg, run, validation),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources,
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker=resources,
             placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
@@ -156,7 +164,9 @@ def build_trainer(
             # would duplicate them and defeats pycocotools' silencing.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
-        datasets={"train": build_train_dataset(cfg.data.train_shards, cfg, start_epoch=start_epoch)},
+        datasets={
+            "train": build_train_dataset(cfg.data.train_shards, cfg, start_epoch=start_epoch)
+        },
         dataset_config=train_data_config(),
     )
 
@@ -188,7 +198,13 @@ def start_mlflow_run(
         logger = RunLogger(mlflow_uri, previous)
         logger.reopen()
         return logger
-    logger = RunLogger.create(mlflow_uri, cfg.tracking.experiment, run_name or cfg.train.run_name, tags=tags, context_tags=context_tags)
+    logger = RunLogger.create(
+        mlflow_uri,
+        cfg.tracking.experiment,
+        run_name or cfg.train.run_name,
+        tags=tags,
+        context_tags=context_tags,
+    )
     logger.log_params(cfg.flat())
     logger.log_text(cfg.to_yaml(), "config.yaml")
     logger.set_tags({"run_dir": run_dir})
@@ -201,12 +217,17 @@ def log_datasets(logger: RunLogger, cfg: Config) -> None:
     """The training and validation shards as the run's dataset inputs."""
     from ..data.manifest import dataset_summary
 
-    for shards, context in ((cfg.data.train_shards, "training"), (cfg.data.val_shards, "validation")):
+    for shards, context in (
+        (cfg.data.train_shards, "training"),
+        (cfg.data.val_shards, "validation"),
+    ):
         if shards:
             logger.log_dataset(Dataset(**dataset_summary(shards)), context)
 
 
-def log_checkpoint_model(logger: RunLogger, checkpoint: str, registered_model: str = "") -> tuple[str, str | None]:
+def log_checkpoint_model(
+    logger: RunLogger, checkpoint: str, registered_model: str = ""
+) -> tuple[str, str | None]:
     """Logs a checkpoint's weights as the run's MLflow model (or finds the one already logged from
     it) and, given a name, registers it as a new version of that model. Returns (model id,
     registered version or None)."""
@@ -215,14 +236,20 @@ def log_checkpoint_model(logger: RunLogger, checkpoint: str, registered_model: s
 
     from .checkpoint import export_for_inference
 
-    logged = [model_id for model_id, tags in logger.logged_models() if tags.get("checkpoint") == checkpoint]
+    logged = [
+        model_id
+        for model_id, tags in logger.logged_models()
+        if tags.get("checkpoint") == checkpoint
+    ]
     if logged:
         model_id = logged[-1]
     else:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / checkpoint.rstrip("/").rsplit("/", 1)[-1]
             iteration = export_for_inference(checkpoint, folder)
-            model_id = logger.log_model(folder, step=iteration, tags={"checkpoint": checkpoint, "iteration": iteration})
+            model_id = logger.log_model(
+                folder, step=iteration, tags={"checkpoint": checkpoint, "iteration": iteration}
+            )
     version = None
     if registered_model:
         version = register_model(logger.uri, model_id, registered_model)
@@ -230,18 +257,27 @@ def log_checkpoint_model(logger: RunLogger, checkpoint: str, registered_model: s
     return model_id, version
 
 
-def publish_model(logger: RunLogger, checkpoint: str, registered_model: str, who: str) -> str | None:
+def publish_model(
+    logger: RunLogger, checkpoint: str, registered_model: str, who: str
+) -> str | None:
     """`log_checkpoint_model` at the end of a finished run or sweep: a failure to log or register
     is a warning (the training is done and its checkpoints are safe), with the tag model_error.
     Returns the registered version, if any."""
     try:
         _, version = log_checkpoint_model(logger, checkpoint, registered_model)
     except Exception as e:  # noqa: BLE001 - reported, and the run still ends as what it was
-        print(f"[{who}] warning: checkpoint {checkpoint} could not be logged as an MLflow model: {e}", file=sys.stderr, flush=True)
+        print(
+            f"[{who}] warning: checkpoint {checkpoint} could not be logged as an MLflow model: {e}",
+            file=sys.stderr,
+            flush=True,
+        )
         logger.set_tags({"model_error": f"{type(e).__name__}: {e}"[:5000]})
         return None
     if version:
-        print(f"[{who}] registered checkpoint {checkpoint} as models:/{registered_model}/{version}", flush=True)
+        print(
+            f"[{who}] registered checkpoint {checkpoint} as models:/{registered_model}/{version}",
+            flush=True,
+        )
     return version
 
 
@@ -249,7 +285,13 @@ def record_checkpoints(logger: RunLogger, result, metric: str) -> None:
     """checkpoints.json: the kept checkpoints (their storage URIs), iteration and `metric`."""
     kept = []
     for ckpt, metrics in result.best_checkpoints or []:
-        kept.append({"path": _checkpoint_path(ckpt), "iteration": metrics.get("iteration"), metric: metrics.get(metric)})
+        kept.append(
+            {
+                "path": _checkpoint_path(ckpt),
+                "iteration": metrics.get("iteration"),
+                metric: metrics.get(metric),
+            }
+        )
     if kept:
         logger.log_dict(sorted(kept, key=lambda c: c["iteration"] or 0), "checkpoints.json")
 
@@ -267,15 +309,23 @@ def run_training(
     _check_validation(cfg, validation)
     store, run_dir, categories = check_run(cfg, resume)
     ensure_ray(address)
-    check_capacity(train_reservation(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu), "training")
+    check_capacity(
+        train_reservation(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu),
+        "training",
+    )
     uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
     check_tracking_uri(uri)
     logger = start_mlflow_run(cfg, run_dir, uri, resume)
-    print(f"[train] run '{cfg.train.run_name}' in {run_dir}; MLflow run {logger.run_id} ({uri})", flush=True)
+    print(
+        f"[train] run '{cfg.train.run_name}' in {run_dir}; MLflow run {logger.run_id} ({uri})",
+        flush=True,
+    )
     t0 = time.time()
     progress = storage.read_json(storage.join(run_dir, PROGRESS_FILE)) if resume else None
     start_epoch = progress["epoch"] + 1 if progress else 0
-    trainer = build_trainer(cfg, store, categories, uri, logger.run_id, start_epoch=start_epoch, validation=validation)
+    trainer = build_trainer(
+        cfg, store, categories, uri, logger.run_id, start_epoch=start_epoch, validation=validation
+    )
     error: BaseException | None = None
     try:
         result = trainer.fit()
@@ -308,11 +358,22 @@ def run_training(
     elif outcome.best_checkpoint and cfg.tracking.log_model:
         publish_model(logger, outcome.best_checkpoint, cfg.tracking.registered_model, "train")
     logger.end("FAILED" if error else "FINISHED")
-    print(f"[train] {'FAILED' if error else 'finished'}: checkpoint {outcome.checkpoint}", flush=True)
+    print(
+        f"[train] {'FAILED' if error else 'finished'}: checkpoint {outcome.checkpoint}", flush=True
+    )
     print(f"[train] best checkpoint ({metric}): {outcome.best_checkpoint}", flush=True)
     print(f"[train] see the run in MLflow: {ui_command(uri)}", flush=True)
     print(f"[train]   then open {ui_url(uri, cfg.tracking.experiment)}", flush=True)
     return outcome
 
 
-__all__ = ["TrainOutcome", "build_trainer", "check_run", "log_checkpoint_model", "publish_model", "record_checkpoints", "run_training", "start_mlflow_run"]
+__all__ = [
+    "TrainOutcome",
+    "build_trainer",
+    "check_run",
+    "log_checkpoint_model",
+    "publish_model",
+    "record_checkpoints",
+    "run_training",
+    "start_mlflow_run",
+]

@@ -36,8 +36,16 @@ class TrialEvents(Callback):
     `metric`/`mode`: what the sweep compares; `max_t`: the iterations of a full trial (a trial
     that ends before is one the scheduler stopped early)."""
 
-    def __init__(self, keys: list[str], metric: str, mode: str, max_t: int, scheduler: str = "ASHA"):
-        self.keys, self.metric, self.mode, self.max_t, self.scheduler = list(keys), metric, mode, int(max_t), scheduler
+    def __init__(
+        self, keys: list[str], metric: str, mode: str, max_t: int, scheduler: str = "ASHA"
+    ):
+        self.keys, self.metric, self.mode, self.max_t, self.scheduler = (
+            list(keys),
+            metric,
+            mode,
+            int(max_t),
+            scheduler,
+        )
         self._started: dict[str, float] = {}
         self._best: float | None = None
 
@@ -46,7 +54,10 @@ class TrialEvents(Callback):
 
     def _values(self, trial) -> str:
         config = trial.config or {}
-        return " ".join(f"{k.rsplit('.', 1)[-1]}={_value(config.get(k))}" for k in self.keys) or "(no swept values)"
+        return (
+            " ".join(f"{k.rsplit('.', 1)[-1]}={_value(config.get(k))}" for k in self.keys)
+            or "(no swept values)"
+        )
 
     def _score(self, result: dict[str, Any]) -> str:
         value = finite_or_none((result or {}).get(self.metric))
@@ -59,7 +70,9 @@ class TrialEvents(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         value = finite_or_none(result.get(self.metric))
         if value is not None:
-            better = self._best is None or (value > self._best if self.mode == "max" else value < self._best)
+            better = self._best is None or (
+                value > self._best if self.mode == "max" else value < self._best
+            )
             self._best = value if better else self._best
         self._say(trial, f"iter {result.get('iteration', '?')}: {self._score(result)}")
 
@@ -69,15 +82,24 @@ class TrialEvents(Callback):
         took = format_duration(time.time() - self._started.get(trial.trial_id, time.time()))
         if done < self.max_t:
             best = f" (best trial so far {self._best:.4g})" if self._best is not None else ""
-            self._say(trial, f"stopped early by {self.scheduler} at iter {done}: {self._score(result)}{best}")
+            self._say(
+                trial,
+                f"stopped early by {self.scheduler} at iter {done}: {self._score(result)}{best}",
+            )
         else:
             self._say(trial, f"finished: {done} iters, {self._score(result)} ({took})")
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
-        self._say(trial, f"failed (attempt {trial.num_failures} of {trial.max_failures + 1}, retrying): {self._error(trial)}")
+        self._say(
+            trial,
+            f"failed (attempt {trial.num_failures} of {trial.max_failures + 1}, retrying): {self._error(trial)}",
+        )
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._say(trial, f"FAILED after {trial.num_failures} attempt(s): {self._error(trial)} (details: {trial.path})")
+        self._say(
+            trial,
+            f"FAILED after {trial.num_failures} attempt(s): {self._error(trial)} (details: {trial.path})",
+        )
 
     @staticmethod
     def _error(trial) -> str:

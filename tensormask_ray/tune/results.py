@@ -24,9 +24,14 @@ def load_sweep(name: str, storage_path: str = "runs") -> tuple[str, dict[str, An
     sweep_dir = storage.join(storage.absolute(storage_path), name)
     path = storage.join(sweep_dir, SWEEP_FILE)
     if not storage.exists(path):
-        raise UserError(f"no sweep '{name}' in {storage.absolute(storage_path)} (no {SWEEP_FILE}); pass --storage-path")
+        raise UserError(
+            f"no sweep '{name}' in {storage.absolute(storage_path)} (no {SWEEP_FILE}); pass --storage-path"
+        )
     record = storage.read_json(path)
-    spec = parse_spec({k: v for k, v in record["spec"].items() if k != "source"}, record["spec"].get("source", path))
+    spec = parse_spec(
+        {k: v for k, v in record["spec"].items() if k != "source"},
+        record["spec"].get("source", path),
+    )
     return sweep_dir, record, spec
 
 
@@ -63,7 +68,9 @@ def trial_rows(name: str, storage_path: str = "runs") -> list[dict[str, Any]]:
         rows.append(
             {
                 "trial_id": trial.trial_id,
-                "name": trial_display_name(params, trial.trial_id, spec.num_samples, list(spec.search)),
+                "name": trial_display_name(
+                    params, trial.trial_id, spec.num_samples, list(spec.search)
+                ),
                 "params": params,
                 "status": trial.status,
                 "stopped_early": trial.status == "TERMINATED" and iterations < max_iter,
@@ -71,10 +78,16 @@ def trial_rows(name: str, storage_path: str = "runs") -> list[dict[str, Any]]:
                 "metric": best[spec.metric] if best else None,
                 "checkpoint": (best or {}).get("checkpoint_path"),
                 "mlflow_run_id": run_id,
-                "metrics": {k: v for k, v in (best or last).items() if "/" in k and is_finite_number(v)},
+                "metrics": {
+                    k: v for k, v in (best or last).items() if "/" in k and is_finite_number(v)
+                },
                 "run_dir": run_dir,
-                "reported": [(int(h.get("iteration", 0) or 0), float(h[spec.metric])) for h in scored],
-                "error": storage.read_text(storage.join(trial.path, "error.txt")) if trial.status == "ERROR" else None,
+                "reported": [
+                    (int(h.get("iteration", 0) or 0), float(h[spec.metric])) for h in scored
+                ],
+                "error": storage.read_text(storage.join(trial.path, "error.txt"))
+                if trial.status == "ERROR"
+                else None,
             }
         )
     rows.sort(key=lambda r: (r["metric"] is None, -sign * (r["metric"] or 0.0)))
@@ -87,7 +100,11 @@ def best_checkpoint(sweep: str, *, storage_path: str = "runs") -> tuple[str | No
     if not rows or rows[0]["metric"] is None:
         return None, {}
     best = rows[0]
-    return best["checkpoint"], {**best["metrics"], "mlflow_run_id": best["mlflow_run_id"], "trial_id": best["trial_id"]}
+    return best["checkpoint"], {
+        **best["metrics"],
+        "mlflow_run_id": best["mlflow_run_id"],
+        "trial_id": best["trial_id"],
+    }
 
 
 def _fmt(v: Any) -> str:
@@ -103,7 +120,18 @@ def _fmt(v: Any) -> str:
 def format_table(rows: list[dict[str, Any]], spec: SweepSpec) -> str:
     """The trials as a fixed-width table, best first."""
     keys = list(spec.search)
-    extra = [k for k in ("val/segm/AP", "val/segm/AP50", "val/segm/AP75", "val/segm/AP_L", "val/bbox/AP", "train/loss") if k != spec.metric]
+    extra = [
+        k
+        for k in (
+            "val/segm/AP",
+            "val/segm/AP50",
+            "val/segm/AP75",
+            "val/segm/AP_L",
+            "val/bbox/AP",
+            "train/loss",
+        )
+        if k != spec.metric
+    ]
     extra = [k for k in extra if any(k in r["metrics"] for r in rows)]
     header = ["#", "trial", *keys, spec.metric, *extra, "iters", "status"]
     table = [header]
@@ -115,7 +143,10 @@ def format_table(rows: list[dict[str, Any]], spec: SweepSpec) -> str:
     widths = [max(len(row[c]) for row in table) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return f"sweep '{spec.name}': {len(rows)} trials, {spec.metric} ({spec.mode}), best first\n" + "\n".join(lines)
+    return (
+        f"sweep '{spec.name}': {len(rows)} trials, {spec.metric} ({spec.mode}), best first\n"
+        + "\n".join(lines)
+    )
 
 
 def plot_metric(rows: list[dict[str, Any]], spec: SweepSpec, out: str | Path) -> Path:
@@ -128,7 +159,9 @@ def plot_metric(rows: list[dict[str, Any]], spec: SweepSpec, out: str | Path) ->
 
     keys = list(spec.search)
     # Constrained layout and a tight bounding box: titles and labels are never cut at the edge.
-    fig, axes = plt.subplots(1, len(keys), figsize=(max(4.2 * len(keys), 5.0), 3.8), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(max(4.2 * len(keys), 5.0), 3.8), squeeze=False, layout="constrained"
+    )
     for ax, key in zip(axes[0], keys):
         values = [r["params"].get(key) for r in rows]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
@@ -146,7 +179,10 @@ def plot_metric(rows: list[dict[str, Any]], spec: SweepSpec, out: str | Path) ->
         ax.set_xlabel(key)
         ax.set_ylabel(spec.metric)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"sweep '{spec.name}'\n{len(rows)} trials; filled: ran to the end, hollow: stopped early by ASHA", fontsize=10)
+    fig.suptitle(
+        f"sweep '{spec.name}'\n{len(rows)} trials; filled: ran to the end, hollow: stopped early by ASHA",
+        fontsize=10,
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight", pad_inches=0.1)

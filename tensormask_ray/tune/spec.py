@@ -47,7 +47,8 @@ from ..errors import UserError
 from ..finite import is_finite_number
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
-VARIANT = "variant"  # a search entry whose values are mappings of config overrides, applied together
+# a search entry whose values are mappings of config overrides, applied together
+VARIANT = "variant"
 
 
 class SpecError(UserError):
@@ -102,7 +103,9 @@ def _section(raw: Any, cls, where: str, source: str):
         raise SpecError(f"sweep spec {source}: '{where}' must be a mapping")
     unknown = set(raw) - _fields(cls)
     if unknown:
-        raise SpecError(f"sweep spec {source}: unknown key '{where}.{sorted(unknown)[0]}' (known: {sorted(_fields(cls))})")
+        raise SpecError(
+            f"sweep spec {source}: unknown key '{where}.{sorted(unknown)[0]}' (known: {sorted(_fields(cls))})"
+        )
     return cls(**raw)
 
 
@@ -112,7 +115,9 @@ def parse_spec(raw: Any, source: str = "<inline>") -> SweepSpec:
         raise SpecError(f"sweep spec {source}: must be a mapping")
     unknown = set(raw) - _fields(SweepSpec)
     if unknown:
-        raise SpecError(f"sweep spec {source}: unknown key '{sorted(unknown)[0]}' (known: {sorted(_fields(SweepSpec))})")
+        raise SpecError(
+            f"sweep spec {source}: unknown key '{sorted(unknown)[0]}' (known: {sorted(_fields(SweepSpec))})"
+        )
     for key in ("name", "search"):
         if key not in raw:
             raise SpecError(f"sweep spec {source}: '{key}' is required")
@@ -135,7 +140,9 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise SpecError(f"sweep spec {p} is not valid YAML: {e}") from e
     spec = parse_spec(raw, str(p))
     if spec.base and not Path(spec.base).is_absolute():
-        spec.base = str((p.parent / spec.base).resolve()) if (p.parent / spec.base).is_file() else spec.base
+        spec.base = (
+            str((p.parent / spec.base).resolve()) if (p.parent / spec.base).is_file() else spec.base
+        )
     return spec
 
 
@@ -168,7 +175,9 @@ def _check_types(spec: SweepSpec) -> None:
         if not ok(value):
             raise SpecError(f"sweep spec {src}: '{key}' must be {expected}, got {value!r}")
     if spec.scheduler.max_t is not None and spec.scheduler.max_t < spec.scheduler.grace_period:
-        raise SpecError(f"sweep spec {src}: 'scheduler.max_t' ({spec.scheduler.max_t}) is below 'scheduler.grace_period'")
+        raise SpecError(
+            f"sweep spec {src}: 'scheduler.max_t' ({spec.scheduler.max_t}) is below 'scheduler.grace_period'"
+        )
 
 
 def validate_spec(spec: SweepSpec) -> None:
@@ -179,18 +188,27 @@ def validate_spec(spec: SweepSpec) -> None:
 
 def _check(spec: SweepSpec) -> None:
     src = spec.source
-    if not isinstance(spec.name, str) or not spec.name or "/" in spec.name or spec.name.startswith("."):
+    if (
+        not isinstance(spec.name, str)
+        or not spec.name
+        or "/" in spec.name
+        or spec.name.startswith(".")
+    ):
         raise SpecError(f"sweep spec {src}: 'name' must be a plain folder name, got {spec.name!r}")
     _check_types(spec)
     if spec.mode not in ("max", "min"):
         raise SpecError(f"sweep spec {src}: 'mode' must be max or min, got {spec.mode!r}")
     if spec.search_alg not in ("random", "grid", "optuna"):
-        raise SpecError(f"sweep spec {src}: 'search_alg' must be random, grid or optuna, got {spec.search_alg!r}")
+        raise SpecError(
+            f"sweep spec {src}: 'search_alg' must be random, grid or optuna, got {spec.search_alg!r}"
+        )
     if spec.search_alg == "optuna" and importlib.util.find_spec("optuna") is None:
         raise SpecError(f"sweep spec {src}: 'search_alg' optuna needs the optuna package (`pip install optuna`), "
                         "which is not installed; use random or grid")  # fmt: skip
     if not isinstance(spec.search, dict) or not spec.search:
-        raise SpecError(f"sweep spec {src}: 'search' must map config keys to spaces, and not be empty")
+        raise SpecError(
+            f"sweep spec {src}: 'search' must map config keys to spaces, and not be empty"
+        )
     keys = set(known_keys())
     for key, space in spec.search.items():
         if key != VARIANT and key not in keys:
@@ -198,15 +216,23 @@ def _check(spec: SweepSpec) -> None:
         kind, values = space_of(key, space, src)
         if key == VARIANT:
             if kind not in ("choice", "grid") or not all(isinstance(v, dict) and v for v in values):
-                raise SpecError(f"sweep spec {src}: 'search.{VARIANT}' must list mappings of config keys to values")
+                raise SpecError(
+                    f"sweep spec {src}: 'search.{VARIANT}' must list mappings of config keys to values"
+                )
             for v in values:
                 bad = [k for k in v if k not in keys]
                 if bad:
-                    raise SpecError(f"sweep spec {src}: 'search.{VARIANT}' names '{bad[0]}', which is not a config key")
+                    raise SpecError(
+                        f"sweep spec {src}: 'search.{VARIANT}' names '{bad[0]}', which is not a config key"
+                    )
         if spec.search_alg == "grid" and kind not in ("choice", "grid"):
-            raise SpecError(f"sweep spec {src}: 'search.{key}' is {kind}, which search_alg grid cannot enumerate")
+            raise SpecError(
+                f"sweep spec {src}: 'search.{key}' is {kind}, which search_alg grid cannot enumerate"
+            )
         if spec.search_alg == "optuna" and kind == "grid":
-            raise SpecError(f"sweep spec {src}: 'search.{key}': grid spaces need search_alg random or grid")
+            raise SpecError(
+                f"sweep spec {src}: 'search.{key}': grid spaces need search_alg random or grid"
+            )
 
 
 def space_of(key: str, space: Any, source: str = "<inline>") -> tuple[str, list[Any]]:
@@ -217,11 +243,15 @@ def space_of(key: str, space: Any, source: str = "<inline>") -> tuple[str, list[
     elif isinstance(space, dict) and len(space) == 1 and next(iter(space)) in SPACE_KINDS:
         kind, values = next(iter(space.items()))
     else:
-        raise SpecError(f"{where} must be a list of values or one of {{{', '.join(SPACE_KINDS)}: ...}}, got {space!r}")
+        raise SpecError(
+            f"{where} must be a list of values or one of {{{', '.join(SPACE_KINDS)}: ...}}, got {space!r}"
+        )
     if not isinstance(values, list) or not values:
         raise SpecError(f"{where} is an empty space")
     if kind in ("uniform", "loguniform", "randint"):
-        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        if len(values) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        ):
             raise SpecError(f"{where}: {kind} takes [lo, hi], got {values!r}")
         lo, hi = values
         if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
@@ -244,7 +274,11 @@ def base_config(spec: SweepSpec, overrides: list[str] | dict[str, Any] | None = 
         cfg = load_config(spec.base, None, spec.preset)
         cfg = apply_overrides(cfg, flatten(spec.config))
         if overrides:
-            items = overrides if isinstance(overrides, dict) else dict(parse_override(o) for o in overrides)
+            items = (
+                overrides
+                if isinstance(overrides, dict)
+                else dict(parse_override(o) for o in overrides)
+            )
             cfg = apply_overrides(cfg, items)
         cfg = cfg.validate()
     except ConfigError as e:
@@ -258,7 +292,9 @@ def base_config(spec: SweepSpec, overrides: list[str] | dict[str, Any] | None = 
             try:
                 apply_overrides(cfg, trial_overrides({key: value})).validate()
             except ConfigError as e:
-                raise SpecError(f"sweep spec {spec.source}: 'search.{key}' value {value!r}: {e}") from e
+                raise SpecError(
+                    f"sweep spec {spec.source}: 'search.{key}' value {value!r}: {e}"
+                ) from e
     _check_combinations(spec, cfg)
     return cfg
 
@@ -283,7 +319,9 @@ def _check_combinations(spec: SweepSpec, cfg: Config) -> None:
             apply_overrides(cfg, trial_overrides(params)).validate()
         except ConfigError as e:
             named = ", ".join(f"search.{k}={v!r}" for k, v in params.items())
-            raise SpecError(f"sweep spec {spec.source}: the trial {named} is not a valid config: {e}") from e
+            raise SpecError(
+                f"sweep spec {spec.source}: the trial {named} is not a valid config: {e}"
+            ) from e
 
 
 def trial_overrides(params: dict[str, Any]) -> dict[str, Any]:

@@ -80,7 +80,9 @@ def _train_overrides(spec: SweepSpec) -> dict[str, Any]:
     return train_overrides
 
 
-def _context(spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent_run_id: str) -> dict[str, Any]:
+def _context(
+    spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent_run_id: str
+) -> dict[str, Any]:
     return {
         "sweep": spec.name,
         "config": cfg.to_dict(),
@@ -129,7 +131,11 @@ def effective_spec_yaml(spec: SweepSpec, overrides: list[str] | dict[str, Any] |
 
     from ..config import parse_override
 
-    items = overrides if isinstance(overrides, dict) else dict(parse_override(o) for o in overrides or [])
+    items = (
+        overrides
+        if isinstance(overrides, dict)
+        else dict(parse_override(o) for o in overrides or [])
+    )
     data = spec.to_dict()
     data.pop("source", None)
     config = copy.deepcopy(data["config"])
@@ -141,7 +147,9 @@ def effective_spec_yaml(spec: SweepSpec, overrides: list[str] | dict[str, Any] |
         node[leaf] = value
     data["config"] = config
     given = ", ".join(f"{k}={v}" for k, v in items.items()) or "none"
-    header = f"# sweep spec {spec.source} as run; command-line overrides applied to config: {given}\n"
+    header = (
+        f"# sweep spec {spec.source} as run; command-line overrides applied to config: {given}\n"
+    )
     return header + yaml.safe_dump(data, sort_keys=False)
 
 
@@ -150,9 +158,13 @@ def _tuner(spec: SweepSpec, cfg: Config, context: dict[str, Any], restore_path: 
 
     from .events import TrialEvents
 
-    trainable = tune.with_resources(tune.with_parameters(_trial, context=context), {"CPU": TRIAL_CPU})
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, context=context), {"CPU": TRIAL_CPU}
+    )
     if restore_path:
-        return tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(
+            restore_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
     if spec.scheduler.type == "asha":
         from .scheduler import ResumableASHA
 
@@ -171,7 +183,9 @@ def _tuner(spec: SweepSpec, cfg: Config, context: dict[str, Any], restore_path: 
         try:
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as e:
-            raise UserError(f"sweep spec {spec.source}: search_alg optuna needs `pip install optuna` ({e})") from e
+            raise UserError(
+                f"sweep spec {spec.source}: search_alg optuna needs `pip install optuna` ({e})"
+            ) from e
         search_alg = OptunaSearch(seed=spec.seed)
     elif spec.seed is not None:
         from ray.tune.search import BasicVariantGenerator
@@ -196,7 +210,10 @@ def _tuner(spec: SweepSpec, cfg: Config, context: dict[str, Any], restore_path: 
             verbose=0,
             callbacks=[
                 TrialEvents(
-                    list(spec.search), spec.metric, spec.mode, spec.scheduler.max_t or cfg.solver.max_iter,
+                    list(spec.search),
+                    spec.metric,
+                    spec.mode,
+                    spec.scheduler.max_t or cfg.solver.max_iter,
                     "ASHA" if spec.scheduler.type == "asha" else "the scheduler",
                 )
             ],
@@ -217,7 +234,9 @@ def _check_capacity(spec: SweepSpec, cfg: Config) -> None:
     reservation = sweep_reservation(
         concurrent_trials=min(spec.max_concurrent_trials, _planned_trials(spec)),
         workers=r.workers if r.workers is not None else cfg.train.num_workers,
-        cpus_per_worker=r.cpus_per_worker if r.cpus_per_worker is not None else cfg.train.cpus_per_worker,
+        cpus_per_worker=r.cpus_per_worker
+        if r.cpus_per_worker is not None
+        else cfg.train.cpus_per_worker,
         gpus_per_worker=1.0 if r.gpus_per_worker else 0.0,  # a trial's worker with a GPU holds one
         trial_cpus=TRIAL_CPU,
     )
@@ -250,26 +269,50 @@ def run_sweep(
 
     check_run(cfg, resume=False)  # shards, categories: before Ray starts
     ensure_ray(address)
-    _check_capacity(spec, cfg)  # before anything is recorded: a sweep that cannot run leaves no trace
+    _check_capacity(
+        spec, cfg
+    )  # before anything is recorded: a sweep that cannot run leaves no trace
     uri = resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
     check_tracking_uri(uri)
-    parent = RunLogger.create(uri, cfg.tracking.experiment, spec.name, tags={"sweep": spec.name, "sweep_dir": sweep_dir})
+    parent = RunLogger.create(
+        uri, cfg.tracking.experiment, spec.name, tags={"sweep": spec.name, "sweep_dir": sweep_dir}
+    )
     # Params: the search space (`search.<key>`, as JSON), the sweep's settings and the config
     # every trial shares (a searched key's base value would read as fixed: left out).
     parent.log_params({f"search.{k}": json.dumps(v) for k, v in spec.search.items()})
-    parent.log_params({"metric": spec.metric, "mode": spec.mode, "scheduler": spec.scheduler.type, "search_alg": spec.search_alg, "num_samples": spec.num_samples})
+    parent.log_params(
+        {
+            "metric": spec.metric,
+            "mode": spec.mode,
+            "scheduler": spec.scheduler.type,
+            "search_alg": spec.search_alg,
+            "num_samples": spec.num_samples,
+        }
+    )
     parent.log_params(fixed_params(spec, cfg, sweep_dir))
     parent.log_text(effective_spec_yaml(spec, overrides), "sweep_spec.yaml")
     parent.log_text(cfg.to_yaml(), "base_config.yaml")
-    record = {"spec": spec.to_dict(), "config": cfg.to_dict(), "mlflow_uri": uri, "parent_run_id": parent.run_id}
+    record = {
+        "spec": spec.to_dict(),
+        "config": cfg.to_dict(),
+        "mlflow_uri": uri,
+        "parent_run_id": parent.run_id,
+    }
     storage.write_json(storage.join(sweep_dir, SWEEP_FILE), record)
-    print(f"[sweep] '{spec.name}' in {sweep_dir}; MLflow parent run {parent.run_id} ({uri})", flush=True)
+    print(
+        f"[sweep] '{spec.name}' in {sweep_dir}; MLflow parent run {parent.run_id} ({uri})",
+        flush=True,
+    )
     context = _context(spec, cfg, sweep_dir, uri, parent.run_id)
     return _fit(_tuner(spec, cfg, context), spec, cfg, sweep_dir, uri, parent)
 
 
 def resume_sweep(
-    name: str, *, storage_path: str = "runs", address: str | None = None, mlflow_uri: str | None = None
+    name: str,
+    *,
+    storage_path: str = "runs",
+    address: str | None = None,
+    mlflow_uri: str | None = None,
 ) -> SweepOutcome:
     """Continues an interrupted sweep (Tuner.restore): finished trials are kept, unfinished and
     errored ones run again (their training runs resume from their latest checkpoints)."""
@@ -278,16 +321,29 @@ def resume_sweep(
     from ..config import from_dict
 
     sweep_dir = sweep_dir_of(storage_path, name)
-    record = storage.read_json(storage.join(sweep_dir, SWEEP_FILE)) if storage.exists(storage.join(sweep_dir, SWEEP_FILE)) else None
+    record = (
+        storage.read_json(storage.join(sweep_dir, SWEEP_FILE))
+        if storage.exists(storage.join(sweep_dir, SWEEP_FILE))
+        else None
+    )
     if record is None:
-        raise UserError(f"--resume: no sweep '{name}' in {storage.absolute(storage_path)} (no {SWEEP_FILE})")
+        raise UserError(
+            f"--resume: no sweep '{name}' in {storage.absolute(storage_path)} (no {SWEEP_FILE})"
+        )
     if not tune.Tuner.can_restore(sweep_dir):
-        raise UserError(f"--resume: sweep '{name}' in {sweep_dir} has no Tune state to restore (it never started)")
-    spec = parse_spec({k: v for k, v in record["spec"].items() if k != "source"}, record["spec"].get("source", SWEEP_FILE))
+        raise UserError(
+            f"--resume: sweep '{name}' in {sweep_dir} has no Tune state to restore (it never started)"
+        )
+    spec = parse_spec(
+        {k: v for k, v in record["spec"].items() if k != "source"},
+        record["spec"].get("source", SWEEP_FILE),
+    )
     cfg = from_dict(record["config"])
     uri = record["mlflow_uri"]
     if mlflow_uri and resolve_tracking_uri(mlflow_uri) != uri:
-        raise UserError(f"--resume {name}: the sweep logs to {uri} (its parent run is there), not {mlflow_uri}")
+        raise UserError(
+            f"--resume {name}: the sweep logs to {uri} (its parent run is there), not {mlflow_uri}"
+        )
     check_tracking_uri(uri)
     ensure_ray(address)
     _check_capacity(spec, cfg)
@@ -295,12 +351,18 @@ def resume_sweep(
     parent.reopen()
     resumes = int(get_run(uri, parent.run_id).data.tags.get("resumes", "0")) + 1
     parent.set_tags({"interrupted": "resumed", "resumes": resumes})
-    print(f"[sweep] resuming '{name}' in {sweep_dir}; MLflow parent run {parent.run_id}", flush=True)
+    print(
+        f"[sweep] resuming '{name}' in {sweep_dir}; MLflow parent run {parent.run_id}", flush=True
+    )
     context = _context(spec, cfg, sweep_dir, uri, parent.run_id)
-    return _fit(_tuner(spec, cfg, context, restore_path=sweep_dir), spec, cfg, sweep_dir, uri, parent)
+    return _fit(
+        _tuner(spec, cfg, context, restore_path=sweep_dir), spec, cfg, sweep_dir, uri, parent
+    )
 
 
-def _fit(tuner, spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent: RunLogger) -> SweepOutcome:
+def _fit(
+    tuner, spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent: RunLogger
+) -> SweepOutcome:
     from ..console import hide_worker_lines
     from .results import trial_rows
 
@@ -335,9 +397,16 @@ def _fit(tuner, spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent: 
     if best and best.get("checkpoint") and best.get("mlflow_run_id") and cfg.tracking.log_model:
         from ..train.trainer import publish_model
 
-        version = publish_model(RunLogger(uri, best["mlflow_run_id"]), best["checkpoint"], cfg.tracking.registered_model, "sweep")
+        version = publish_model(
+            RunLogger(uri, best["mlflow_run_id"]),
+            best["checkpoint"],
+            cfg.tracking.registered_model,
+            "sweep",
+        )
         if version:
-            parent.set_tags({"registered_model": f"models:/{cfg.tracking.registered_model}/{version}"})
+            parent.set_tags(
+                {"registered_model": f"models:/{cfg.tracking.registered_model}/{version}"}
+            )
     parent.end("FINISHED" if ok else "FAILED")
     print(format_table(rows, spec), flush=True)
     print(f"[sweep] see the sweep in MLflow: {ui_command(uri)}", flush=True)
@@ -345,7 +414,13 @@ def _fit(tuner, spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent: 
     return SweepOutcome(sweep_dir, uri, parent.run_id, rows)
 
 
-def _summarise(parent: RunLogger, rows: list[dict[str, Any]], spec: SweepSpec, best: dict[str, Any] | None, seconds: float) -> None:
+def _summarise(
+    parent: RunLogger,
+    rows: list[dict[str, Any]],
+    spec: SweepSpec,
+    best: dict[str, Any] | None,
+    seconds: float,
+) -> None:
     """The parent run's summary: the best trial, counts, the table as its description, the plot."""
     import tempfile
 
@@ -368,7 +443,11 @@ def _summarise(parent: RunLogger, rows: list[dict[str, Any]], spec: SweepSpec, b
     if best:
         summary["sweep/best_score"] = best["metric"]
     parent.log_metrics(summary, step=0)
-    headline = f"Best: **{best['name']}** (trial {best['trial_id']}), {SCORE} = {best['metric']:.6g}\n\n" if best else ""
+    headline = (
+        f"Best: **{best['name']}** (trial {best['trial_id']}), {SCORE} = {best['metric']:.6g}\n\n"
+        if best
+        else ""
+    )
     parent.set_note(
         f"Sweep `{spec.name}`: {spec.metric} ({spec.mode}); a trial's `{SCORE}` is its best {spec.metric}, "
         f"what Tune and `tensormask-ray runs compare` rank by.\n\n{headline}```\n{format_table(rows, spec)}\n```\n"
@@ -394,7 +473,10 @@ def _finish_trial_runs(rows: list[dict[str, Any]], uri: str, spec: SweepSpec) ->
             continue
         if row["status"] == "ERROR":
             if "error" not in run.data.tags:
-                logger.log_error(row.get("error") or f"the trial failed (Tune's report: error.txt of trial {row['trial_id']})")
+                logger.log_error(
+                    row.get("error")
+                    or f"the trial failed (Tune's report: error.txt of trial {row['trial_id']})"
+                )
             logger.end("FAILED")
         else:
             logger.set_tags({"tune.stopped_early": str(bool(row["stopped_early"])).lower()})
@@ -414,15 +496,30 @@ def _complete_sweep_metrics(logger: RunLogger, row: dict[str, Any], spec: SweepS
     logged = {step for step, _ in metric_history(logger.uri, logger.run_id, reported)}
     best = None
     for step, value in row["reported"]:
-        best = value if best is None or (value > best if spec.mode == "max" else value < best) else best
+        best = (
+            value
+            if best is None or (value > best if spec.mode == "max" else value < best)
+            else best
+        )
         if step not in logged:
             logger.log_metrics({reported: value, SCORE: best}, step=step)
     if row["metric"] is None:
         return
-    last_step = max((step for step, _ in metric_history(logger.uri, logger.run_id, SCORE)), default=0)
-    last = get_run(logger.uri, logger.run_id).data.metrics.get(SCORE)  # MLflow's latest: what the UI shows
+    last_step = max(
+        (step for step, _ in metric_history(logger.uri, logger.run_id, SCORE)), default=0
+    )
+    last = get_run(logger.uri, logger.run_id).data.metrics.get(
+        SCORE
+    )  # MLflow's latest: what the UI shows
     if last is None or not math.isclose(last, row["metric"], rel_tol=1e-9, abs_tol=1e-12):
         logger.log_metrics({SCORE: row["metric"]}, step=max(last_step, row["iterations"]))
 
 
-__all__ = ["SweepOutcome", "TRIALS_DIR", "resume_sweep", "run_sweep", "sweep_dir_of", "trial_run_name"]
+__all__ = [
+    "SweepOutcome",
+    "TRIALS_DIR",
+    "resume_sweep",
+    "run_sweep",
+    "sweep_dir_of",
+    "trial_run_name",
+]

@@ -48,17 +48,23 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def trial_display_name(params: dict[str, Any], trial_id: str, num_samples: int = 1, order: list[str] | None = None) -> str:
+def trial_display_name(
+    params: dict[str, Any], trial_id: str, num_samples: int = 1, order: list[str] | None = None
+) -> str:
     """A trial's name in MLflow: its swept values in the spec's `order` of search keys, e.g.
     `head=upscale_aligned lam=5` (a variant's keys are spelled out). With several samples per
     point, the trial's number follows (`#3`)."""
     from .spec import trial_overrides
 
     rank = {key: i for i, key in enumerate(order or [])}
-    values = trial_overrides(dict(sorted(params.items(), key=lambda kv: rank.get(kv[0], len(rank)))))
+    values = trial_overrides(
+        dict(sorted(params.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+    )
     names = {key: SHORT_NAMES.get(key, key.rsplit(".", 1)[-1]) for key in values}
     clashes = {n for n in names.values() if list(names.values()).count(n) > 1}
-    name = " ".join(f"{key if names[key] in clashes else names[key]}={_short(v)}" for key, v in values.items())
+    name = " ".join(
+        f"{key if names[key] in clashes else names[key]}={_short(v)}" for key, v in values.items()
+    )
     if num_samples > 1:
         name += f" #{int(trial_id.rsplit('_', 1)[-1])}"
     return name or trial_id
@@ -82,7 +88,9 @@ def _sweep_metric_logger(uri: str, run_id: str, metric: str, mode: str):
         best = get_run(uri, run_id).data.metrics.get(SCORE)  # a restarted trial continues its best
         while True:
             value, step = reports.get()
-            best = value if best is None or (value > best if mode == "max" else value < best) else best
+            best = (
+                value if best is None or (value > best if mode == "max" else value < best) else best
+            )
             logger.log_metrics({f"sweep/{metric}": value, SCORE: best}, step=step)
 
     class SweepMetricLogger(UserCallback):
@@ -95,7 +103,12 @@ def _sweep_metric_logger(uri: str, run_id: str, metric: str, mode: str):
                 return  # e.g. val/segm/AP before the first validation
             if self.reports is None:
                 self.reports = queue.Queue()
-                threading.Thread(target=log_reports, args=(self.reports,), daemon=True, name="sweep-metric-logger").start()
+                threading.Thread(
+                    target=log_reports,
+                    args=(self.reports,),
+                    daemon=True,
+                    name="sweep-metric-logger",
+                ).start()
             self.reports.put((float(value), int(step)))
 
     return SweepMetricLogger()
@@ -144,8 +157,19 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     if not resume:
         logger.log_params({f"sweep.{k}": v for k, v in params.items()})
     # Tune first: ASHA's decisions wait for nothing else.
-    callbacks = [TuneReportCallback(), _sweep_metric_logger(uri, logger.run_id, context["metric"], context["mode"])]
-    trainer = build_trainer(cfg, store, categories, uri, logger.run_id, callbacks=callbacks, validation=validate_on_shards)
+    callbacks = [
+        TuneReportCallback(),
+        _sweep_metric_logger(uri, logger.run_id, context["metric"], context["mode"]),
+    ]
+    trainer = build_trainer(
+        cfg,
+        store,
+        categories,
+        uri,
+        logger.run_id,
+        callbacks=callbacks,
+        validation=validate_on_shards,
+    )
     try:
         result = trainer.fit()
         error = result.error

@@ -230,7 +230,9 @@ class LocalNode:
     processes (raylet, agents, workers) down, as a machine that is lost takes them, and `start()`
     can bring it back as a new node."""
 
-    def __init__(self, head: LocalHead, num_cpus: int = 2, resources: dict[str, float] | None = None):
+    def __init__(
+        self, head: LocalHead, num_cpus: int = 2, resources: dict[str, float] | None = None
+    ):
         self.head, self.num_cpus, self.resources = head, num_cpus, dict(resources or {})
         self.session: int | None = None
         self.temp_dir: Path | None = None
@@ -239,7 +241,9 @@ class LocalNode:
         import json
 
         self.temp_dir = Path(tempfile.mkdtemp(prefix="tmr-node-", dir="/tmp"))
-        node_manager, object_manager, agent_listen, agent_grpc, metrics, runtime_env_agent = free_ports(6)
+        node_manager, object_manager, agent_listen, agent_grpc, metrics, runtime_env_agent = (
+            free_ports(6)
+        )
         lo, hi = free_port_range(32)
         cmd = [
             str(Path(sys.executable).parent / "ray"), "start", f"--address=127.0.0.1:{self.head.gcs}",
@@ -251,16 +255,27 @@ class LocalNode:
             f"--min-worker-port={lo}", f"--max-worker-port={hi}", f"--temp-dir={self.temp_dir}",
             "--disable-usage-stats",
         ]  # fmt: skip
-        known = {n["node_id"] for n in self.head.alive_nodes()}  # a killed node may still count as alive
+        known = {
+            n["node_id"] for n in self.head.alive_nodes()
+        }  # a killed node may still count as alive
         log = self.temp_dir / "ray-start.log"
         with open(log, "w") as f:
-            proc = subprocess.Popen(cmd, env=self.head.env, cwd=self.temp_dir, start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                cmd,
+                env=self.head.env,
+                cwd=self.temp_dir,
+                start_new_session=True,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
         self.session = proc.pid
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise RuntimeError(f"`ray start --address` did not return within {timeout:g} s") from None
+            raise RuntimeError(
+                f"`ray start --address` did not return within {timeout:g} s"
+            ) from None
         if proc.returncode != 0:
             out = log.read_text()[-4000:]
             self.kill()

@@ -76,17 +76,30 @@ def cluster():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("node_loss")
-    return {"root": root, "storage": root / "shared", "uri": f"sqlite:///{root / 'mlflow.db'}", "home": root / "home"}
+    return {
+        "root": root,
+        "storage": root / "shared",
+        "uri": f"sqlite:///{root / 'mlflow.db'}",
+        "home": root / "home",
+    }
 
 
-def _run_losing_a_node(args: list[str], head: LocalHead, node: LocalNode, store, progress_glob: str, log_name: str):
+def _run_losing_a_node(
+    args: list[str], head: LocalHead, node: LocalNode, store, progress_glob: str, log_name: str
+):
     """Runs the CLI command; once `progress_glob` (under the storage) shows a checkpoint, kills the
     second node and starts it again. Returns (completed process, pids killed, output)."""
     store["home"].mkdir(exist_ok=True)
     env = {**head.env, "HOME": str(store["home"]), "MLFLOW_TRACKING_URI": store["uri"]}
     log_path = store["root"] / log_name
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tensormask_ray.cli", *args], cwd=store["root"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tensormask_ray.cli", *args],
+            cwd=store["root"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         killed: set[int] = set()
         deadline = time.monotonic() + 600
         try:
@@ -145,7 +158,10 @@ def _check_the_run(output: str, run_id: str, uri: str, progress: Path):
 
 
 def _overrides(shards: Path) -> list[str]:
-    return [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in {**TINY, "data.train_shards": str(shards)}.items()]
+    return [
+        f"{k}={json.dumps(v) if isinstance(v, list) else v}"
+        for k, v in {**TINY, "data.train_shards": str(shards)}.items()
+    ]
 
 
 def test_a_training_run_survives_losing_a_node(cluster, store, synth_shards):
@@ -154,7 +170,9 @@ def test_a_training_run_survives_losing_a_node(cluster, store, synth_shards):
     head, node = cluster
     args = ["train", "--preset", "cpu-small", *_overrides(synth_shards), "--address", f"127.0.0.1:{head.gcs}",
             "--storage-path", str(store["storage"]), "--run-name", "lose-a-node", "--mlflow-uri", store["uri"]]  # fmt: skip
-    proc, killed, output = _run_losing_a_node(args, head, node, store, f"lose-a-node/{PROGRESS_FILE}", "train.log")
+    proc, killed, output = _run_losing_a_node(
+        args, head, node, store, f"lose-a-node/{PROGRESS_FILE}", "train.log"
+    )
     assert proc.returncode == 0, output[-6000:]
     assert killed, "no process of the second node was killed"
     run_dir = store["storage"] / "lose-a-node"
@@ -189,7 +207,9 @@ def test_a_sweep_trial_survives_losing_a_node(cluster, store, synth_shards):
     sweeps = store["storage"] / "sweeps"
     args = ["sweep", str(spec), *_overrides(synth_shards), "--address", f"127.0.0.1:{head.gcs}",
             "--storage-path", str(sweeps), "--mlflow-uri", store["uri"]]  # fmt: skip
-    proc, killed, output = _run_losing_a_node(args, head, node, store, f"sweeps/lose-a-node/trials/trial-*/{PROGRESS_FILE}", "sweep.log")
+    proc, killed, output = _run_losing_a_node(
+        args, head, node, store, f"sweeps/lose-a-node/trials/trial-*/{PROGRESS_FILE}", "sweep.log"
+    )
     assert proc.returncode == 0, output[-6000:]
     assert killed
     (trial_dir,) = (sweeps / "lose-a-node" / "trials").glob("trial-*")
@@ -197,11 +217,17 @@ def test_a_sweep_trial_survives_losing_a_node(cluster, store, synth_shards):
     client = MlflowClient(store["uri"])
     child = client.get_run(run_id)
     siblings = client.search_runs(
-        [child.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{child.data.tags['mlflow.parentRunId']}'"
+        [child.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{child.data.tags['mlflow.parentRunId']}'",
     )
     assert [r.info.run_id for r in siblings] == [run_id]  # the trial kept its one MLflow run
     assert child.info.status == "FINISHED"
     # A sweep's terminal shows trial events, not its workers' [train] lines: the log file has them.
     log_file = re.search(r"Logs of Ray and other libraries: (\S+)", output)
     assert log_file, output[-4000:]
-    _check_the_run(output + Path(log_file[1]).read_text(errors="replace"), run_id, store["uri"], trial_dir / PROGRESS_FILE)
+    _check_the_run(
+        output + Path(log_file[1]).read_text(errors="replace"),
+        run_id,
+        store["uri"],
+        trial_dir / PROGRESS_FILE,
+    )

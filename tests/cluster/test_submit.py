@@ -168,7 +168,14 @@ def test_paths_that_cannot_be_shared_are_warned_about(tmp_path):
     )
     spec = job.build_job(
         "train",
-        ["--config", "c.yaml", "--mlflow-uri", "sqlite:///mlflow.db", "data.val_shards=val", "model.weights=w"],
+        [
+            "--config",
+            "c.yaml",
+            "--mlflow-uri",
+            "sqlite:///mlflow.db",
+            "data.val_shards=val",
+            "model.weights=w",
+        ],
         cwd=tmp_path,
         environ={},
     )

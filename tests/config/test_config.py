@@ -18,12 +18,22 @@ def test_defaults_follow_the_paper():
     assert (cfg.model.min_level, cfg.model.max_level) == (2, 7)
     assert cfg.model.fpn_fuse == "avg"
     assert (cfg.loss.focal_gamma, cfg.loss.focal_alpha, cfg.loss.mask_fg_weight) == (3.0, 0.3, 1.5)
-    assert (cfg.solver.base_lr, cfg.solver.reference_batch_size, cfg.solver.warmup_iters) == (0.02, 16, 1000)
+    assert (cfg.solver.base_lr, cfg.solver.reference_batch_size, cfg.solver.warmup_iters) == (
+        0.02,
+        16,
+        1000,
+    )
     assert cfg.input.min_size_train == [640, 800] and cfg.input.min_size_test == 800
 
 
 def test_dotted_overrides_parse_yaml_values():
-    cfg = load_config(overrides=["model.mask_head=upscale_aligned", "model.window_sizes=[15,5]", "model.upscale_factor=5"])
+    cfg = load_config(
+        overrides=[
+            "model.mask_head=upscale_aligned",
+            "model.window_sizes=[15,5]",
+            "model.upscale_factor=5",
+        ]
+    )
     assert cfg.model.mask_head == "upscale_aligned"
     assert cfg.model.window_sizes == [15, 5]
     assert cfg.model.upscale_factor == 5.0 and isinstance(cfg.model.upscale_factor, float)
@@ -92,34 +102,81 @@ def test_every_paper_table_has_presets():
 
 
 def test_detectron2_presets_are_its_configs():
-    one, six = load_config(preset="d2-tensormask-r50-1x"), load_config(preset="d2-tensormask-r50-6x")
+    one, six = (
+        load_config(preset="d2-tensormask-r50-1x"),
+        load_config(preset="d2-tensormask-r50-6x"),
+    )
     for cfg in (one, six):
         m = cfg.model
-        assert (m.geometry, m.mask_head, m.window_sizes, m.min_level, m.max_level) == ("detectron2", "bipyramid", [11, 15], 2, 7)
-        assert (m.backbone.depth, m.backbone.stride_in_1x1, m.backbone.norm, m.fpn_fuse) == (50, True, "FrozenBN", "avg")
+        assert (m.geometry, m.mask_head, m.window_sizes, m.min_level, m.max_level) == (
+            "detectron2",
+            "bipyramid",
+            [11, 15],
+            2,
+            7,
+        )
+        assert (m.backbone.depth, m.backbone.stride_in_1x1, m.backbone.norm, m.fpn_fuse) == (
+            50,
+            True,
+            "FrozenBN",
+            "avg",
+        )
         assert m.box_weights == [1.5, 1.5, 0.75, 0.75] and m.num_classes == 80
-        assert (cfg.input.format, cfg.input.pixel_mean, cfg.input.pixel_std) == ("BGR255", [103.53, 116.28, 123.675], [1.0] * 3)
+        assert (cfg.input.format, cfg.input.pixel_mean, cfg.input.pixel_std) == (
+            "BGR255",
+            [103.53, 116.28, 123.675],
+            [1.0] * 3,
+        )
         inf = cfg.inference
-        assert (inf.score_thresh, inf.topk_candidates, inf.nms_thresh, inf.detections_per_image) == (0.05, 6000, 0.5, 100)
+        assert (
+            inf.score_thresh,
+            inf.topk_candidates,
+            inf.nms_thresh,
+            inf.detections_per_image,
+        ) == (0.05, 6000, 0.5, 100)
         assert (cfg.input.min_size_test, cfg.input.max_size_test) == (800, 1333)
         assert (cfg.solver.base_lr, cfg.solver.reference_batch_size) == (0.02, 16)
-    assert (one.solver.max_iter, one.solver.steps, one.input.min_size_train) == (90000, [60000, 80000], [800, 800])
-    assert (six.solver.max_iter, six.solver.steps, six.input.min_size_train) == (540000, [480000, 520000], [640, 800])
+    assert (one.solver.max_iter, one.solver.steps, one.input.min_size_train) == (
+        90000,
+        [60000, 80000],
+        [800, 800],
+    )
+    assert (six.solver.max_iter, six.solver.steps, six.input.min_size_train) == (
+        540000,
+        [480000, 520000],
+        [640, 800],
+    )
     assert Config().model.geometry == "paper" and Config().input.format == "RGB"
 
 
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        ({"model.geometry": "detectron2", "model.mask_head": "upscale_aligned", "model.upscale_factor": 1.5}, "model.mask_head"),
+        (
+            {
+                "model.geometry": "detectron2",
+                "model.mask_head": "upscale_aligned",
+                "model.upscale_factor": 1.5,
+            },
+            "model.mask_head",
+        ),
         ({"model.geometry": "d2"}, "model.geometry"),
-        ({"model.backbone.stride_in_1x1": True, "model.backbone.depth": 18}, "model.backbone.stride_in_1x1"),
-        ({"model.backbone.stride_in_1x1": True, "model.backbone.weights": "resnet50.pth"}, "model.backbone.weights"),
+        (
+            {"model.backbone.stride_in_1x1": True, "model.backbone.depth": 18},
+            "model.backbone.stride_in_1x1",
+        ),
+        (
+            {"model.backbone.stride_in_1x1": True, "model.backbone.weights": "resnet50.pth"},
+            "model.backbone.weights",
+        ),
         ({"model.weights": "ckpt", "model.backbone.weights": "resnet50.pth"}, "model.weights"),
         ({"model.box_weights": [1.5, 1.5, 0.75]}, "model.box_weights"),
         ({"model.box_weights": [1.0, 0.0, 1.0, 1.0]}, "model.box_weights"),
         ({"input.format": "BGR255"}, "input.pixel_mean"),  # 0-1 means with 0-255 pixels
-        ({"input.pixel_mean": [103.5, 116.3, 123.7]}, "input.pixel_mean"),  # 0-255 means with RGB 0-1
+        (
+            {"input.pixel_mean": [103.5, 116.3, 123.7]},
+            "input.pixel_mean",
+        ),  # 0-255 means with RGB 0-1
         ({"input.format": "BGR"}, "input.format"),
         ({"input.pixel_std": [1.0, 0.0, 1.0]}, "input.pixel_std"),
     ],

@@ -98,7 +98,9 @@ def test_tolerated_buffers_are_checked_not_loaded(arrays, cfg, own):
     extra["pixel_mean"] = np.array([103.530, 116.280, 123.675], np.float32).reshape(3, 1, 1)
     extra["pixel_std"] = np.ones((3, 1, 1), np.float32)
     for level, sizes in enumerate(ANCHOR_SIZES):  # old checkpoints stored the cell anchors
-        extra[f"anchor_generator.cell_anchors.{level}"] = np.array([[-s / 2, -s / 2, s / 2, s / 2] for s in sizes], np.float32)
+        extra[f"anchor_generator.cell_anchors.{level}"] = np.array(
+            [[-s / 2, -s / 2, s / 2, s / 2] for s in sizes], np.float32
+        )
     assert set(convert_state_dict(extra, cfg, own)) == set(own)
     extra["anchor_generator.cell_anchors.1"] = extra["anchor_generator.cell_anchors.1"][::-1].copy()
     extra["pixel_mean"] = np.array([0.485, 0.456, 0.406], np.float32)
@@ -113,16 +115,24 @@ def test_frozen_bn_without_statistics_loads_as_identity(arrays, cfg, own):
     state = convert_state_dict(old, cfg, own)
     assert torch.equal(state["backbone.res2.0.bn1.running_mean"], torch.zeros(64))
     assert torch.equal(state["backbone.stem.1.running_var"], torch.ones(64))
-    assert torch.equal(state["backbone.stem.1.weight"], torch.from_numpy(arrays["backbone.bottom_up.stem.conv1.norm.weight"]))
+    assert torch.equal(
+        state["backbone.stem.1.weight"],
+        torch.from_numpy(arrays["backbone.bottom_up.stem.conv1.norm.weight"]),
+    )
 
 
 def test_pkl_and_pth_read_the_same(tmp_path, arrays):
     for protocol in (2, 5):
         got = read_detectron2_checkpoint(write_pkl(arrays, tmp_path / f"p{protocol}.pkl", protocol))
         assert set(got) == set(arrays) and all(np.array_equal(got[k], arrays[k]) for k in arrays)
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in arrays.items()}, "iteration": 9}, tmp_path / "m.pth")
+    torch.save(
+        {"model": {k: torch.from_numpy(v) for k, v in arrays.items()}, "iteration": 9},
+        tmp_path / "m.pth",
+    )
     got = read_detectron2_checkpoint(tmp_path / "m.pth")
-    assert set(got) == set(arrays) and all(torch.equal(got[k], torch.from_numpy(arrays[k])) for k in arrays)
+    assert set(got) == set(arrays) and all(
+        torch.equal(got[k], torch.from_numpy(arrays[k])) for k in arrays
+    )
 
 
 def test_a_pickle_naming_os_system_is_refused_and_not_run(tmp_path, capsys):

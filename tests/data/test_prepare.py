@@ -154,16 +154,24 @@ def test_plain_style_has_whole_mid_sized_shapes_on_a_plain_background(tmp_path):
     files = make_synthetic_coco(tmp_path / "plain", 12, 128, seed=0, style="plain")
     coco = _coco(files.json)
     per_image = [len(coco.getAnnIds(imgIds=i)) for i in coco.getImgIds()]
-    assert min(per_image) >= 2 and max(per_image) <= 6  # 3-6 wanted; a crowded image may place fewer
+    assert (
+        min(per_image) >= 2 and max(per_image) <= 6
+    )  # 3-6 wanted; a crowded image may place fewer
     for ann in coco.dataset["annotations"]:
         image = coco.imgs[ann["image_id"]]
         x, y, w, h = ann["bbox"]
         assert x >= 0 and y >= 0 and x + w <= image["width"] and y + h <= image["height"]
-        assert max(w, h) <= 0.45 * min(image["width"], image["height"]) * 2**0.5 + 1  # a square's diagonal
+        assert (
+            max(w, h) <= 0.45 * min(image["width"], image["height"]) * 2**0.5 + 1
+        )  # a square's diagonal
     from PIL import Image
 
     im = np.asarray(Image.open(files.images_dir / coco.imgs[1]["file_name"]), dtype=np.float32)
-    corners = np.stack([im[:4, :4], im[:4, -4:], im[-4:, :4], im[-4:, -4:]]).reshape(4, -1, 3).mean(axis=1)
+    corners = (
+        np.stack([im[:4, :4], im[:4, -4:], im[-4:, :4], im[-4:, -4:]])
+        .reshape(4, -1, 3)
+        .mean(axis=1)
+    )
     assert np.ptp(corners, axis=0).max() < 40  # one colour, a gentle gradient
 
 
@@ -274,7 +282,9 @@ def test_crash_in_the_middle_then_rerun_gives_the_same_shards(tmp_path, small_co
     )
 
     out = tmp_path / "crashed"
-    env = dict(os.environ, **{shard_writer.PAUSE_ENV: "2:120"})  # hold shard 2 between write and rename
+    env = dict(
+        os.environ, **{shard_writer.PAUSE_ENV: "2:120"}
+    )  # hold shard 2 between write and rename
     cmd = [
         sys.executable,
         "-m",
@@ -511,7 +521,9 @@ def test_missing_images_folder_is_an_error(tmp_path, small_coco):
         c2p.prepare(small_coco.json, tmp_path / "nope", tmp_path / "out")
 
 
-def test_shard_meta_answers_none_for_a_file_that_is_no_shard_and_raises_on_a_bug(tmp_path, synth_shards, monkeypatch):
+def test_shard_meta_answers_none_for_a_file_that_is_no_shard_and_raises_on_a_bug(
+    tmp_path, synth_shards, monkeypatch
+):
     """None (the shard is rewritten) for a missing, foreign, truncated or footer-less file; any
     other error is a bug, raised, not read as "rewrite every shard"."""
     good = sorted(synth_shards.glob("shard-*.parquet"))[0]
@@ -536,7 +548,12 @@ def test_shard_meta_answers_none_for_a_file_that_is_no_shard_and_raises_on_a_bug
 def test_a_models_category_map_keeps_its_checkpoint_order():
     cats = [{"id": 9, "name": "zebra"}, {"id": 2, "name": "cat"}]  # the order the model learned
     m = CategoryMap.of_model(cats, 2, "checkpoint c")
-    assert m.ids == (9, 2) and m.names == ("zebra", "cat") and m.index(2) == 1 and m.category_id(0) == 9
+    assert (
+        m.ids == (9, 2)
+        and m.names == ("zebra", "cat")
+        and m.index(2) == 1
+        and m.category_id(0) == 9
+    )
     assert CategoryMap.of_model([], 3, "checkpoint c").names == ("class 0", "class 1", "class 2")
     with pytest.raises(DataError, match="checkpoint c: 2 categories for a 3-class model"):
         CategoryMap.of_model(cats, 3, "checkpoint c")

@@ -19,7 +19,10 @@ def never_yields(released: threading.Event):
 def test_a_dataset_that_never_yields_fails_within_the_timeout():
     released = threading.Event()
     t0 = time.perf_counter()
-    with pytest.raises(DataStalledError, match=r"no training batch arrived for 0.5 s \(train.data_timeout_s\): waits for CPUs"):
+    with pytest.raises(
+        DataStalledError,
+        match=r"no training batch arrived for 0.5 s \(train.data_timeout_s\): waits for CPUs",
+    ):
         next(DataWatchdog(never_yields(released), 0.5, describe=lambda: "waits for CPUs"))
     assert time.perf_counter() - t0 < 3.0
     released.set()
@@ -51,5 +54,7 @@ def test_errors_of_the_data_pipeline_reach_the_training_loop():
 def test_the_diagnosis_names_the_free_cpus(ray_local):
     free = ray_local.available_resources().get("CPU", 0.0)
     text = describe_data_wait(data_cpus=free + 1)
-    assert f"{free:g} of the cluster's {ray_local.cluster_resources()['CPU']:g} CPUs are free" in text
+    assert (
+        f"{free:g} of the cluster's {ray_local.cluster_resources()['CPU']:g} CPUs are free" in text
+    )
     assert "train.cpus_per_worker" in text

@@ -34,7 +34,12 @@ DEVICE = torch.device("meta")
 aten = torch.ops.aten
 
 # Ops that accept CPU index tensors with a tensor on the device as `self` (CUDA moves them).
-_CPU_INDICES_OK = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+_CPU_INDICES_OK = {
+    aten.index.Tensor,
+    aten.index_put.default,
+    aten.index_put_.default,
+    aten._index_put_impl_.default,
+}
 _CROSS_DEVICE = {aten.copy_.default, aten._to_copy.default}
 
 
@@ -129,7 +134,13 @@ def _dispatch(func, args, kwargs):
     if func is aten._to_copy.default and device_kwarg is None and not isinstance(args[0], StandIn):
         return out  # a dtype change of a CPU tensor
     schema = func._schema
-    if schema.is_mutable and args and isinstance(args[0], StandIn) and schema.returns and schema.returns[0].alias_info:
+    if (
+        schema.is_mutable
+        and args
+        and isinstance(args[0], StandIn)
+        and schema.returns
+        and schema.returns[0].alias_info
+    ):
         return args[0]  # in-place ops return their own (wrapped) self
     return tree_map(_wrap, out)
 
@@ -153,7 +164,11 @@ class _DataFactories(TorchFunctionMode):
             device = kwargs.get("device", args[0].device)
             if _on_device(device):
                 dtype = kwargs.get("dtype", args[0].dtype)
-                return torch.tensor(args[1], dtype=dtype).to(DEVICE).requires_grad_(kwargs.get("requires_grad", False))
+                return (
+                    torch.tensor(args[1], dtype=dtype)
+                    .to(DEVICE)
+                    .requires_grad_(kwargs.get("requires_grad", False))
+                )
         return func(*args, **kwargs)
 
 

@@ -34,7 +34,9 @@ NUM_IMAGES = 2
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, synth_shards):
     categories = read_manifest(synth_shards)["categories"]
-    return make_checkpoint(tmp_path_factory.mktemp("device_ckpt"), categories), [c["id"] for c in categories]
+    return make_checkpoint(tmp_path_factory.mktemp("device_ckpt"), categories), [
+        c["id"] for c in categories
+    ]
 
 
 def test_training_step_and_validation_run_on_the_models_device(tmp_path, synth_shards):
@@ -49,7 +51,9 @@ def test_training_step_and_validation_run_on_the_models_device(tmp_path, synth_s
             "data.max_val_images": NUM_IMAGES,
         },
     )
-    run = RunSettings(run_dir=str(tmp_path), checkpoint_metric="val/segm/AP", val_shards=str(synth_shards))
+    run = RunSettings(
+        run_dir=str(tmp_path), checkpoint_metric="val/segm/AP", val_shards=str(synth_shards)
+    )
     with stand_in_device() as device:
         ctx = LocalContext(device, shard_batches(synth_shards, cfg), tmp_path)
         last = run_training_loop(cfg, ctx, run, validation=validate_on_shards)
@@ -67,7 +71,9 @@ def _infer(folder, category_ids, shards, out, device):
     model, cfg, _ = spec.load()
     source = ShardSource(shards)
     with ResultLog(out / "predictions.jsonl", {"device": str(device)}) as log:
-        outcome = run_inference(source, spec, log, source.image_ids()[:NUM_IMAGES], num_actors=0, loaded=(model, cfg))
+        outcome = run_inference(
+            source, spec, log, source.image_ids()[:NUM_IMAGES], num_actors=0, loaded=(model, cfg)
+        )
     return model, outcome
 
 
@@ -79,7 +85,10 @@ def test_evaluate_and_batch_inference_run_on_the_models_device(tmp_path, checkpo
     _, on_cpu = _infer(folder, category_ids, synth_shards, tmp_path / "cpu", "cpu")
     assert on_device.done_ids == on_cpu.done_ids and len(on_cpu.done_ids) == NUM_IMAGES
     lines = [
-        [json.loads(line) for line in (tmp_path / where / "predictions.jsonl").read_text().splitlines()[1:]]
+        [
+            json.loads(line)
+            for line in (tmp_path / where / "predictions.jsonl").read_text().splitlines()[1:]
+        ]
         for where in ("device", "cpu")
     ]
     detections = [[(r["image_id"], r["results"]) for r in records] for records in lines]

@@ -120,15 +120,21 @@ def test_mlflow_run_names_the_checkpoint_and_gets_the_metrics(tmp_path, trained,
     assert run.data.tags["mlflow.parentRunId"] == trained["run_id"]
 
 
-def test_a_registered_model_evaluates_under_the_run_that_logged_it(tmp_path, trained, synth_shards, synth_coco):
+def test_a_registered_model_evaluates_under_the_run_that_logged_it(
+    tmp_path, trained, synth_shards, synth_coco
+):
     import mlflow
 
     from tensormask_ray.tracking import RunLogger
     from tensormask_ray.train.trainer import log_checkpoint_model
 
-    model_id, version = log_checkpoint_model(RunLogger(trained["uri"], trained["run_id"]), str(trained["checkpoint"]), "tiny-model")
+    model_id, version = log_checkpoint_model(
+        RunLogger(trained["uri"], trained["run_id"]), str(trained["checkpoint"]), "tiny-model"
+    )
     # logging the same checkpoint again registers the model already logged
-    assert log_checkpoint_model(RunLogger(trained["uri"], trained["run_id"]), str(trained["checkpoint"]), "tiny-model") == (model_id, str(int(version) + 1))
+    assert log_checkpoint_model(
+        RunLogger(trained["uri"], trained["run_id"]), str(trained["checkpoint"]), "tiny-model"
+    ) == (model_id, str(int(version) + 1))
     rc = evaluate("--model", f"models:/tiny-model/{version}", "--mlflow-uri", trained["uri"], "--shards", synth_shards,
                   "--out", tmp_path, "--max-images", 2, "--num-actors", 0)  # fmt: skip
     assert rc == 0
@@ -260,6 +266,15 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys, args, message):
 
 
 def test_best_of_an_unknown_sweep_is_a_clear_error(tmp_path, synth_shards, capsys):
-    rc = evaluate("--best-of", "my-sweep", "--sweep-storage", tmp_path, "--shards", synth_shards, "--out", tmp_path / "o")
+    rc = evaluate(
+        "--best-of",
+        "my-sweep",
+        "--sweep-storage",
+        tmp_path,
+        "--shards",
+        synth_shards,
+        "--out",
+        tmp_path / "o",
+    )
     assert rc == 2
     assert "no sweep 'my-sweep'" in capsys.readouterr().err

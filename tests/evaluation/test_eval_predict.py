@@ -71,7 +71,9 @@ def test_overlays_show_the_masks_and_the_bad_file_is_skipped(tmp_path, checkpoin
         image = decode_image(open(entry["file"], "rb").read())
         overlay = np.asarray(Image.open(entry["overlay"]).convert("RGB"))
         assert overlay.shape == image.shape
-        prediction = record_to_prediction(entry["instances"], *image.shape[:2], CategoryMap((1, 3, 7, 12), tuple(names)))
+        prediction = record_to_prediction(
+            entry["instances"], *image.shape[:2], CategoryMap((1, 3, 7, 12), tuple(names))
+        )
         # The PNG is exactly these detections drawn over the image ...
         np.testing.assert_array_equal(
             overlay, draw_instances(image, prediction, names, score_thresh=0.12)

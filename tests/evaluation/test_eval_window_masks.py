@@ -89,7 +89,9 @@ def test_the_real_decoder_scores_as_the_dense_decode_does(monkeypatch):
     (ious,) = window_mask_ious(model, *inputs)
     assert math.isnan(ious[1].item()) and not model.training
     sparse_decode = model.decode_masks
-    monkeypatch.setattr(model, "decode_masks", lambda *a, dense=False: sparse_decode(*a, dense=True))
+    monkeypatch.setattr(
+        model, "decode_masks", lambda *a, dense=False: sparse_decode(*a, dense=True)
+    )
     (dense_ious,) = window_mask_ious(model, *inputs)
     assert 0.0 < ious[0].item() < 1.0  # a random model: neither empty nor perfect masks
     assert ious[0].item() == pytest.approx(dense_ious[0].item(), abs=1e-6)
@@ -104,19 +106,32 @@ def test_summary_buckets_by_coco_size_and_counts_the_unscored():
     assert s["IoU"] == pytest.approx(100 * (0.9 + 0.6 + 0.4) / 3)
     assert (s["IoU_S"], s["IoU_M"], s["IoU_L"]) == pytest.approx((90.0, 60.0, 40.0))
     assert s["IoU>=0.5"] == pytest.approx(200 / 3) and s["IoU>=0.75"] == pytest.approx(100 / 3)
-    assert summarize(np.array([0.5]), np.array([10.0]), np.array([False]))["IoU_L"] == -1.0  # no large instance
+    assert (
+        summarize(np.array([0.5]), np.array([10.0]), np.array([False]))["IoU_L"] == -1.0
+    )  # no large instance
 
 
 def test_evaluate_writes_the_window_mask_figures(tmp_path, synth_shards, capsys):
     from tensormask_ray.data.manifest import read_manifest
 
-    ckpt = make_checkpoint(tmp_path / "run" / "checkpoint_0000003", read_manifest(synth_shards)["categories"])
+    ckpt = make_checkpoint(
+        tmp_path / "run" / "checkpoint_0000003", read_manifest(synth_shards)["categories"]
+    )
     rc = cli.main(["evaluate", "--checkpoint", str(ckpt), "--shards", str(synth_shards), "--out", str(tmp_path / "o"),
                    "--max-images", "3", "--num-actors", "0", "--no-mlflow", "--window-masks"])  # fmt: skip
     assert rc == 0
     assert "positive windows (the mask head alone)" in capsys.readouterr().out
     figures = json.loads((tmp_path / "o" / "metrics.json").read_text())["window_masks"]
-    assert {"IoU", "IoU_S", "IoU_M", "IoU_L", "IoU>=0.5", "IoU>=0.75", "instances", "unassigned"} == set(figures)
+    assert {
+        "IoU",
+        "IoU_S",
+        "IoU_M",
+        "IoU_L",
+        "IoU>=0.5",
+        "IoU>=0.75",
+        "instances",
+        "unassigned",
+    } == set(figures)
     assert figures["instances"] > 0 and 0 <= figures["IoU"] <= 100
 
 
@@ -124,9 +139,25 @@ def test_evaluate_writes_the_window_mask_figures(tmp_path, synth_shards, capsys)
     "args, message",
     [
         (["--coco-json", "c.json", "--images-dir", "d"], "--window-masks needs --shards DIR"),
-        (["--split", "test-dev", "--image-info", "i.json", "--shards", "s"], "not with --split test-dev"),
+        (
+            ["--split", "test-dev", "--image-info", "i.json", "--shards", "s"],
+            "not with --split test-dev",
+        ),
     ],
 )
 def test_window_masks_without_shards_is_refused(tmp_path, capsys, args, message):
-    assert cli.main(["evaluate", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"), "--window-masks", *args]) == 2
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--window-masks",
+                *args,
+            ]
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err

@@ -13,11 +13,16 @@ from tensormask_ray.modeling.windows import build_window_groups
 # Two feature-pyramid levels, window 9: stride 8 -> 72 px windows, stride 16 -> 144 px windows.
 GROUPS = build_window_groups(build_mask_head("simple_aligned", 1.0, "bilinear", "paper"), [9], 3, 4)
 GRIDS = [(16, 16), (8, 8)]
-RULES = {**asdict(AssignConfig()), "geometry": "paper"}  # the paper's rules, as the config's defaults
+RULES = {
+    **asdict(AssignConfig()),
+    "geometry": "paper",
+}  # the paper's rules, as the config's defaults
 
 
 def positives(boxes, crowd=None, **kw):
-    a = assign_windows(GROUPS, GRIDS, torch.tensor(boxes, dtype=torch.float32), crowd, **{**RULES, **kw})
+    a = assign_windows(
+        GROUPS, GRIDS, torch.tensor(boxes, dtype=torch.float32), crowd, **{**RULES, **kw}
+    )
     out = []
     for gi, (h, w) in enumerate(GRIDS):
         lab = a.labels[a.offsets[gi] : a.offsets[gi + 1]].view(h, w)
@@ -33,7 +38,13 @@ def box(cx, cy, w, h=None):
 def test_all_conditions_met_gives_centre_and_its_four_neighbours():
     # window (5, 5) of the stride-8 grid is centred at 5*8 + 4 = 44; neighbours are 8 px = 1 unit away
     pos, _ = positives([box(44, 44, 40)])
-    assert pos[0] == {(5, 5): 0, (4, 5): 0, (6, 5): 0, (5, 4): 0, (5, 6): 0}  # diagonals: 11.3 px > 1 unit
+    assert pos[0] == {
+        (5, 5): 0,
+        (4, 5): 0,
+        (6, 5): 0,
+        (5, 4): 0,
+        (5, 6): 0,
+    }  # diagonals: 11.3 px > 1 unit
     assert pos[1] == {}  # 40 < 144 / 2: too small for the coarse level
 
 

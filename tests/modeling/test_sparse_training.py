@@ -44,7 +44,10 @@ def batch():
     g = torch.Generator().manual_seed(1)
     images = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64)
     targets = []
-    for boxes in ([(4, 6, 30, 40), (40, 20, 124, 92), (100, 70, 112, 84)], [(0, 0, 20, 16), (30, 10, 90, 60)]):
+    for boxes in (
+        [(4, 6, 30, 40), (40, 20, 124, 92), (100, 70, 112, 84)],
+        [(0, 0, 20, 16), (30, 10, 90, 60)],
+    ):
         masks = torch.zeros(len(boxes), H, W, dtype=torch.uint8)
         for m, (x0, y0, x1, y1) in zip(masks, boxes):
             m[y0 + 1 : y1 - 1, x0 + 2 : x1 - 1] = 1  # masks a little inside their boxes
@@ -60,16 +63,24 @@ def losses_and_grads(model, mask_training, images, targets):
     model.zero_grad(set_to_none=True)
     losses = model(images, targets)
     sum(losses.values()).backward()
-    return {k: v.detach() for k, v in losses.items()}, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach() for k, v in losses.items()}, {
+        n: p.grad for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 @pytest.mark.parametrize("head, sizes, lam, geometry", CASES)
-def test_sparse_mask_training_equals_dense_in_losses_and_every_gradient(head, sizes, lam, geometry, monkeypatch):
+def test_sparse_mask_training_equals_dense_in_losses_and_every_gradient(
+    head, sizes, lam, geometry, monkeypatch
+):
     model = small_model(head, sizes, lam, geometry)
     images, targets = batch()
     dense_losses, dense_grads = losses_and_grads(model, "dense", images, targets)
     # the sparse path never computes a level's full fused map
-    monkeypatch.setattr(BipyramidFusion, "forward", lambda *a: pytest.fail("dense bipyramid fusion in sparse training"))
+    monkeypatch.setattr(
+        BipyramidFusion,
+        "forward",
+        lambda *a: pytest.fail("dense bipyramid fusion in sparse training"),
+    )
     sparse_losses, sparse_grads = losses_and_grads(model, "sparse", images, targets)
 
     assert dense_losses["loss_mask"] > 0.1  # positives with masks that are not trivial
@@ -78,7 +89,9 @@ def test_sparse_mask_training_equals_dense_in_losses_and_every_gradient(head, si
     assert sparse_grads.keys() == dense_grads.keys()
     for name, g in dense_grads.items():
         assert sparse_grads[name] is not None, name  # DDP: every parameter in the graph
-        torch.testing.assert_close(sparse_grads[name], g, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            sparse_grads[name], g, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}"
+        )
     mask_grads = [g for n, g in dense_grads.items() if "mask_pred" in n or "bipyramid" in n]
     assert mask_grads and all(g.abs().sum() > 0 for g in mask_grads)  # the mask loss reaches them
 
@@ -90,11 +103,17 @@ def test_a_batch_without_positives_gives_zero_mask_loss_and_zero_mask_gradients(
              for t in targets]  # fmt: skip
     losses, grads = losses_and_grads(model, "sparse", images, empty)
     assert losses["loss_mask"] == 0
-    assert all(grads[n] is not None and not grads[n].any() for n in grads if "mask_pred" in n or "bipyramid" in n)
+    assert all(
+        grads[n] is not None and not grads[n].any()
+        for n in grads
+        if "mask_pred" in n or "bipyramid" in n
+    )
 
 
 def test_crops_merge_overlapping_footprints_and_keep_distant_ones_apart():
-    foot = torch.tensor([[10, 25, 10, 25], [11, 26, 10, 25], [10, 25, 12, 27], [60, 75, 90, 105], [10, 25, 10, 25]])
+    foot = torch.tensor(
+        [[10, 25, 10, 25], [11, 26, 10, 25], [10, 25, 12, 27], [60, 75, 90, 105], [10, 25, 10, 25]]
+    )
     crops = plan_crops(foot, (100, 120), halo=1)
     assert sorted((tuple(m.tolist()), box) for m, box in crops) == [
         ((0, 1, 2, 4), (10, 26, 10, 27)),  # one object's windows share a crop (the duplicate too)

@@ -27,7 +27,10 @@ GROUPS = build_window_groups(build_mask_head("simple_aligned", 1.0, "bilinear", 
 GRIDS = [(16, 16), (8, 8)]
 K = 3  # classes; K is the negative class in the targets
 D2_WEIGHTS = (1.5, 1.5, 0.75, 0.75)
-RULES = {**asdict(AssignConfig()), "geometry": "paper"}  # the paper's assignment, as the config's defaults
+RULES = {
+    **asdict(AssignConfig()),
+    "geometry": "paper",
+}  # the paper's assignment, as the config's defaults
 
 
 def image_target(boxes, labels, crowd=None):
@@ -54,7 +57,11 @@ def test_targets_of_one_object_one_crowd_region_and_an_empty_image(weights):
     expected = {(5, 5), (4, 5), (6, 5), (5, 4), (5, 6)}
     assert {tuple(p) for p in (fine == 2).nonzero().tolist()} == expected
     assert t.num_fg == 5 and t.fg.sum() == 5 and (t.cls[t.fg] == 2).all()
-    assert (t.cls[0] == IGNORE).any() and set(t.cls[0].unique().tolist()) == {IGNORE, 2, K}  # crowd: ignored
+    assert (t.cls[0] == IGNORE).any() and set(t.cls[0].unique().tolist()) == {
+        IGNORE,
+        2,
+        K,
+    }  # crowd: ignored
     assert (t.cls[1] == K).all() and not t.fg[1].any()  # no objects: every window negative
 
     # box targets: in fg.nonzero() order, and they decode back to the object's box
@@ -63,7 +70,9 @@ def test_targets_of_one_object_one_crowd_region_and_an_empty_image(weights):
     group = torch.zeros_like(window)
     ys, xs = window // 16, window % 16
     wins = window_boxes(GROUPS, group, ys, xs)
-    assert torch.allclose(decode_boxes(wins, t.box_deltas, weights), torch.tensor([obj] * 5), atol=1e-4)
+    assert torch.allclose(
+        decode_boxes(wins, t.box_deltas, weights), torch.tensor([obj] * 5), atol=1e-4
+    )
 
     # mask targets: the object's cells in each positive window's 9 x 9 grid of 8 px cells
     pos = t.positives[0]
@@ -83,7 +92,10 @@ def test_box_coder_round_trip(weights):
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(64, 2, generator=g) * 200
     windows = torch.cat([xy, xy + 8 + torch.rand(64, 2, generator=g) * 100], dim=1)
-    boxes = torch.cat([xy + torch.randn(64, 2, generator=g) * 5, xy + 4 + torch.rand(64, 2, generator=g) * 150], dim=1)
+    boxes = torch.cat(
+        [xy + torch.randn(64, 2, generator=g) * 5, xy + 4 + torch.rand(64, 2, generator=g) * 150],
+        dim=1,
+    )
     deltas = encode_boxes(windows, boxes, weights)
     assert torch.allclose(decode_boxes(windows, deltas, weights), boxes, atol=1e-3)
     assert torch.allclose(encode_boxes(windows, windows, weights), torch.zeros(64, 4), atol=1e-6)
@@ -97,7 +109,10 @@ def test_fpn_averages_top_down_and_lateral():
     paper's choice) and their sum with 'sum'; P6/P7 come from C5 as in RetinaNet."""
     torch.manual_seed(0)
     channels = {"C2": 3, "C3": 4, "C4": 5, "C5": 6}
-    feats = {f"C{lv}": torch.randn(1, c, 2 ** (6 - lv), 2 ** (6 - lv)) for lv, c in zip(range(2, 6), channels.values())}
+    feats = {
+        f"C{lv}": torch.randn(1, c, 2 ** (6 - lv), 2 ** (6 - lv))
+        for lv, c in zip(range(2, 6), channels.values())
+    }
     outs = {}
     for fuse in ("avg", "sum"):
         fpn = FPN(channels, 8, 2, 7, fuse)

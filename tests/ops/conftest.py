@@ -12,7 +12,9 @@ def extension_check(load_error: str | None, in_ci: bool) -> None:
     if load_error is None:
         return
     if in_ci:
-        pytest.fail(f"CI=true and the extension is not built ({load_error}): `make install` failed?")
+        pytest.fail(
+            f"CI=true and the extension is not built ({load_error}): `make install` failed?"
+        )
     pytest.skip(f"extension not built: {load_error}")
 
 

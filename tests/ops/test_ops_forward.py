@@ -196,7 +196,9 @@ def test_detectron2_geometry_differs_from_the_paper_op_only_at_the_window_grid_r
     inner = (ov >= 0) & (ov <= V - 1)  # both taps inside the window grid
     Y = lam * torch.arange(d2.shape[3])[None, :] + torch.arange(Vo)[:, None] - Vo // 2  # (Vo, Ho)
     X = lam * torch.arange(d2.shape[4])[None, :] + torch.arange(Vo)[:, None] - Vo // 2  # (Uo, Wo)
-    inside = ((Y >= 0) & (Y < 13)).view(1, Vo, 1, -1, 1) & ((X >= 0) & (X < 11)).view(1, 1, Vo, 1, -1)
+    inside = ((Y >= 0) & (Y < 13)).view(1, Vo, 1, -1, 1) & ((X >= 0) & (X < 11)).view(
+        1, 1, Vo, 1, -1
+    )
     both = inside & inner.view(1, Vo, 1, 1, 1) & inner.view(1, 1, Vo, 1, 1)
     both = both.expand_as(d2)
     assert both.any() and (~inner).any()

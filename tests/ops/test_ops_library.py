@@ -56,7 +56,9 @@ def test_public_api_uses_the_fused_ops(monkeypatch):
     # The references give the same numbers, so equal outputs alone would not show which ran:
     # with every reference made to fail, the public API must still answer.
     for name in expected:
-        monkeypatch.setattr(reference, name, lambda *a, _n=name, **k: pytest.fail(f"api ran reference.{_n}"))
+        monkeypatch.setattr(
+            reference, name, lambda *a, _n=name, **k: pytest.fail(f"api ran reference.{_n}")
+        )
     assert torch.equal(api.align2nat(x, 2, -1.0), expected["align2nat"])
     assert torch.equal(api.nat2align(x, 1, -6.0), expected["nat2align"])
     assert torch.equal(api.up_align2nat(x, (9, 7), "nearest", -2.0), expected["up_align2nat"])

@@ -103,7 +103,10 @@ def test_footprints_are_tight(op, VU):
     ]:
         y = x.clone()
         y[..., rows, cols] += 1.0
-        assert not torch.equal(decode_windows(y, op, torch.zeros(1), ys, xs, -6.0), base), (rows, cols)
+        assert not torch.equal(decode_windows(y, op, torch.zeros(1), ys, xs, -6.0), base), (
+            rows,
+            cols,
+        )
 
 
 def test_footprints_clip_to_bounds():

@@ -18,8 +18,12 @@ OPS = [
     pytest.param(WindowOp((5, 5), alpha=1), (2, 5, 5, 9, 11), id="align2nat"),
     pytest.param(WindowOp((5, 5), alpha=2), (2, 5, 5, 9, 11), id="align2nat-a2"),
     pytest.param(WindowOp((10, 10), alpha=1), (2, 5, 5, 9, 11), id="up_align2nat-bilinear"),
-    pytest.param(WindowOp((10, 10), alpha=1, mode="nearest"), (2, 5, 5, 9, 11), id="up_align2nat-nearest"),
-    pytest.param(WindowOp((15, 15), natural=True, mode="bilinear"), (2, 5, 5, 9, 11), id="upscale-natural"),
+    pytest.param(
+        WindowOp((10, 10), alpha=1, mode="nearest"), (2, 5, 5, 9, 11), id="up_align2nat-nearest"
+    ),
+    pytest.param(
+        WindowOp((15, 15), natural=True, mode="bilinear"), (2, 5, 5, 9, 11), id="upscale-natural"
+    ),
     pytest.param(WindowOp((30, 30), alpha=1, stride=2), (2, 15, 15, 9, 11), id="swap-lam2"),
     pytest.param(WindowOp((60, 60), alpha=1, stride=4), (1, 15, 15, 17, 13), id="swap-lam4"),
 ]

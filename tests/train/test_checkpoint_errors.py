@@ -20,15 +20,22 @@ def run_folder(tmp_path):
     run = tmp_path / "runs" / "demo"
     for it in (110, 220):
         (run / f"checkpoint_{it:07d}").mkdir(parents=True)
-        torch.save({"model": {}, "config": {}, "iteration": it}, run / f"checkpoint_{it:07d}" / STATE_FILE)
+        torch.save(
+            {"model": {}, "config": {}, "iteration": it}, run / f"checkpoint_{it:07d}" / STATE_FILE
+        )
     (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoints": []}))
     (run / "notes.txt").write_text("not a checkpoint\n")
     return run
 
 
 def test_checkpoints_in_a_run_folder_are_found(run_folder):
-    assert [p.name for p in find_checkpoints(run_folder)] == ["checkpoint_0000110", "checkpoint_0000220"]
-    assert find_checkpoints(run_folder / "checkpoint_0000110") == [run_folder / "checkpoint_0000110"]
+    assert [p.name for p in find_checkpoints(run_folder)] == [
+        "checkpoint_0000110",
+        "checkpoint_0000220",
+    ]
+    assert find_checkpoints(run_folder / "checkpoint_0000110") == [
+        run_folder / "checkpoint_0000110"
+    ]
     assert find_checkpoints(run_folder / "nowhere") == []
 
 
@@ -45,19 +52,38 @@ def test_not_a_checkpoint_says_so_and_names_those_found(run_folder, name, says):
         read_state(run_folder / name)
     message = str(e.value)
     assert says in message
-    assert f"Checkpoints in {run_folder}: {run_folder / 'checkpoint_0000110'}, {run_folder / 'checkpoint_0000220'}" in message
+    assert (
+        f"Checkpoints in {run_folder}: {run_folder / 'checkpoint_0000110'}, {run_folder / 'checkpoint_0000220'}"
+        in message
+    )
     assert "weights_only" not in message and "file an issue" not in message
 
 
 def test_a_pytorch_file_that_is_not_ours(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet18.pth")
-    with pytest.raises(UserError, match=r"resnet18.pth is a PyTorch file but not a tensormask-ray checkpoint .*There is no checkpoint in"):
+    with pytest.raises(
+        UserError,
+        match=r"resnet18.pth is a PyTorch file but not a tensormask-ray checkpoint .*There is no checkpoint in",
+    ):
         read_state(tmp_path / "resnet18.pth")
 
 
 def test_evaluate_names_the_file_before_any_work(run_folder, tmp_path, capsys):
-    rc = cli.main(["evaluate", "--checkpoint", str(run_folder / "checkpoint_manager_snapshot.json"), "--shards", str(tmp_path), "--out", str(tmp_path / "out")])
+    rc = cli.main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(run_folder / "checkpoint_manager_snapshot.json"),
+            "--shards",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
-    assert "--checkpoint:" in err and "checkpoint_manager_snapshot.json is not a checkpoint: it is a JSON file" in err
+    assert (
+        "--checkpoint:" in err
+        and "checkpoint_manager_snapshot.json is not a checkpoint: it is a JSON file" in err
+    )
     assert "checkpoint_0000220" in err and "Traceback" not in err

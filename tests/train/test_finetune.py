@@ -31,7 +31,15 @@ def test_a_finetuned_checkpoint_does_not_need_its_source(tmp_path):
     source = make_checkpoint(tmp_path / "source", CATEGORIES, seed=1)
     cfg = tiny_config(len(CATEGORIES), **{"model.weights": str(source)})
     model = build_model(cfg)
-    save_training_state(tmp_path / "tuned", model, torch.optim.SGD(model.parameters(), lr=0.0), 5, 0, cfg, CATEGORIES)
+    save_training_state(
+        tmp_path / "tuned",
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        5,
+        0,
+        cfg,
+        CATEGORIES,
+    )
     (source / "state.pt").unlink()  # the config still names it
     loaded, loaded_cfg, _ = load_model_for_inference(tmp_path / "tuned")
     assert loaded_cfg.model.weights is None

@@ -62,7 +62,10 @@ def test_checkpoints_without_per_rank_state_still_restore_rank_0(tmp_path):
     state["rng"] = state["rng"][0]  # the format before per-rank states: one dict
     torch.save(state, path)
     _seed(6)
-    assert load_training_state(tmp_path, model, optimizer, rank=0)["rng_restored"] and _draws() == expected
+    assert (
+        load_training_state(tmp_path, model, optimizer, rank=0)["rng_restored"]
+        and _draws() == expected
+    )
     assert not load_training_state(tmp_path, model, optimizer, rank=1)["rng_restored"]
 
 

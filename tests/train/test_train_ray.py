@@ -36,7 +36,13 @@ TINY = {
 
 
 def tiny_config(shards: Path, storage: Path, run_name: str, **extra):
-    overrides = {**TINY, "data.train_shards": str(shards), "train.storage_path": str(storage), "train.run_name": run_name, **extra}
+    overrides = {
+        **TINY,
+        "data.train_shards": str(shards),
+        "train.storage_path": str(storage),
+        "train.run_name": run_name,
+        **extra,
+    }
     return load_config(preset="cpu-small", overrides=overrides)
 
 
@@ -72,7 +78,9 @@ def uninterrupted(ray_local, synth_shards, store):
 
     val = shutil.copytree(synth_shards, store["root"] / "val")  # same data, another dataset name
     extras = {**MLFLOW_EXTRAS, "data.val_shards": str(val)}
-    cfg = tiny_config(synth_shards, store["root"] / "runs", "plain", **{"solver.max_iter": 24, **extras})
+    cfg = tiny_config(
+        synth_shards, store["root"] / "runs", "plain", **{"solver.max_iter": 24, **extras}
+    )
     return cfg, run_training(cfg, mlflow_uri=store["uri"], validation=validate_on_shards)
 
 
@@ -95,20 +103,36 @@ def test_mlflow_holds_the_run_with_params_metrics_and_checkpoint(uninterrupted):
     assert run.info.status == "FINISHED"
     assert run.data.params["model.mask_head"] == "bipyramid"
     assert run.data.params["solver.max_iter"] == "24"
-    for key in ("train/loss", "train/loss_mask", "train/lr", "train/images_per_sec", "train/data_wait_fraction"):
+    for key in (
+        "train/loss",
+        "train/loss_mask",
+        "train/lr",
+        "train/images_per_sec",
+        "train/data_wait_fraction",
+    ):
         assert key in run.data.metrics, key
     ckpt = Path(run.data.tags["checkpoint"])
     assert (ckpt / "state.pt").is_file() and ckpt.name == "checkpoint_0000024"
     assert Path(run.data.tags["best_checkpoint"]).is_dir()
     # keep_checkpoints = 2 of 3 reported
-    assert len([p for p in Path(out.run_dir).glob("checkpoint_*") if p.is_dir()]) == cfg.train.keep_checkpoints
+    assert (
+        len([p for p in Path(out.run_dir).glob("checkpoint_*") if p.is_dir()])
+        == cfg.train.keep_checkpoints
+    )
 
 
-def test_worker_failure_recovers_from_last_checkpoint_with_the_same_lr(ray_local, synth_shards, store, uninterrupted):
+def test_worker_failure_recovers_from_last_checkpoint_with_the_same_lr(
+    ray_local, synth_shards, store, uninterrupted
+):
     from tensormask_ray.train.trainer import run_training
 
     ref_cfg, ref = uninterrupted
-    cfg = tiny_config(synth_shards, store["root"] / "runs", "failing", **{"solver.max_iter": 24, "train.fail_at_iter": 13})
+    cfg = tiny_config(
+        synth_shards,
+        store["root"] / "runs",
+        "failing",
+        **{"solver.max_iter": 24, "train.fail_at_iter": 13},
+    )
     out = run_training(cfg, mlflow_uri=store["uri"])
     assert out.error is None
     assert (Path(out.run_dir) / FAILURE_MARKER).is_file()  # rank 1 did raise at iteration 13
@@ -128,9 +152,16 @@ def test_resume_continues_a_stopped_run(ray_local, synth_shards, store, uninterr
 
     _, ref = uninterrupted
     runs = store["root"] / "runs"
-    first = run_training(tiny_config(synth_shards, runs, "stopped", **{"solver.max_iter": 8}), mlflow_uri=store["uri"])
+    first = run_training(
+        tiny_config(synth_shards, runs, "stopped", **{"solver.max_iter": 8}),
+        mlflow_uri=store["uri"],
+    )
     assert first.metrics["iteration"] == 8
-    resumed = run_training(tiny_config(synth_shards, runs, "stopped", **{"solver.max_iter": 16}), resume=True, mlflow_uri=store["uri"])
+    resumed = run_training(
+        tiny_config(synth_shards, runs, "stopped", **{"solver.max_iter": 16}),
+        resume=True,
+        mlflow_uri=store["uri"],
+    )
     assert resumed.error is None and resumed.mlflow_run_id == first.mlflow_run_id
     assert resumed.metrics["iteration"] == 16
     lr = metric_history(resumed.mlflow_uri, resumed.mlflow_run_id, "train/lr")
@@ -164,7 +195,9 @@ def test_bad_config_key_fails_before_any_worker_starts(synth_shards, tmp_path, c
     assert "model.num_classes" in capsys.readouterr().err
 
 
-def test_the_mlflow_ui_shows_the_run_its_data_overlays_system_metrics_and_model(uninterrupted, mlflow_store, mlflow_server, synth_shards):
+def test_the_mlflow_ui_shows_the_run_its_data_overlays_system_metrics_and_model(
+    uninterrupted, mlflow_store, mlflow_server, synth_shards
+):
     import subprocess
 
     from tensormask_ray.tracking import experiment_id
@@ -174,15 +207,21 @@ def test_the_mlflow_ui_shows_the_run_its_data_overlays_system_metrics_and_model(
     rest = mlflow_server
     experiment = rest.experiment(cfg.tracking.experiment)
     # artifacts next to the store, not in the working directory; a server keeps its own
-    assert experiment["artifact_location"].startswith((mlflow_store["dir"] / "mlartifacts").as_uri())
-    served = rest.get("experiments/get", experiment_id=experiment_id(rest.url, "made-through-the-server"))
+    assert experiment["artifact_location"].startswith(
+        (mlflow_store["dir"] / "mlartifacts").as_uri()
+    )
+    served = rest.get(
+        "experiments/get", experiment_id=experiment_id(rest.url, "made-through-the-server")
+    )
     assert served["experiment"]["artifact_location"].startswith("mlflow-artifacts:")
     run = rest.run(out.mlflow_run_id)
     assert run["info"]["run_name"] == "plain" and run["info"]["status"] == "FINISHED"
     assert params(run)["solver.max_iter"] == "24" and params(run)["model.mask_head"] == "bipyramid"
     tag = tags(run)
     assert tag["mlflow.user"] and tag["mlflow.source.type"] == "LOCAL" and tag["mlflow.source.name"]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+    )
     if head.returncode == 0:  # a git checkout (CI's fresh clone is one)
         assert tag["mlflow.source.git.commit"] == head.stdout.strip()
     assert "status" not in tag and "error" not in tag
@@ -191,22 +230,36 @@ def test_the_mlflow_ui_shows_the_run_its_data_overlays_system_metrics_and_model(
     inputs = {context["mlflow.data.context"]: dataset for dataset, context in datasets(run)}
     assert set(inputs) == {"training", "validation"}
     assert inputs["training"]["name"] == synth_shards.name and inputs["validation"]["name"] == "val"
-    assert inputs["training"]["digest"] == inputs["validation"]["digest"]  # the content, not the place
+    assert (
+        inputs["training"]["digest"] == inputs["validation"]["digest"]
+    )  # the content, not the place
     assert len(inputs["training"]["digest"]) == 10
     assert json.loads(inputs["training"]["profile"])["num_images"] == 24
     assert json.loads(inputs["training"]["source"])["uri"] == str(synth_shards)
 
     # metrics: training, validation at 16 and 24, system metrics sampled while training
     logged = metrics(run)
-    for key in ("train/loss", "val/segm/AP", "val/bbox/AP", "system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+    for key in (
+        "train/loss",
+        "val/segm/AP",
+        "val/bbox/AP",
+        "system/cpu_utilization_percentage",
+        "system/system_memory_usage_megabytes",
+    ):
         assert key in logged, key
     assert [m["step"] for m in rest.metric_history(out.mlflow_run_id, "val/segm/AP")] == [16, 24]
 
     # artifacts: the config, the kept checkpoints, an overlay per image and validation
     assert {"config.yaml", "checkpoints.json", "images"} <= rest.artifacts(out.mlflow_run_id)
     kept = json.loads(rest.artifact_text(out.mlflow_run_id, "checkpoints.json"))
-    assert [c["iteration"] for c in kept] == [16, 24] and all(Path(c["path"]).is_dir() for c in kept)
-    images = [p for p in rest.artifacts(out.mlflow_run_id, "images") if p.endswith(".png") and "compressed" not in p]
+    assert [c["iteration"] for c in kept] == [16, 24] and all(
+        Path(c["path"]).is_dir() for c in kept
+    )
+    images = [
+        p
+        for p in rest.artifacts(out.mlflow_run_id, "images")
+        if p.endswith(".png") and "compressed" not in p
+    ]
     steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in images)
     assert steps == [16, 16, 24, 24], images  # 2 images x 2 validations
 
@@ -217,5 +270,8 @@ def test_the_mlflow_ui_shows_the_run_its_data_overlays_system_metrics_and_model(
     assert model["info"]["source_run_id"] == out.mlflow_run_id
     assert model["info"]["artifact_uri"].startswith((mlflow_store["dir"] / "mlartifacts").as_uri())
     version = rest.model_version("plain-model", "1")
-    assert version["run_id"] == out.mlflow_run_id and version["source"] == f"models:/{outputs[0]['model_id']}"
+    assert (
+        version["run_id"] == out.mlflow_run_id
+        and version["source"] == f"models:/{outputs[0]['model_id']}"
+    )
     assert tags(run)["registered_model"] == "models:/plain-model/1"

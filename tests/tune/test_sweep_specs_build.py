@@ -38,7 +38,14 @@ def one_forward(cfg) -> dict[str, float]:
     h, w = 64, 96  # P7 (stride 128) is still one cell
     masks = torch.zeros(1, h, w, dtype=torch.uint8)
     masks[0, 8:50, 20:70] = 1
-    targets = [{"boxes": torch.tensor([[20.0, 8.0, 70.0, 50.0]]), "labels": torch.tensor([1]), "masks": masks, "iscrowd": torch.tensor([False])}]
+    targets = [
+        {
+            "boxes": torch.tensor([[20.0, 8.0, 70.0, 50.0]]),
+            "labels": torch.tensor([1]),
+            "masks": masks,
+            "iscrowd": torch.tensor([False]),
+        }
+    ]
     with torch.no_grad():
         losses = model(torch.randn(1, 3, h, w), targets)
     return {k: float(v) for k, v in losses.items()}
@@ -55,7 +62,9 @@ def test_each_model_of_each_spec_builds_and_runs_a_forward(path):
             continue
         seen.add(model_key)
         losses = one_forward(trial)
-        assert set(losses) == {"loss_cls", "loss_box", "loss_mask"} and all(math.isfinite(v) for v in losses.values()), (path.name, losses)
+        assert set(losses) == {"loss_cls", "loss_box", "loss_mask"} and all(
+            math.isfinite(v) for v in losses.values()
+        ), (path.name, losses)
     assert seen
 
 
@@ -65,9 +74,16 @@ def test_paper_scale_specs_ask_for_gpus_and_the_papers_model(path):
     cfg = base_config(spec)
     assert spec.resources.gpus_per_worker >= 1 and spec.resources.workers >= 1
     assert cfg.model.backbone.depth == 50 and (cfg.model.min_level, cfg.model.max_level) == (2, 7)
-    assert cfg.model.backbone.norm == "FrozenBN" and cfg.solver.optimizer == "sgd" and cfg.solver.base_lr == 0.02
+    assert (
+        cfg.model.backbone.norm == "FrozenBN"
+        and cfg.solver.optimizer == "sgd"
+        and cfg.solver.base_lr == 0.02
+    )
     assert cfg.input.min_size_train == [640, 800] and cfg.input.min_size_test == 800
-    assert cfg.solver.max_iter == 90000 and cfg.solver.steps == [60000, 80000]  # 1x: 1/6 of the paper's 6x
+    assert cfg.solver.max_iter == 90000 and cfg.solver.steps == [
+        60000,
+        80000,
+    ]  # 1x: 1/6 of the paper's 6x
     assert spec.metric == "val/segm/AP"
 
 
@@ -84,6 +100,9 @@ def test_asha_rungs_fall_on_checkpoints_with_fresh_validation(path):
         rungs.append(int(r))
         r *= spec.scheduler.reduction_factor
     for rung in rungs:
-        assert rung % cfg.train.checkpoint_period == 0, (path.name, rung)  # reports happen at checkpoints
+        assert rung % cfg.train.checkpoint_period == 0, (
+            path.name,
+            rung,
+        )  # reports happen at checkpoints
         if spec.metric.startswith("val/"):
             assert cfg.train.eval_period and rung % cfg.train.eval_period == 0, (path.name, rung)

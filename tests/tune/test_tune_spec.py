@@ -47,12 +47,24 @@ def test_the_shipped_specs_are_there_and_valid():
         (_spec(scheduler={"type": "asha", "grace": 3}), "'scheduler.grace'"),
         (_spec(scheduler={"type": "hyperband"}), "'scheduler.type'"),
         (_spec(mode="maximum"), "'mode'"),
-        (_spec(search_alg="grid", search={"solver.base_lr": {"uniform": [0.1, 0.2]}}), "'search.solver.base_lr' is uniform"),
-        (_spec(search={"solver.base_lr": {"uniform": ["a", 1]}}), "'search.solver.base_lr': uniform takes [lo, hi]"),
-        (_spec(search={"solver.max_iter": {"randint": [1.5, 8]}}), "'search.solver.max_iter': randint takes integer"),
+        (
+            _spec(search_alg="grid", search={"solver.base_lr": {"uniform": [0.1, 0.2]}}),
+            "'search.solver.base_lr' is uniform",
+        ),
+        (
+            _spec(search={"solver.base_lr": {"uniform": ["a", 1]}}),
+            "'search.solver.base_lr': uniform takes [lo, hi]",
+        ),
+        (
+            _spec(search={"solver.max_iter": {"randint": [1.5, 8]}}),
+            "'search.solver.max_iter': randint takes integer",
+        ),
         (_spec(search=["solver.base_lr"]), "'search'"),
         (_spec(scheduler={"grace_period": "4"}), "'scheduler.grace_period' must be an integer"),
-        (_spec(scheduler={"reduction_factor": 1}), "'scheduler.reduction_factor' must be a number > 1"),
+        (
+            _spec(scheduler={"reduction_factor": 1}),
+            "'scheduler.reduction_factor' must be a number > 1",
+        ),
         (_spec(scheduler={"grace_period": 8, "max_t": 4}), "'scheduler.max_t'"),
         (_spec(scheduler="asha"), "'scheduler' must be a mapping"),
         (_spec(resources={"workers": 0.5}), "'resources.workers' must be an integer"),
@@ -74,7 +86,9 @@ def test_bad_specs_fail_naming_the_key(raw, named):
 
 
 def test_a_value_the_config_rejects_names_the_key_and_value():
-    spec = parse_spec(_spec(search={"model.mask_head": ["bipyramid", "upscale_sideways"]}), "bad.yaml")
+    spec = parse_spec(
+        _spec(search={"model.mask_head": ["bipyramid", "upscale_sideways"]}), "bad.yaml"
+    )
     with pytest.raises(SpecError, match=r"'search.model.mask_head' value 'upscale_sideways'"):
         base_config(spec)
     spec = parse_spec(_spec(config={"solver": {"max_itr": 5}}), "bad.yaml")
@@ -112,7 +126,10 @@ def test_values_that_clash_together_fail_naming_the_trial():
     spec = parse_spec(_spec(config={"model": {"window_sizes": [15]}},
                             search={"model.mask_head": {"grid": ["bipyramid", "upscale_aligned"]},
                                     "model.upscale_factor": [3.0, 2.0]}), "bad.yaml")  # fmt: skip
-    with pytest.raises(SpecError, match=r"search.model.mask_head='upscale_aligned', search.model.upscale_factor=2.0"):
+    with pytest.raises(
+        SpecError,
+        match=r"search.model.mask_head='upscale_aligned', search.model.upscale_factor=2.0",
+    ):
         base_config(spec)
 
 
@@ -130,10 +147,14 @@ def test_resumable_asha_rebuilds_its_rungs_from_reported_results(tmp_path):
     def trial(trial_id, losses):
         folder = tmp_path / trial_id
         folder.mkdir()
-        lines = [json.dumps({"iteration": 4 * (i + 1), "train/loss": v}) for i, v in enumerate(losses)]
+        lines = [
+            json.dumps({"iteration": 4 * (i + 1), "train/loss": v}) for i, v in enumerate(losses)
+        ]
         (folder / "result.json").write_text("\n".join(lines) + ("\n" if lines else ""))
         storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem())
-        return SimpleNamespace(trial_id=trial_id, local_path=str(folder), path=str(folder), storage=storage)
+        return SimpleNamespace(
+            trial_id=trial_id, local_path=str(folder), path=str(folder), storage=storage
+        )
 
     def asha():
         return ResumableASHA(time_attr="iteration", metric="train/loss", mode="min", max_t=12,
@@ -144,14 +165,27 @@ def test_resumable_asha_rebuilds_its_rungs_from_reported_results(tmp_path):
     scheduler.on_trial_add(None, finished)  # restored: its results are replayed
     scheduler.on_trial_add(None, new)
     assert {m: r for m, r in scheduler.rungs()} == {8: {"a": -0.8}, 4: {"a": -1.0}}
-    assert scheduler.on_trial_result(None, new, {"iteration": 4, "train/loss": 5.0}) == TrialScheduler.STOP
+    assert (
+        scheduler.on_trial_result(None, new, {"iteration": 4, "train/loss": 5.0})
+        == TrialScheduler.STOP
+    )
     # a plain ASHA, as Tuner.restore brings it back, forgets: the weak trial passes the rung
     from ray.tune.schedulers import ASHAScheduler
 
-    plain = ASHAScheduler(time_attr="iteration", metric="train/loss", mode="min", max_t=12, grace_period=4, reduction_factor=2)
+    plain = ASHAScheduler(
+        time_attr="iteration",
+        metric="train/loss",
+        mode="min",
+        max_t=12,
+        grace_period=4,
+        reduction_factor=2,
+    )
     plain.on_trial_add(None, finished)
     plain.on_trial_add(None, new)
-    assert plain.on_trial_result(None, new, {"iteration": 4, "train/loss": 5.0}) == TrialScheduler.CONTINUE
+    assert (
+        plain.on_trial_result(None, new, {"iteration": 4, "train/loss": 5.0})
+        == TrialScheduler.CONTINUE
+    )
 
 
 @pytest.fixture
@@ -169,7 +203,10 @@ def no_ray(monkeypatch):
 def test_run_sweep_checks_data_and_metric_before_ray(tmp_path, synth_shards, no_ray):
     from tensormask_ray.errors import UserError
 
-    common = {"storage_path": str(tmp_path / "runs"), "mlflow_uri": f"sqlite:///{tmp_path / 'm.db'}"}
+    common = {
+        "storage_path": str(tmp_path / "runs"),
+        "mlflow_uri": f"sqlite:///{tmp_path / 'm.db'}",
+    }
     spec = parse_spec(_spec(config={"model": {"num_classes": 4}}), "s.yaml")  # metric val/segm/AP
     with pytest.raises(UserError, match="'metric' val/segm/AP needs validation data"):
         no_ray.run_sweep(spec, [f"data.train_shards={synth_shards}"], **common)
@@ -196,7 +233,10 @@ def test_trials_are_named_by_their_swept_values():
     order = ["model.mask_head", "model.upscale_factor"]
     assert trial_display_name(params, "6df1b_00001", 1, order) == "head=upscale_aligned lam=5"
     assert trial_display_name(params, "6df1b_00003", 2, order) == "head=upscale_aligned lam=5 #3"
-    variant = {"solver.base_lr": 1e-3, "variant": {"model.mask_head": "bipyramid", "model.window_sizes": [15, 11]}}
+    variant = {
+        "solver.base_lr": 1e-3,
+        "variant": {"model.mask_head": "bipyramid", "model.window_sizes": [15, 11]},
+    }
     assert trial_display_name(variant, "x_00000") == "lr=0.001 head=bipyramid windows=[15,11]"
     # two keys ending alike are spelled out in full
     clash = {"loss.box_weight": 1.0, "model.box_weight": 2.0}
@@ -206,10 +246,23 @@ def test_trials_are_named_by_their_swept_values():
 def test_the_parent_run_shows_the_spec_as_run_and_only_the_fixed_config(tmp_path):
     from tensormask_ray.tune.sweep import effective_spec_yaml, fixed_params
 
-    search = {"solver.base_lr": [0.01, 0.02], "variant": {"grid": [{"model.mask_head": "upscale_aligned"}, {"model.window_sizes": [15, 11]}]}}
-    spec = parse_spec(_spec(search=search, metric="train/loss", mode="min", config={"solver": {"max_iter": 24}}), "s.yaml")
-    shown = yaml.safe_load(effective_spec_yaml(spec, ["solver.max_iter=12", "data.train_shards=/d"]))
-    assert shown["config"]["solver"]["max_iter"] == 12 and shown["config"]["data"]["train_shards"] == "/d"
+    search = {
+        "solver.base_lr": [0.01, 0.02],
+        "variant": {
+            "grid": [{"model.mask_head": "upscale_aligned"}, {"model.window_sizes": [15, 11]}]
+        },
+    }
+    spec = parse_spec(
+        _spec(search=search, metric="train/loss", mode="min", config={"solver": {"max_iter": 24}}),
+        "s.yaml",
+    )
+    shown = yaml.safe_load(
+        effective_spec_yaml(spec, ["solver.max_iter=12", "data.train_shards=/d"])
+    )
+    assert (
+        shown["config"]["solver"]["max_iter"] == 12
+        and shown["config"]["data"]["train_shards"] == "/d"
+    )
     assert shown["search"] == search and "source" not in shown
     params = fixed_params(spec, base_config(spec, ["solver.max_iter=12"]), str(tmp_path / "t"))
     for searched in ("solver.base_lr", "model.mask_head", "model.window_sizes", "train.run_name"):

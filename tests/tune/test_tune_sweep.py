@@ -35,9 +35,20 @@ def _spec(shards: Path) -> dict:
         "config": {
             "model": {"num_classes": 4},
             "data": {"train_shards": str(shards), "batch_size_per_worker": 1},
-            "input": {"min_size_train": [128, 160], "max_size_train": 160, "min_size_test": 160, "max_size_test": 160},
+            "input": {
+                "min_size_train": [128, 160],
+                "max_size_train": 160,
+                "min_size_test": 160,
+                "max_size_test": 160,
+            },
             # max_iter: made MAX_ITER on the command line (the parent's spec artifact shows it)
-            "solver": {"optimizer": "adamw", "base_lr": 0.001, "max_iter": 2 * MAX_ITER, "warmup_iters": 1, "steps": []},
+            "solver": {
+                "optimizer": "adamw",
+                "base_lr": 0.001,
+                "max_iter": 2 * MAX_ITER,
+                "warmup_iters": 1,
+                "steps": [],
+            },
             "train": {"checkpoint_period": 4, "log_period": 4, "keep_checkpoints": 1},
             "tracking": {"registered_model": "smoke-best"},
         },
@@ -47,7 +58,10 @@ def _spec(shards: Path) -> dict:
         # are far above the first rung's cut-off whatever a few iterations do: both stop at 4,
         # deterministically. The second trial is the one interrupted: stopping it after the
         # resume needs the first rung rebuilt from the first trial's results (ResumableASHA).
-        "search": {"loss.mask_fg_weight": {"grid": [1.5, 1.0]}, "loss.box_weight": {"grid": [1.0, 20.0]}},
+        "search": {
+            "loss.mask_fg_weight": {"grid": [1.5, 1.0]},
+            "loss.box_weight": {"grid": [1.0, 20.0]},
+        },
         "metric": "train/loss",
         "mode": "min",
         "scheduler": {"type": "asha", "grace_period": 4, "reduction_factor": 2},
@@ -58,7 +72,12 @@ def _spec(shards: Path) -> dict:
 
 
 def _env() -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -74,7 +93,15 @@ def sweep(tmp_path_factory, synth_shards, mlflow_store):
     spec = work / "smoke.yaml"
     spec.write_text(yaml.safe_dump(_spec(synth_shards)))
     storage, uri = work / "runs", mlflow_store["uri"]
-    common = [f"solver.max_iter={MAX_ITER}", "--storage-path", str(storage), "--mlflow-uri", uri, "--address", "local"]
+    common = [
+        f"solver.max_iter={MAX_ITER}",
+        "--storage-path",
+        str(storage),
+        "--mlflow-uri",
+        uri,
+        "--address",
+        "local",
+    ]
     trials = storage / NAME / "trials"
 
     # 1. start, and interrupt once the first trial has finished and the second has begun
@@ -96,7 +123,9 @@ def sweep(tmp_path_factory, synth_shards, mlflow_store):
     first_trial = done[0].name
 
     # 2. resume
-    resumed = _cli("sweep", "--resume", NAME, "--storage-path", str(storage), "--address", "local", cwd=work)
+    resumed = _cli(
+        "sweep", "--resume", NAME, "--storage-path", str(storage), "--address", "local", cwd=work
+    )
     return {"work": work, "storage": storage, "uri": uri, "first_rc": first_rc, "first_log": first_log,
             "first_trial": first_trial, "resumed": resumed, "trials": trials}  # fmt: skip
 
@@ -106,7 +135,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
     assert f"--resume {NAME}" in sweep["first_log"]
     r = sweep["resumed"]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "[sweep] resuming" in r.stdout and r.stdout.count("stopped early (ASHA)") == 2  # the final table
+    assert (
+        "[sweep] resuming" in r.stdout and r.stdout.count("stopped early (ASHA)") == 2
+    )  # the final table
     runs = sorted(sweep["trials"].glob("trial-*"))
     assert len(runs) == 4
     starts = {p.name: len((p / "trial_starts.log").read_text().split()) for p in runs}
@@ -130,12 +161,23 @@ def test_asha_stops_trials_early_and_the_table_shows_it(sweep):
     # rung holds the first trial's value again (ResumableASHA replays it on restore).
     assert len(stopped) == 2 and all(r["params"]["loss.box_weight"] == 20.0 for r in stopped)
     light = [r for r in rows if r["params"]["loss.box_weight"] == 1.0]
-    assert len(light) == 2 and all(r["iterations"] == MAX_ITER and not r["stopped_early"] for r in light)
+    assert len(light) == 2 and all(
+        r["iterations"] == MAX_ITER and not r["stopped_early"] for r in light
+    )
     assert rows[0]["params"]["loss.box_weight"] == 1.0  # best first (train/loss, min)
     assert [r["metric"] for r in rows] == sorted(r["metric"] for r in rows)
 
     out = sweep["work"] / "compare.png"
-    r = _cli("runs", "compare", NAME, "--storage-path", str(sweep["storage"]), "--out", str(out), cwd=sweep["work"])
+    r = _cli(
+        "runs",
+        "compare",
+        NAME,
+        "--storage-path",
+        str(sweep["storage"]),
+        "--out",
+        str(out),
+        cwd=sweep["work"],
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("stopped early (ASHA)") == len(stopped)
     for row in rows:
@@ -148,7 +190,9 @@ def test_mlflow_holds_the_parent_and_four_child_runs(sweep):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=sweep["uri"])
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=100)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], max_results=100
+    )
     parents = [r for r in runs if r.info.run_name == NAME]
     assert len(parents) == 1
     parent = parents[0]
@@ -157,7 +201,9 @@ def test_mlflow_holds_the_parent_and_four_child_runs(sweep):
     assert "search.loss.box_weight" in parent.data.params and parent.data.tags["best_checkpoint"]
     assert parent.data.params["model.mask_head"] == "bipyramid"  # the config the trials share
     assert "loss.box_weight" not in parent.data.params  # searched: not a fixed value
-    assert parent.data.tags["sweep"] == NAME and parent.data.tags["sweep_dir"] == str(sweep["storage"] / NAME)
+    assert parent.data.tags["sweep"] == NAME and parent.data.tags["sweep_dir"] == str(
+        sweep["storage"] / NAME
+    )
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4
     for child in children:
@@ -168,8 +214,14 @@ def test_mlflow_holds_the_parent_and_four_child_runs(sweep):
         early = child.data.tags.get("tune.stopped_early") == "true"
         assert child.info.status == "FINISHED"  # stopped by ASHA is a decision, not a failure
         # Stopping the Tune trial tore its training down before the end.
-        assert max(m.step for m in history) < MAX_ITER if early else max(m.step for m in history) == MAX_ITER
-        assert child.data.tags["best_checkpoint"].endswith(tuple(f"checkpoint_{i:07d}" for i in range(1, MAX_ITER + 1)))
+        assert (
+            max(m.step for m in history) < MAX_ITER
+            if early
+            else max(m.step for m in history) == MAX_ITER
+        )
+        assert child.data.tags["best_checkpoint"].endswith(
+            tuple(f"checkpoint_{i:07d}" for i in range(1, MAX_ITER + 1))
+        )
     assert sum(c.data.tags.get("tune.stopped_early") == "true" for c in children) >= 1
 
 
@@ -178,7 +230,9 @@ def test_the_best_checkpoint_loads_and_evaluates(sweep, synth_shards):
 
     r = _cli("runs", "best", NAME, "--storage-path", str(sweep["storage"]), cwd=sweep["work"])
     assert r.returncode == 0, r.stderr
-    path = next(line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith("checkpoint: "))
+    path = next(
+        line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith("checkpoint: ")
+    )
     assert "loss.box_weight=1.0" in r.stdout and "mask_head: bipyramid" in r.stdout
     model, cfg, categories = load_model_for_inference(path)
     assert cfg.loss.box_weight == 1.0 and len(categories) == 4
@@ -189,11 +243,15 @@ def test_the_best_checkpoint_loads_and_evaluates(sweep, synth_shards):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     summary = json.loads((out / "metrics.json").read_text())
     # the sweep's best checkpoint, evaluated on the 4 images, with every COCO metric of both kinds
-    assert Path(summary["checkpoint"]).resolve() == Path(path).resolve() and summary["num_images"] == 4
+    assert (
+        Path(summary["checkpoint"]).resolve() == Path(path).resolve() and summary["num_images"] == 4
+    )
     assert set(summary["metrics"]) == {f"{t}/{n}" for t in ("segm", "bbox") for n in METRIC_NAMES}
 
 
-def test_the_mlflow_ui_ranks_the_trials_as_runs_compare_does(sweep, mlflow_store, mlflow_server, synth_shards):
+def test_the_mlflow_ui_ranks_the_trials_as_runs_compare_does(
+    sweep, mlflow_store, mlflow_server, synth_shards
+):
     """Last in this module: the evaluation run of the test above is part of what is checked."""
     from tensormask_ray import cli
     from tensormask_ray.tune.results import trial_rows
@@ -202,25 +260,43 @@ def test_the_mlflow_ui_ranks_the_trials_as_runs_compare_does(sweep, mlflow_store
     rest = mlflow_server
     rows = trial_rows(NAME, storage_path=str(sweep["storage"]))
     experiment = rest.experiment("tensormask")
-    assert experiment["artifact_location"].startswith((mlflow_store["dir"] / "mlartifacts").as_uri())
+    assert experiment["artifact_location"].startswith(
+        (mlflow_store["dir"] / "mlartifacts").as_uri()
+    )
     assert not (sweep["work"] / "mlruns").exists()  # nothing in the directory the sweep ran from
-    parent = next(r for r in rest.search_runs(experiment["experiment_id"], f"attributes.run_name = '{NAME}'"))
+    parent = next(
+        r for r in rest.search_runs(experiment["experiment_id"], f"attributes.run_name = '{NAME}'")
+    )
     parent_id = parent["info"]["run_id"]
-    trials = rest.search_runs(experiment["experiment_id"], f"tags.mlflow.parentRunId = '{parent_id}'", ["metrics.`sweep/score` ASC"])
+    trials = rest.search_runs(
+        experiment["experiment_id"],
+        f"tags.mlflow.parentRunId = '{parent_id}'",
+        ["metrics.`sweep/score` ASC"],
+    )
 
     # named by their values; ASHA-stopped = FINISHED + tune.stopped_early; no stale status tag
     by_run = {r["mlflow_run_id"]: r for r in rows}
     # (the spec file's order of keys: yaml.safe_dump sorted them)
-    assert {t["info"]["run_name"] for t in trials} == {f"box_weight={b} fg_weight={f}" for f in ("1.5", "1") for b in ("1", "20")}
+    assert {t["info"]["run_name"] for t in trials} == {
+        f"box_weight={b} fg_weight={f}" for f in ("1.5", "1") for b in ("1", "20")
+    }
     for trial in trials:
         row, tag = by_run[trial["info"]["run_id"]], tags(trial)
         assert trial["info"]["run_name"] == row["name"] and trial["info"]["status"] == "FINISHED"
-        assert tag["tune.stopped_early"] == str(row["stopped_early"]).lower() and "status" not in tag
+        assert (
+            tag["tune.stopped_early"] == str(row["stopped_early"]).lower() and "status" not in tag
+        )
         # the sweep's metric at every report Tune received, and the ranked value as sweep/score
-        reported = [m["step"] for m in rest.metric_history(trial["info"]["run_id"], "sweep/train/loss")]
+        reported = [
+            m["step"] for m in rest.metric_history(trial["info"]["run_id"], "sweep/train/loss")
+        ]
         assert set(range(4, row["iterations"] + 1, 4)) <= set(reported), reported
         assert metrics(trial)["sweep/score"] == pytest.approx(row["metric"], rel=1e-9)
-        assert [d["name"] for d, context in datasets(trial) if context["mlflow.data.context"] == "training"] == [synth_shards.name]
+        assert [
+            d["name"]
+            for d, context in datasets(trial)
+            if context["mlflow.data.context"] == "training"
+        ] == [synth_shards.name]
         assert tag["mlflow.source.name"] and tag["mlflow.user"]
     # sorting by sweep/score in MLflow gives runs compare's order
     assert [t["info"]["run_id"] for t in trials] == [r["mlflow_run_id"] for r in rows]
@@ -230,7 +306,10 @@ def test_the_mlflow_ui_ranks_the_trials_as_runs_compare_does(sweep, mlflow_store
     assert p["search.loss.box_weight"] == '{"grid": [1.0, 20.0]}' and "loss.box_weight" not in p
     assert p["solver.max_iter"] == str(MAX_ITER) and p["train.checkpoint_metric"] == "train/loss"
     assert tag["best_trial_id"] == rows[0]["trial_id"] and tag["best_trial_name"] == rows[0]["name"]
-    assert summary["sweep/best_score"] == pytest.approx(rows[0]["metric"]) and summary["sweep/num_stopped_early"] == 2
+    assert (
+        summary["sweep/best_score"] == pytest.approx(rows[0]["metric"])
+        and summary["sweep/num_stopped_early"] == 2
+    )
     assert rows[0]["name"] in tag["mlflow.note.content"]  # the table as the run's description
     assert {"compare.png", "sweep_spec.yaml", "base_config.yaml"} <= rest.artifacts(parent_id)
     spec = yaml.safe_load(rest.artifact_text(parent_id, "sweep_spec.yaml"))
@@ -240,15 +319,33 @@ def test_the_mlflow_ui_ranks_the_trials_as_runs_compare_does(sweep, mlflow_store
     best = rest.run(rows[0]["mlflow_run_id"])
     model_id = best["outputs"]["model_outputs"][0]["model_id"]
     assert rest.model_version("smoke-best", "1")["source"] == f"models:/{model_id}"
-    assert cli.main(["runs", "register", NAME, "--storage-path", str(sweep["storage"]), "--name", "smoke-registered"]) == 0
+    assert (
+        cli.main(
+            [
+                "runs",
+                "register",
+                NAME,
+                "--storage-path",
+                str(sweep["storage"]),
+                "--name",
+                "smoke-registered",
+            ]
+        )
+        == 0
+    )
     again = rest.model_version("smoke-registered", "1")
     assert again["source"] == f"models:/{model_id}" and again["run_id"] == rows[0]["mlflow_run_id"]
 
     # the evaluation of `evaluate --best-of`: its own run, nested under the best trial
-    evaluations = rest.search_runs(experiment["experiment_id"], f"tags.mlflow.parentRunId = '{rows[0]['mlflow_run_id']}'")
+    evaluations = rest.search_runs(
+        experiment["experiment_id"], f"tags.mlflow.parentRunId = '{rows[0]['mlflow_run_id']}'"
+    )
     assert len(evaluations) == 1
     evaluation = evaluations[0]
-    assert evaluation["info"]["run_name"] == f"eval {Path(rows[0]['checkpoint']).name} {synth_shards.name}"
+    assert (
+        evaluation["info"]["run_name"]
+        == f"eval {Path(rows[0]['checkpoint']).name} {synth_shards.name}"
+    )
     assert evaluation["info"]["status"] == "FINISHED" and "eval/segm/AP" in metrics(evaluation)
     assert {"metrics.json", "detections.json"} <= rest.artifacts(evaluation["info"]["run_id"])
     assert [c["mlflow.data.context"] for _, c in datasets(evaluation)] == ["evaluation"]
