@@ -480,7 +480,15 @@ def _finish_trial_runs(rows: list[dict[str, Any]], uri: str, spec: SweepSpec) ->
             logger.end("FAILED")
         else:
             logger.set_tags({"tune.stopped_early": str(bool(row["stopped_early"])).lower()})
-            if run.info.status == "RUNNING":
+            # TERMINATED is Tune's word for a trial that completed or that the scheduler stopped:
+            # the outcome. The run may still be RUNNING (a trial stopped by ASHA never closes its
+            # own run), or FAILED by the trial function itself when Tune, ending the trial after
+            # its last report, removed the trial's placement group while trainer.fit() was still
+            # returning (ActorDiedError of the Train controller: a teardown race, not a failure).
+            if run.info.status != "FINISHED":
+                if "error" in run.data.tags:
+                    logger.set_tags({"tune.teardown_error": run.data.tags["error"]})
+                    logger.client.delete_tag(run_id, "error")
                 logger.end("FINISHED")
         if row.get("checkpoint"):
             logger.set_tags({"best_checkpoint": row["checkpoint"]})
