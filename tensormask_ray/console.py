@@ -196,9 +196,8 @@ class Console:
     def __init__(self, log_path: Path, verbose: bool, terminal: TextIO):
         self.log = LogFile(log_path, on_open=self.announce)
         self.verbose = verbose
-        self.terminal = (
-            terminal  # the real stderr: notices, so stdout stays the command's output (JSON)
-        )
+        # the real stderr: notices, so stdout stays the command's output (JSON)
+        self.terminal = terminal
         self.announced = False
         self.started_ray = False  # this command started Ray: it stops it before the routers go
         self.hidden: set[str] = set()  # shared by both routers
