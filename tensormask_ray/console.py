@@ -201,6 +201,45 @@ class Console:
         self.announced = False
         self.started_ray = False  # this command started Ray: it stops it before the routers go
         self.hidden: set[str] = set()  # shared by both routers
+        self._native: tuple[LineRouter, TextIO] | None = None  # (stderr router, its old terminal)
+
+    def capture_native_stderr(self) -> None:
+        """File descriptor 2 into the log file, from now until the command ends, while Python's
+        sys.stderr keeps writing to the terminal through a copy of it: what native code writes
+        there (Ray's C++ core worker in this process logs its warnings to fd 2, past the routers)
+        is kept in the log and off the terminal. Not when verbose, nor when sys.stderr is not fd 2
+        (a caller that captures stderr itself, as pytest does)."""
+        router = sys.stderr
+        if self.verbose or self._native is not None or not isinstance(router, LineRouter):
+            return
+        try:
+            if router.terminal.fileno() != 2:
+                return
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+            return
+        router.flush()
+        self.log.write("")  # the log file exists (and is announced) before fd 2 points at it
+        old = router.terminal
+        old.flush()
+        terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding=old.encoding, errors=old.errors)
+        log_fd = os.open(self.log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        router.terminal = self.terminal = terminal
+        self._native = (router, old)
+
+    def release_native_stderr(self) -> None:
+        """fd 2 back to the terminal (undoes `capture_native_stderr`)."""
+        if self._native is None:
+            return
+        router, old = self._native
+        self._native = None
+        router.flush()
+        terminal = router.terminal
+        terminal.flush()
+        os.dup2(terminal.fileno(), 2)
+        terminal.close()
+        router.terminal = self.terminal = old
 
     def announce(self) -> None:
         """Says, once, where the logs go: when the log file is first written, or earlier."""
@@ -256,6 +295,7 @@ def routed(
             import ray
 
             ray.shutdown()
+        console.release_native_stderr()
         _current = None
         for handler, stream in redirected:
             handler.setStream(stream)
@@ -366,6 +406,8 @@ def ensure_ray(address: str | None = None, needed_cpus: float = 0) -> None:
     import ray
 
     announce_log()
+    if _current is not None:
+        _current.capture_native_stderr()
     if not ray.is_initialized():
         cpus = local_ray_cpus(address, needed_cpus)
         context = ray.init(

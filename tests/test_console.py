@@ -137,3 +137,40 @@ def test_a_local_ray_gets_room_for_ray_data_and_a_cluster_its_own_count(monkeypa
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert console.local_ray_cpus(None) is None
     assert console.local_ray_cpus("local") == 16  # "local" starts one even where RAY_ADDRESS is set
+
+
+_NATIVE_SCRIPT = r"""
+import os, sys
+from tensormask_ray import console
+with console.routed("evaluate", log_dir=sys.argv[1]) as c:
+    c.capture_native_stderr()  # what ensure_ray does before Ray starts
+    os.write(2, b"[2026-12-02 17:32:20,732 E 5432 5432] core_worker.cc:2465: Actor native\n")
+    print("[evaluate] ours on stderr", file=sys.stderr, flush=True)
+    print("[evaluate] ours on stdout", flush=True)
+os.write(2, b"after the command\n")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_native_writes_to_fd_2_go_to_the_log_unless_verbose(tmp_path, verbose):
+    """Ray's C++ core worker writes its warnings straight to file descriptor 2, past sys.stderr:
+    while a command runs they land in the log file, and fd 2 is the terminal again after it."""
+    import os
+    import subprocess
+
+    env = {**os.environ, console.VERBOSE_ENV: "1" if verbose else "0"}
+    r = subprocess.run([sys.executable, "-c", _NATIVE_SCRIPT, str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (log,) = tmp_path.glob("*.log")
+    assert "[evaluate] ours on stderr" in r.stderr and "[evaluate] ours on stdout" in r.stdout
+    assert "after the command" in r.stderr and "after the command" not in log.read_text()
+    assert (
+        f"Logs of Ray and other libraries{' are shown (verbose) and kept in' if verbose else ':'} {log}"
+        in r.stderr
+    )
+    if verbose:
+        assert "core_worker.cc:2465: Actor native" in r.stderr
+    else:
+        assert "core_worker.cc:2465: Actor native" not in r.stderr
+        assert "core_worker.cc:2465: Actor native" in log.read_text()

@@ -20,6 +20,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,7 @@ from .results import SWEEP_FILE
 from .spec import VARIANT, SweepSpec, base_config, param_space, parse_spec, space_of
 from .trainable import SCORE, TRIALS_DIR, run_trial, trial_run_name
 
+TUNE_NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"  # "0": Tune's legacy output engine
 TRIAL_CPU = 0.01  # the trial function only drives its TorchTrainer
 
 
@@ -360,6 +363,23 @@ def resume_sweep(
     )
 
 
+@contextmanager
+def _tune_output_off() -> Iterator[None]:
+    """Tune's output engine off while the block runs. RunConfig(verbose=0) silences its status
+    tables but not the experiment's opening box, its results path and tensorboard lines, which
+    Ray 2.60's output engine prints at any verbosity; the legacy engine (Ray's documented
+    RAY_AIR_NEW_OUTPUT=0) prints nothing at verbose 0."""
+    saved = os.environ.get(TUNE_NEW_OUTPUT_ENV)
+    os.environ[TUNE_NEW_OUTPUT_ENV] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(TUNE_NEW_OUTPUT_ENV, None)
+        else:
+            os.environ[TUNE_NEW_OUTPUT_ENV] = saved
+
+
 def _fit(
     tuner, spec: SweepSpec, cfg: Config, sweep_dir: str, uri: str, parent: RunLogger
 ) -> SweepOutcome:
@@ -368,7 +388,9 @@ def _fit(
 
     t0 = time.time()
     try:
-        with hide_worker_lines("[train]"):  # each trial's training progress: in the log file
+        # each trial's training progress: in the log file; Tune's own output: none (our
+        # TrialEvents lines instead)
+        with hide_worker_lines("[train]"), _tune_output_off():
             tuner.fit()
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):

@@ -133,6 +133,10 @@ def sweep(tmp_path_factory, synth_shards, mlflow_store):
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
     assert sweep["first_rc"] == 130, sweep["first_log"][-3000:]
     assert f"--resume {NAME}" in sweep["first_log"]
+    # the terminal shows our trial lines, not Tune's experiment box or its tensorboard hint
+    for shown in (sweep["first_log"], sweep["resumed"].stdout + sweep["resumed"].stderr):
+        assert "[sweep] trial" in shown
+        assert "Configuration for experiment" not in shown and "tensorboard" not in shown.lower()
     r = sweep["resumed"]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (
