@@ -376,17 +376,22 @@ def _checkpoint_ref(
     mlflow_uri: str,
     download_dir: Path,
 ) -> CheckpointRef:
-    """The checkpoint named by one of checkpoint / best_of / model, or mlflow_run alone."""
-    from .evaluation.runs import resolve_checkpoint
+    """The checkpoint named by one of checkpoint / best_of / model, or mlflow_run alone (with
+    checkpoint or best_of: the run to log under). A sweep's best trial is found here, through
+    tune.results, so that evaluation is handed a checkpoint and never imports tune."""
+    from .evaluation.runs import CheckpointRef, resolve_checkpoint, run_id_beside
 
+    if best_of:
+        if checkpoint or model:
+            raise UserError("give one of --checkpoint, --best-of and --model")
+        from .tune.results import best_trial as best_row
+
+        best = best_row(best_of, sweep_storage or "runs")
+        path = str(best["checkpoint"])
+        run_id = mlflow_run or best["mlflow_run_id"] or run_id_beside(Path(path))
+        return CheckpointRef(path, run_id, bool(mlflow_run), f"--best-of {best_of}")
     return resolve_checkpoint(
-        str(checkpoint) if checkpoint else None,
-        mlflow_run,
-        best_of,
-        mlflow_uri,
-        sweep_storage,
-        model,
-        download_dir,
+        str(checkpoint) if checkpoint else None, mlflow_run, mlflow_uri, model, download_dir
     )
 
 

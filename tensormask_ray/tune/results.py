@@ -106,19 +106,6 @@ def best_trial(
     return rows[0]
 
 
-def best_checkpoint(sweep: str, *, storage_path: str = "runs") -> tuple[str | None, dict[str, Any]]:
-    """(checkpoint path, its metrics + mlflow_run_id + config overrides) of the sweep's best trial."""
-    rows = trial_rows(sweep, storage_path)
-    if not rows or rows[0]["metric"] is None:
-        return None, {}
-    best = rows[0]
-    return best["checkpoint"], {
-        **best["metrics"],
-        "mlflow_run_id": best["mlflow_run_id"],
-        "trial_id": best["trial_id"],
-    }
-
-
 def _fmt(v: Any) -> str:
     if isinstance(v, dict):  # a variant: its keys, without their section
         return ",".join(f"{k.rsplit('.', 1)[-1]}={_fmt(x)}" for k, x in v.items())
