@@ -335,23 +335,19 @@ def register(
     from .tracking import RunLogger, get_run, resolve_tracking_uri
     from .train import storage
     from .train.trainer import log_checkpoint_model
-    from .tune.results import SWEEP_FILE, load_sweep, trial_rows
+    from .tune.results import SWEEP_FILE, load_sweep
+    from .tune.results import best_trial as best_row
 
     if storage.exists(storage.join(storage.absolute(storage_path), source, SWEEP_FILE)):
-        _, record, spec = load_sweep(source, storage_path)
+        _, record, _ = load_sweep(source, storage_path)
         uri = resolve_tracking_uri(mlflow_uri or record["mlflow_uri"])
-        rows = trial_rows(source, storage_path)
-        if (
-            not rows
-            or rows[0]["metric"] is None
-            or not rows[0]["checkpoint"]
-            or not rows[0]["mlflow_run_id"]
-        ):
+        best = best_row(source, storage_path)
+        if not best["mlflow_run_id"]:
             raise UserError(
-                f"sweep '{source}' has no trial with a checkpoint scored on {spec.metric}"
+                f"sweep '{source}': its best trial {best['trial_id']} has no MLflow run to register the model in"
             )
-        run_id, checkpoint = rows[0]["mlflow_run_id"], rows[0]["checkpoint"]
-        what = f"sweep '{source}', best trial {rows[0]['name']} ({rows[0]['trial_id']})"
+        run_id, checkpoint = best["mlflow_run_id"], best["checkpoint"]
+        what = f"sweep '{source}', best trial {best['name']} ({best['trial_id']})"
     else:
         uri = resolve_tracking_uri(mlflow_uri)
         try:
