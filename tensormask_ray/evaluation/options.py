@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
@@ -98,42 +99,101 @@ def add_execution_arguments(parser: argparse.ArgumentParser, default_actors: int
     )
 
 
-def inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The test-time options given, as dotted config overrides."""
-    checks = {
-        "min_size": ("input.min_size_test", lambda v: v >= 1, "a positive number of pixels"),
-        "max_size": ("input.max_size_test", lambda v: v >= 1, "a positive number of pixels"),
-        "score_thresh": ("inference.score_thresh", lambda v: 0 <= v <= 1, "in [0, 1]"),
-        "topk": ("inference.topk_candidates", lambda v: v >= 1, "at least 1"),
-        "nms_thresh": ("inference.nms_thresh", lambda v: 0 < v <= 1, "in (0, 1]"),
-        "max_detections": ("inference.detections_per_image", lambda v: v >= 1, "at least 1"),
-    }
-    overrides = {}
-    for name, (key, ok, what) in checks.items():
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if not ok(value):
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be {what}")
-        overrides[key] = value
-    if "input.min_size_test" in overrides and "input.max_size_test" not in overrides:
-        # --min-size alone: keep the paper's 800:1333 ratio for the cap, never below the min
-        overrides["input.max_size_test"] = round(overrides["input.min_size_test"] * 1333 / 800)
-    return overrides
+@dataclass(frozen=True)
+class InferenceOptions:
+    """The paper's test-time settings (§4.3); None keeps the checkpoint config's value. Names as
+    torchvision's detection models and Detectron2 call them."""
+
+    min_size: int | None = None  # shorter side the image is resized to (paper: 800)
+    max_size: int | None = None  # cap on the longer side (paper: 1333)
+    score_thresh: float | None = None  # detections kept scoring at least this (paper: 0.05)
+    topk_candidates: int | None = None  # candidates kept before NMS (6000)
+    nms_thresh: float | None = None  # NMS IoU threshold (0.5)
+    detections_per_image: int | None = None  # detections kept per image (100)
+
+    def overrides(self) -> dict[str, Any]:
+        """The settings given, checked, as dotted config overrides; --min-size alone keeps the
+        paper's 800:1333 ratio for the cap."""
+        checks = {
+            "min_size": ("input.min_size_test", lambda v: v >= 1, "a positive number of pixels"),
+            "max_size": ("input.max_size_test", lambda v: v >= 1, "a positive number of pixels"),
+            "score_thresh": ("inference.score_thresh", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            "topk_candidates": ("inference.topk_candidates", lambda v: v >= 1, "at least 1"),
+            "nms_thresh": ("inference.nms_thresh", lambda v: 0 < v <= 1, "in (0, 1]"),
+            "detections_per_image": (
+                "inference.detections_per_image",
+                lambda v: v >= 1,
+                "at least 1",
+            ),
+        }
+        overrides = {}
+        for name, (key, ok, what) in checks.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not ok(value):
+                raise UserError(
+                    f"--{_FLAGS.get(name, name).replace('_', '-')} {value}: must be {what}"
+                )
+            overrides[key] = value
+        if "input.min_size_test" in overrides and "input.max_size_test" not in overrides:
+            overrides["input.max_size_test"] = round(overrides["input.min_size_test"] * 1333 / 800)
+        return overrides
 
 
-def check_execution(args: argparse.Namespace) -> None:
-    if args.num_actors < 0:
-        raise UserError(f"--num-actors {args.num_actors}: must be 0 (in this process) or more")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
-    if args.cpus_per_actor <= 0:
-        raise UserError(f"--cpus-per-actor {args.cpus_per_actor}: must be positive")
-    if args.device == "cuda" and args.num_actors == 0:
-        import torch
+# InferenceOptions field -> the command-line flag that sets it, for the error messages
+_FLAGS = {"topk_candidates": "topk", "detections_per_image": "max_detections"}
 
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: this machine has no CUDA device")
+
+def inference_options(args: argparse.Namespace) -> InferenceOptions:
+    """The test-time options of a parsed command line."""
+    return InferenceOptions(
+        args.min_size, args.max_size, args.score_thresh, args.topk, args.nms_thresh,
+        args.max_detections,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How inference is spread: Ray Data actors, one model each (0: in this process, no Ray)."""
+
+    num_actors: int = 1
+    batch_size: int = 4  # images per actor call
+    cpus_per_actor: float = 1.0  # also the actor's torch threads
+    device: str = "cpu"  # cuda: one GPU per actor
+    address: str | None = None  # Ray cluster to join (default: RAY_ADDRESS or local)
+    strict: bool = False  # stop at the first image that cannot be decoded
+
+    @property
+    def local(self) -> bool:
+        return self.num_actors == 0
+
+    @property
+    def gpus_per_actor(self) -> float:
+        return 1.0 if self.device == "cuda" else 0.0
+
+    def check(self) -> None:
+        if self.num_actors < 0:
+            raise UserError(f"--num-actors {self.num_actors}: must be 0 (in this process) or more")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.cpus_per_actor <= 0:
+            raise UserError(f"--cpus-per-actor {self.cpus_per_actor}: must be positive")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"--device {self.device!r}: must be cpu or cuda")
+        if self.device == "cuda" and self.local:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError("--device cuda: this machine has no CUDA device")
+
+
+def execution(args: argparse.Namespace) -> Execution:
+    """The execution options of a parsed command line."""
+    return Execution(
+        args.num_actors, args.batch_size, args.cpus_per_actor, args.device, args.address,
+        args.strict,
+    )  # fmt: skip
 
 
 class Progress:
@@ -165,25 +225,16 @@ class Progress:
             )
 
 
-def load_model(args: argparse.Namespace, overrides: dict[str, Any]):
-    """The model the model options name, loaded once here (so a checkpoint that does not match
-    its config fails before any inference): (CheckpointRef, model, Config, categories). The model
-    is on --device for in-process inference (--num-actors 0), else on the CPU (the actors load
-    their own copy)."""
-    from pathlib import Path
-
+def load_model(ref, overrides: dict[str, Any], execution: Execution):
+    """The model of a resolved checkpoint (a CheckpointRef), loaded once here so that a
+    checkpoint not matching its config fails before any inference: (model, Config, categories).
+    On the execution's device for in-process inference (no actors), else on the CPU (the actors
+    load their own copy)."""
     from ..train.checkpoint import load_model_for_inference
-    from .runs import resolve_checkpoint
 
-    ref = resolve_checkpoint(
-        args.checkpoint, args.mlflow_run, args.best_of, args.mlflow_uri, args.sweep_storage,
-        args.model, Path(args.out) / "model",
-    )  # fmt: skip
-    local = args.num_actors == 0
-    model, cfg, categories = load_model_for_inference(
-        ref.path, overrides, args.device if local else "cpu"
+    return load_model_for_inference(
+        ref.path, overrides, execution.device if execution.local else "cpu"
     )
-    return ref, model, cfg, categories
 
 
 def report_failures(command: str, failures: dict[int, tuple[str, str]], limit: int = 20) -> None:

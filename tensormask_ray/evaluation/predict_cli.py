@@ -11,27 +11,16 @@ the drawing threshold, so the JSON holds exactly what the pictures show.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
-
-from ..errors import UserError
 from .options import (
     add_execution_arguments,
     add_model_arguments,
     add_test_time_arguments,
-    check_execution,
-    inference_overrides,
-    load_model,
+    execution,
+    inference_options,
 )
-
-if TYPE_CHECKING:
-    from ..data.manifest import CategoryMap
-
-DEFAULT_SCORE_THRESH = 0.5
+from .predict import DEFAULT_SCORE_THRESH, PredictResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,121 +38,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="mask opacity (default 0.5)")
 
 
-def overlay_names(files: list[Path]) -> list[str]:
-    """One PNG name per input, after the image's name; a repeated name gets -2, -3, ..."""
-    names, seen = [], {}
-    for f in files:
-        stem = f.stem or "image"
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.png")
-    return names
-
-
-def record_to_prediction(
-    results: list[dict], height: int, width: int, categories: CategoryMap
-) -> dict:
-    """COCO result dicts of one image back into the prediction format (masks decoded from RLE;
-    labels: class indices in `categories`)."""
-    from pycocotools import mask as mask_utils
-
-    boxes = np.array([r["bbox"] for r in results], dtype=np.float64).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-    if results:
-        masks = (
-            mask_utils.decode([r["segmentation"] for r in results]).transpose(2, 0, 1).astype(bool)
-        )
-    else:
-        masks = np.zeros((0, height, width), dtype=bool)
-    return {
-        "boxes": boxes,
-        "scores": np.array([r["score"] for r in results], dtype=np.float64),
-        "labels": np.array(categories.indices([r["category_id"] for r in results]), dtype=np.int64),
-        "masks": masks,
-    }
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..data.manifest import CategoryMap
-    from ..data.transforms import decode_image
-    from .inference import (
-        LOG_NAME,
-        FileSource,
-        ModelSpec,
-        ResultLog,
-        image_files,
-        log_header,
-        run_inference,
+    from ..api import predict
+
+    options, ex = inference_options(args), execution(args)
+    result = predict(
+        args.inputs,
+        args.checkpoint,
+        output_dir=args.out,
+        mlflow_run=args.mlflow_run,
+        best_of=args.best_of,
+        sweep_storage=args.sweep_storage,
+        model=args.model,
+        mlflow_uri=args.mlflow_uri,
+        min_size=options.min_size,
+        max_size=options.max_size,
+        score_thresh=options.score_thresh,
+        topk_candidates=options.topk_candidates,
+        nms_thresh=options.nms_thresh,
+        detections_per_image=options.detections_per_image,
+        num_actors=ex.num_actors,
+        batch_size=ex.batch_size,
+        cpus_per_actor=ex.cpus_per_actor,
+        device=ex.device,
+        address=ex.address,
+        strict=ex.strict,
+        alpha=args.alpha,
     )
-    from .visualize import save_overlay
+    print_result(result)
+    return 0 if result.overlays else 1
 
-    check_execution(args)
-    if not 0 <= args.alpha <= 1:
-        raise UserError(f"--alpha {args.alpha}: must be in [0, 1]")
-    files = image_files(args.inputs)
-    overrides = inference_overrides(args)
-    ref, model, cfg, categories = load_model(args, overrides)
-    local = args.num_actors == 0
-    model_categories = CategoryMap.of_model(
-        categories, cfg.model.num_classes, f"checkpoint {ref.path}"
+
+def print_result(result: PredictResult) -> None:
+    """What `predict` prints: the overlays and detections written, the images skipped."""
+    print(
+        f"wrote {len(result.overlays)} overlays to {result.output_dir} and "
+        f"{result.num_detections} detections to {result.detections_file}"
     )
-    category_ids, class_names = list(model_categories.ids), list(model_categories.names)
-    names_by_id = dict(zip(category_ids, class_names))
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    source = FileSource.from_paths(files)
-    png_names = overlay_names(files)
-    entries: dict[int, dict] = {}
-
-    def draw(record: dict) -> None:
-        """Called as each image's record arrives: its overlay and its detections entry."""
-        image_id, path = int(record["image_id"]), files[int(record["image_id"])]
-        if record["error"]:
-            print(f"[predict] skipped {path}: {record['error']}", file=sys.stderr)
-            entries[image_id] = {"file": str(path), "error": record["error"]}
-            return
-        results = json.loads(record["results"])
-        h, w = int(record["height"]), int(record["width"])
-        prediction = record_to_prediction(results, h, w, model_categories)
-        overlay = save_overlay(
-            out / png_names[image_id], decode_image(path.read_bytes()), prediction, class_names,
-            score_thresh=args.score_thresh, alpha=args.alpha,
-        )  # fmt: skip
-        instances = [
-            {
-                "category_id": r["category_id"],
-                "category_name": names_by_id[r["category_id"]],
-                "score": r["score"],
-                "bbox": r["bbox"],
-                "segmentation": r["segmentation"],
-            }
-            for r in results
-        ]
-        entries[image_id] = {
-            "file": str(path),
-            "overlay": str(overlay),
-            "height": h,
-            "width": w,
-            "instances": instances,
-        }
-
-    spec = ModelSpec(ref.path, tuple(category_ids), tuple(overrides.items()), args.device)
-    with ResultLog(out / LOG_NAME, log_header(spec, cfg, source.describe()), overwrite=True) as log:
-        outcome = run_inference(
-            source, spec, log,
-            num_actors=args.num_actors, batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor,
-            gpus_per_actor=1.0 if args.device == "cuda" else 0.0, strict=args.strict,
-            address=args.address, on_record=draw, loaded=(model, cfg) if local else None,
-        )  # fmt: skip
-
-    detections_path = out / "detections.json"
-    detections_path.write_text(json.dumps([entries[i] for i in sorted(entries)], indent=1))
-    drawn = len(outcome.done_ids)
-    count = sum(len(e.get("instances", ())) for e in entries.values())
-    print(f"wrote {drawn} overlays to {out} and {count} detections to {detections_path}")
-    if outcome.failures:
+    if result.skipped:
         print(
-            f"[predict] {len(outcome.failures)} of {len(files)} images could not be decoded (listed above)",
+            f"[predict] {len(result.skipped)} of {len(result.detections)} images could not be decoded (listed above)",
             file=sys.stderr,
         )
-    return 0 if drawn else 1

@@ -2,9 +2,9 @@
 
 A checkpoint is named directly (`--checkpoint PATH`), through the MLflow run of the training that
 wrote it (`--mlflow-run ID`: its `best_checkpoint` tag, else `checkpoint`, else the newest
-`checkpoint_*` folder of its `run_dir`), as the best trial of a sweep (`--best-of SWEEP`, through
-`tensormask_ray.tune.results.best_checkpoint`), or as a registered MLflow model (`--model
-models:/NAME/VERSION`, downloaded). An evaluation is its own MLflow run, named by checkpoint and
+`checkpoint_*` folder of its `run_dir`), or as a registered MLflow model (`--model
+models:/NAME/VERSION`, downloaded); the best trial of a sweep (`--best-of SWEEP`) is found by
+`tensormask_ray.api` through tune.results (the layer above) and handed here as a CheckpointRef. An evaluation is its own MLflow run, named by checkpoint and
 split (`eval checkpoint_0090000 val2017`), nested under the training run (or trial) that wrote the
 checkpoint: the one named, else the one whose id is in the `mlflow_run_id` file of the training
 run's folder, beside the checkpoint folders (see `train/trainer.py`), else the run that logged
@@ -42,16 +42,14 @@ class CheckpointRef:
 def resolve_checkpoint(
     checkpoint: str | None = None,
     mlflow_run: str | None = None,
-    best_of: str | None = None,
     mlflow_uri: str = "",
-    sweep_storage: str | None = None,
     model: str | None = None,
     download_dir: str | Path | None = None,
 ) -> CheckpointRef:
-    """Exactly one of checkpoint / best_of / model, or mlflow_run alone; mlflow_run with
-    checkpoint means "this checkpoint, and log under that run". A model is downloaded into
-    `download_dir` (default: a temporary folder)."""
-    if sum(bool(x) for x in (checkpoint, best_of, model)) > 1:
+    """One of checkpoint / model, or mlflow_run alone; mlflow_run with checkpoint means "this
+    checkpoint, and log under that run". A model is downloaded into `download_dir` (default: a
+    temporary folder)."""
+    if checkpoint and model:
         raise UserError("give one of --checkpoint, --best-of and --model")
     if model:
         return registered_model_checkpoint(model, mlflow_uri, download_dir, mlflow_run)
@@ -65,12 +63,6 @@ def resolve_checkpoint(
             raise UserError(f"--checkpoint: {e}") from None
         run_id = mlflow_run or run_id_beside(path)
         return CheckpointRef(str(path.resolve()), run_id, explicit_run=bool(mlflow_run))
-    if best_of:
-        path, metrics = best_trial_checkpoint(best_of, sweep_storage)
-        run_id = mlflow_run or metrics.get("mlflow_run_id") or run_id_beside(Path(path))
-        return CheckpointRef(
-            str(path), run_id, explicit_run=bool(mlflow_run), how=f"--best-of {best_of}"
-        )
     if mlflow_run:
         return CheckpointRef(
             checkpoint_of_run(mlflow_run, mlflow_uri),
@@ -127,23 +119,6 @@ def checkpoint_of_run(run_id: str, mlflow_uri: str) -> str:
         f"checkpoint: {tags.get('best_checkpoint')!r}, {tags.get('checkpoint')!r}; run_dir "
         f"{tags.get('run_dir')!r}); pass --checkpoint PATH"
     )
-
-
-def best_trial_checkpoint(sweep: str, storage_path: str | None) -> tuple[str, dict[str, Any]]:
-    """The best trial's checkpoint of a sweep, through the tune package (imported only here)."""
-    try:
-        from ..tune.results import best_checkpoint
-    except ImportError as e:
-        raise UserError(
-            f"--best-of {sweep}: finding a sweep's best checkpoint needs "
-            "tensormask_ray.tune.results.best_checkpoint, which this installation does not have "
-            f"yet ({e}); pass --checkpoint PATH of the trial instead"
-        ) from e
-    kwargs = {"storage_path": storage_path} if storage_path else {}
-    path, metrics = best_checkpoint(sweep, **kwargs)
-    if not path:
-        raise UserError(f"--best-of {sweep}: the sweep has no trial with a checkpoint")
-    return str(path), dict(metrics or {})
 
 
 def checkpoint_iteration(path: str | Path) -> int | None:
@@ -221,7 +196,6 @@ def log_evaluation_run(
 
 __all__ = [
     "CheckpointRef",
-    "best_trial_checkpoint",
     "checkpoint_iteration",
     "checkpoint_of_run",
     "log_evaluation_run",

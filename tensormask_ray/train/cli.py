@@ -1,11 +1,10 @@
 """`tensormask-ray train --config FILE [key=value ...] [--num-workers N] [--use-gpu] [--address ADDR]
-[--resume]`: parse, validate (before any worker starts), run."""
+[--resume]`: argument parsing only; `tensormask_ray.api.train` validates (before any worker
+starts) and runs, printing its progress."""
 
 from __future__ import annotations
 
 import argparse
-
-from ..config import load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,29 +40,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-name", help="train.run_name")
 
 
-def config_from_args(args: argparse.Namespace):
-    overrides = list(args.overrides)
-    if args.num_workers is not None:
-        overrides.append(f"train.num_workers={args.num_workers}")
-    if args.use_gpu:
-        overrides.append("train.use_gpu=true")
-    if args.storage_path:
-        overrides.append(f"train.storage_path={args.storage_path}")
-    if args.run_name:
-        overrides.append(f"train.run_name={args.run_name}")
-    return load_config(args.config, overrides, args.preset)
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.validation import validate_on_shards
-    from .trainer import run_training
+    from ..api import train
 
-    cfg = config_from_args(args)
-    outcome = run_training(
-        cfg,
+    result = train(
+        args.config,
+        preset=args.preset,
+        overrides=args.overrides,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        storage_path=args.storage_path,
+        name=args.run_name,
         resume=args.resume,
         address=args.address,
         mlflow_uri=args.mlflow_uri,
-        validation=validate_on_shards,
     )
-    return 1 if outcome.error else 0
+    return 1 if result.error else 0

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
-
-from ..errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,54 +36,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def pin_searched_keys(spec, overrides: list[str]):
-    """An override of a searched key pins it: `model.upscale_factor=5` runs the spec's other
-    dimensions at lambda 5 only."""
-    from ..config import parse_override
-    from .spec import SpecError
-
-    pinned = [k for k, _ in map(parse_override, overrides) if k in spec.search]
-    if not pinned:
-        return spec
-    search = {k: v for k, v in spec.search.items() if k not in pinned}
-    if not search:
-        raise SpecError(
-            f"sweep spec {spec.source}: the overrides pin every searched key ({', '.join(pinned)}): nothing left to sweep"
-        )
-    print(f"[sweep] pinned by the command line: {', '.join(pinned)}", flush=True)
-    return dataclasses.replace(spec, search=search)
-
-
 def run(args: argparse.Namespace) -> int:
-    from .spec import load_spec, validate_spec
-    from .sweep import resume_sweep, run_sweep
+    from ..api import sweep
 
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
-    if args.resume:
-        if args.spec or args.overrides:
-            raise UserError("--resume NAME takes no spec or overrides: the sweep keeps its own")
-        outcome = resume_sweep(
-            args.resume,
-            storage_path=args.storage_path or "runs",
-            address=address,
-            mlflow_uri=args.mlflow_uri,
-        )
-    else:
-        if not args.spec:
-            raise UserError("give a sweep spec (e.g. sweeps/cpu/smoke.yaml), or --resume NAME")
-        spec = load_spec(args.spec)
-        if args.name:
-            spec = dataclasses.replace(spec, name=args.name)
-        spec = pin_searched_keys(spec, args.overrides)
-        validate_spec(spec)
-        outcome = run_sweep(
-            spec,
-            args.overrides,
-            storage_path=args.storage_path,
-            mlflow_uri=args.mlflow_uri,
-            address=address,
-        )
-    if outcome.interrupted:
+    result = sweep(
+        args.spec,
+        args.overrides,
+        name=args.name,
+        resume=args.resume,
+        storage_path=args.storage_path,
+        mlflow_uri=args.mlflow_uri,
+        address=args.address,
+    )
+    if result.interrupted:
         return 130
-    failed = [t for t in outcome.trials if t["status"] == "ERROR"]
-    return 1 if failed else 0
+    return 1 if result.failed else 0

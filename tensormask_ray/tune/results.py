@@ -1,6 +1,6 @@
 """Reading a sweep's results from its folder (no MLflow, no running Ray needed): one row per
 trial with its swept values, status, best metric and the checkpoint that scored it; the table
-`runs compare` prints; the PNG of the metric against each swept parameter; the best checkpoint
+`runs compare` prints; the PNG of the metric against each swept parameter; the best trial
 (`runs best`, `evaluate --best-of`)."""
 
 from __future__ import annotations
@@ -94,17 +94,16 @@ def trial_rows(name: str, storage_path: str = "runs") -> list[dict[str, Any]]:
     return rows
 
 
-def best_checkpoint(sweep: str, *, storage_path: str = "runs") -> tuple[str | None, dict[str, Any]]:
-    """(checkpoint path, its metrics + mlflow_run_id + config overrides) of the sweep's best trial."""
-    rows = trial_rows(sweep, storage_path)
-    if not rows or rows[0]["metric"] is None:
-        return None, {}
-    best = rows[0]
-    return best["checkpoint"], {
-        **best["metrics"],
-        "mlflow_run_id": best["mlflow_run_id"],
-        "trial_id": best["trial_id"],
-    }
+def best_trial(
+    sweep: str, storage_path: str = "runs", rows: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The sweep's best trial (its `trial_rows` row): the first, best by the spec's metric, when
+    it scored and has a checkpoint; else a UserError. `rows`: trial_rows already read."""
+    rows = trial_rows(sweep, storage_path) if rows is None else rows
+    if not rows or rows[0]["metric"] is None or not rows[0]["checkpoint"]:
+        _, _, spec = load_sweep(sweep, storage_path)
+        raise UserError(f"sweep '{sweep}' has no trial with a checkpoint scored on {spec.metric}")
+    return rows[0]
 
 
 def _fmt(v: Any) -> str:

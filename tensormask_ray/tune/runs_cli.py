@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import UserError
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="runs_command", metavar="SUBCOMMAND", required=True)
@@ -57,81 +55,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def register(args: argparse.Namespace) -> int:
-    """SWEEP: its best trial's checkpoint, in the trial's run; RUN: the run's best checkpoint."""
-    from ..evaluation.runs import checkpoint_of_run
-    from ..tracking import RunLogger, get_run, resolve_tracking_uri
-    from ..train import storage
-    from ..train.trainer import log_checkpoint_model
-    from .results import SWEEP_FILE, load_sweep, trial_rows
-
-    if storage.exists(storage.join(storage.absolute(args.storage_path), args.source, SWEEP_FILE)):
-        _, record, spec = load_sweep(args.source, args.storage_path)
-        uri = resolve_tracking_uri(args.mlflow_uri or record["mlflow_uri"])
-        rows = trial_rows(args.source, args.storage_path)
-        if (
-            not rows
-            or rows[0]["metric"] is None
-            or not rows[0]["checkpoint"]
-            or not rows[0]["mlflow_run_id"]
-        ):
-            raise UserError(
-                f"sweep '{args.source}' has no trial with a checkpoint scored on {spec.metric}"
-            )
-        run_id, checkpoint = rows[0]["mlflow_run_id"], rows[0]["checkpoint"]
-        what = f"sweep '{args.source}', best trial {rows[0]['name']} ({rows[0]['trial_id']})"
-    else:
-        uri = resolve_tracking_uri(args.mlflow_uri)
-        try:
-            get_run(uri, args.source)
-        except UserError as e:
-            raise UserError(
-                f"{args.source} is neither a sweep in {storage.absolute(args.storage_path)} nor an MLflow run in {uri}"
-            ) from e
-        run_id, checkpoint = args.source, checkpoint_of_run(args.source, uri)
-        what = f"run {run_id}"
-    model_id, version = log_checkpoint_model(RunLogger(uri, run_id), checkpoint, args.name)
-    print(f"registered {what}: checkpoint {checkpoint}")
-    print(f"model: models:/{args.name}/{version} (logged model {model_id}, {uri})")
-    print(
-        f"evaluate it: tensormask-ray evaluate --model models:/{args.name}/{version} --mlflow-uri {uri} --shards DIR --out DIR"
-    )
-    return 0
-
-
 def run(args: argparse.Namespace) -> int:
-    from .results import format_table, load_sweep, plot_metric, trial_rows
+    from .. import api
 
     if args.runs_command == "register":
-        return register(args)
-
-    sweep_dir, _, spec = load_sweep(args.sweep, args.storage_path)
-    rows = trial_rows(args.sweep, args.storage_path)
-    if args.runs_command == "compare":
-        print(format_table(rows, spec))
-        out = plot_metric(rows, spec, args.out or f"{sweep_dir}/compare.png")
-        print(f"wrote {out}")
-        return 0
-    if not rows or rows[0]["metric"] is None or not rows[0]["checkpoint"]:
-        raise UserError(
-            f"sweep '{args.sweep}' has no trial with a checkpoint scored on {spec.metric}"
+        result = api.register(
+            args.source, args.name, storage_path=args.storage_path, mlflow_uri=args.mlflow_uri
         )
-    best = rows[0]
-    from ..train.checkpoint import read_state
-
-    state = read_state(best["checkpoint"])
+        print(f"registered {result.source}: checkpoint {result.checkpoint}")
+        print(f"model: {result.model_uri} (logged model {result.model_id}, {result.mlflow_uri})")
+        print(
+            f"evaluate it: tensormask-ray evaluate --model {result.model_uri} --mlflow-uri {result.mlflow_uri} --shards DIR --out DIR"
+        )
+        return 0
+    if args.runs_command == "compare":
+        compared = api.compare(args.sweep, storage_path=args.storage_path, plot=args.out)
+        print(compared.table)
+        print(f"wrote {compared.plot}")
+        return 0
+    best = api.best_trial(args.sweep, storage_path=args.storage_path)
     print(
-        f"best trial {best['trial_id']}: {spec.metric} {best['metric']:.6g} at iteration {state.get('iteration')}"
+        f"best trial {best.trial_id}: {best.metric_name} {best.metric:.6g} at iteration {best.iteration}"
     )
-    print(f"checkpoint: {best['checkpoint']}")
-    print(f"mlflow run: {best['mlflow_run_id']}")
-    print("swept values: " + ", ".join(f"{k}={v}" for k, v in best["params"].items()))
+    print(f"checkpoint: {best.checkpoint}")
+    print(f"mlflow run: {best.mlflow_run_id}")
+    print("swept values: " + ", ".join(f"{k}={v}" for k, v in best.params.items()))
     print("config:")
-    from ..config import from_dict
-
-    print(
-        from_dict(state["config"]).to_yaml()
-        if isinstance(state.get("config"), dict)
-        else state.get("config")
-    )
+    print(best.config.to_yaml() if hasattr(best.config, "to_yaml") else best.config)
     return 0

@@ -186,6 +186,21 @@ def validate_spec(spec: SweepSpec) -> None:
     _check(spec)
 
 
+def pin_searched_keys(spec: SweepSpec, overrides: list[str]) -> SweepSpec:
+    """An override of a searched key pins it: `model.upscale_factor=5` runs the spec's other
+    dimensions at lambda 5 only."""
+    pinned = [k for k, _ in map(parse_override, overrides) if k in spec.search]
+    if not pinned:
+        return spec
+    search = {k: v for k, v in spec.search.items() if k not in pinned}
+    if not search:
+        raise SpecError(
+            f"sweep spec {spec.source}: the overrides pin every searched key ({', '.join(pinned)}): nothing left to sweep"
+        )
+    print(f"[sweep] pinned by the command line: {', '.join(pinned)}", flush=True)
+    return dataclasses.replace(spec, search=search)
+
+
 def _check(spec: SweepSpec) -> None:
     src = spec.source
     if (

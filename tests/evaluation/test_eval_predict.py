@@ -14,7 +14,7 @@ from PIL import Image
 from tensormask_ray import cli
 from tensormask_ray.data.manifest import CategoryMap, read_manifest
 from tensormask_ray.data.transforms import decode_image
-from tensormask_ray.evaluation.predict_cli import record_to_prediction
+from tensormask_ray.evaluation.predict import record_to_prediction
 from tensormask_ray.evaluation.visualize import draw_instances
 
 from .checkpoints import make_checkpoint

@@ -71,17 +71,25 @@ MLFLOW_EXTRAS = {
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, synth_shards, store):
+    """The run, through the Python API (`api.train`, what `tensormask-ray train` calls): the
+    config it trained with and its TrainResult."""
     import shutil
 
-    from tensormask_ray.evaluation.validation import validate_on_shards
-    from tensormask_ray.train.trainer import run_training
+    from tensormask_ray import api
 
     val = shutil.copytree(synth_shards, store["root"] / "val")  # same data, another dataset name
-    extras = {**MLFLOW_EXTRAS, "data.val_shards": str(val)}
-    cfg = tiny_config(
-        synth_shards, store["root"] / "runs", "plain", **{"solver.max_iter": 24, **extras}
+    extras = {**MLFLOW_EXTRAS, "data.val_shards": str(val), "solver.max_iter": 24}
+    cfg = tiny_config(synth_shards, store["root"] / "runs", "plain", **extras)
+    overrides = [f"{k}={json.dumps(v)}" for k, v in {**TINY, **extras}.items()]
+    overrides.append(f"data.train_shards={synth_shards}")
+    result = api.train(
+        preset="cpu-small",
+        overrides=overrides,
+        storage_path=str(store["root"] / "runs"),
+        name="plain",
+        mlflow_uri=store["uri"],
     )
-    return cfg, run_training(cfg, mlflow_uri=store["uri"], validation=validate_on_shards)
+    return cfg, result
 
 
 def test_two_workers_train_and_the_loss_falls(uninterrupted):
@@ -114,6 +122,11 @@ def test_mlflow_holds_the_run_with_params_metrics_and_checkpoint(uninterrupted):
     ckpt = Path(run.data.tags["checkpoint"])
     assert (ckpt / "state.pt").is_file() and ckpt.name == "checkpoint_0000024"
     assert Path(run.data.tags["best_checkpoint"]).is_dir()
+    # the API's result names the run's folder, run and checkpoints as MLflow and the folder do
+    assert (Path(out.run_dir) / "mlflow_run_id").read_text().strip() == out.mlflow_run_id
+    assert Path(out.checkpoint) == ckpt and Path(out.checkpoint).parent == Path(out.run_dir)
+    assert out.best_checkpoint == run.data.tags["best_checkpoint"]
+    assert out.metrics["iteration"] == int(ckpt.name.removeprefix("checkpoint_"))  # its report
     # keep_checkpoints = 2 of 3 reported
     assert (
         len([p for p in Path(out.run_dir).glob("checkpoint_*") if p.is_dir()])

@@ -253,6 +253,47 @@ def test_the_best_checkpoint_loads_and_evaluates(sweep, synth_shards):
     assert set(summary["metrics"]) == {f"{t}/{n}" for t in ("segm", "bbox") for n in METRIC_NAMES}
 
 
+def test_the_api_compares_finds_and_evaluates_the_best_trial_as_the_files_say(sweep, synth_shards):
+    """`tensormask_ray.api` on the finished sweep: compare, best_trial and evaluate(best_of=...)
+    return what the sweep's folder holds (not logged to MLflow: the test below counts runs)."""
+    from tensormask_ray import api
+    from tensormask_ray.tune.results import trial_rows
+
+    storage = str(sweep["storage"])
+    rows = trial_rows(NAME, storage)
+    compared = api.compare(NAME, storage_path=storage, plot=sweep["work"] / "api-compare.png")
+    assert list(compared.trials) == rows and compared.plot == sweep["work"] / "api-compare.png"
+    assert compared.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(r["trial_id"] in compared.table for r in rows)
+
+    best = api.best_trial(NAME, storage_path=storage)
+    top = rows[0]
+    assert (best.trial_id, best.checkpoint, best.metric) == (
+        top["trial_id"],
+        top["checkpoint"],
+        top["metric"],
+    )
+    assert best.metric_name == "train/loss" and best.params == top["params"]
+    assert (Path(top["run_dir"]) / "mlflow_run_id").read_text().strip() == best.mlflow_run_id
+    assert best.iteration == int(Path(best.checkpoint).name.removeprefix("checkpoint_"))
+    assert best.config.loss.box_weight == best.params["loss.box_weight"]
+
+    out = sweep["work"] / "api-eval"
+    result = api.evaluate(
+        best_of=NAME,
+        sweep_storage=storage,
+        shards=synth_shards,
+        output_dir=out,
+        max_images=2,
+        num_actors=0,
+        log_to_mlflow=False,
+    )
+    assert Path(result.checkpoint).resolve() == Path(best.checkpoint).resolve()
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["checkpoint"] == result.checkpoint and result.num_images == 2
+    assert result.metrics == summary["metrics"] and result.mlflow_run_id is None
+
+
 def test_the_mlflow_ui_ranks_the_trials_as_runs_compare_does(
     sweep, mlflow_store, mlflow_server, synth_shards
 ):
