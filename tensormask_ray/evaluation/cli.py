@@ -154,18 +154,13 @@ def _category_ids(
 def run(args: argparse.Namespace) -> int:
     from ..data.manifest import dataset_summary
     from ..tracking import resolve_tracking_uri
+    from .batch_inference import run_inference
     from .coco import evaluate_coco, format_metrics_table
     from .found import format_found, instances_found
     from .ground_truth import coco_gt_from_json, coco_gt_from_shards
-    from .inference import (
-        LOG_NAME,
-        FileSource,
-        ModelSpec,
-        ResultLog,
-        ShardSource,
-        log_header,
-        run_inference,
-    )
+    from .image_sources import FileSource, ShardSource
+    from .predictor import ModelSpec
+    from .result_log import LOG_NAME, ResultLog, log_header
     from .runs import checkpoint_iteration, log_evaluation_run
     from .testdev import results_file_name, write_test_dev_results
 

@@ -85,15 +85,10 @@ def record_to_prediction(
 def run(args: argparse.Namespace) -> int:
     from ..data.manifest import CategoryMap
     from ..data.transforms import decode_image
-    from .inference import (
-        LOG_NAME,
-        FileSource,
-        ModelSpec,
-        ResultLog,
-        image_files,
-        log_header,
-        run_inference,
-    )
+    from .batch_inference import run_inference
+    from .image_sources import FileSource, image_files
+    from .predictor import ModelSpec
+    from .result_log import LOG_NAME, ResultLog, log_header
     from .visualize import save_overlay
 
     check_execution(args)

@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 from tensormask_ray import cli
 from tensormask_ray.data.manifest import CategoryMap, read_manifest
 from tensormask_ray.data.transforms import decode_image
-from tensormask_ray.evaluation import inference
+from tensormask_ray.evaluation import predictor
 from tensormask_ray.evaluation.coco import METRIC_NAMES
 from tensormask_ray.evaluation.ground_truth import (
     coco_gt_from_json,
@@ -173,7 +173,7 @@ def ground_truth_model(monkeypatch, synth_coco):
             instances["masks"] = erode_masks(instances["masks"], erosion["radius"])
         return {**instances, "scores": torch.ones(len(instances["labels"]))}
 
-    monkeypatch.setattr(inference, "predict_image", predict_image)
+    monkeypatch.setattr(predictor, "predict_image", predict_image)
     return erosion
 
 
