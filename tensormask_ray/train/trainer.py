@@ -30,8 +30,8 @@ from ..tracking import (
     ui_url,
 )
 from . import storage
-from .checkpoint import MLFLOW_RUN_FILE, state_path
-from .loop import PROGRESS_FILE, RunSettings, Validation, loop_config, train_loop_per_worker
+from .checkpoint import MLFLOW_RUN_FILE, PROGRESS_FILE, state_path
+from .loop import RunSettings, Validation, loop_config, train_loop_per_worker
 
 
 @dataclass
