@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.checkpoint import STATE_FILE
+    from ..modeling.checkpoint_file import STATE_FILE
     from .detectron2 import convert_detectron2
 
     out = convert_detectron2(

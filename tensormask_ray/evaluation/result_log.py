@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from ..train.checkpoint import state_path
+from ..modeling.checkpoint_file import state_path
 
 if TYPE_CHECKING:
     from .predictor import ModelSpec

@@ -55,6 +55,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluation.mlflow_model import LOADER_MODULE
     from ..evaluation.validation import validate_on_shards
     from .trainer import run_training
 
@@ -65,5 +66,6 @@ def run(args: argparse.Namespace) -> int:
         address=args.address,
         mlflow_uri=args.mlflow_uri,
         validation=validate_on_shards,
+        model_loader=LOADER_MODULE,
     )
     return 1 if outcome.error else 0

@@ -59,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def register(args: argparse.Namespace) -> int:
     """SWEEP: its best trial's checkpoint, in the trial's run; RUN: the run's best checkpoint."""
+    from ..evaluation.mlflow_model import LOADER_MODULE
     from ..evaluation.runs import checkpoint_of_run
     from ..tracking import RunLogger, get_run, resolve_tracking_uri
     from ..train import storage
@@ -90,7 +91,9 @@ def register(args: argparse.Namespace) -> int:
             ) from e
         run_id, checkpoint = args.source, checkpoint_of_run(args.source, uri)
         what = f"run {run_id}"
-    model_id, version = log_checkpoint_model(RunLogger(uri, run_id), checkpoint, args.name)
+    model_id, version = log_checkpoint_model(
+        RunLogger(uri, run_id), checkpoint, args.name, model_loader=LOADER_MODULE
+    )
     print(f"registered {what}: checkpoint {checkpoint}")
     print(f"model: models:/{args.name}/{version} (logged model {model_id}, {uri})")
     print(
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             f"sweep '{args.sweep}' has no trial with a checkpoint scored on {spec.metric}"
         )
     best = rows[0]
-    from ..train.checkpoint import read_state
+    from ..modeling.checkpoint_file import read_state
 
     state = read_state(best["checkpoint"])
     print(

@@ -74,6 +74,7 @@ MLFLOW_EXTRAS = {
 def uninterrupted(ray_local, synth_shards, store):
     import shutil
 
+    from tensormask_ray.evaluation.mlflow_model import LOADER_MODULE
     from tensormask_ray.evaluation.validation import validate_on_shards
     from tensormask_ray.train.trainer import run_training
 
@@ -82,7 +83,9 @@ def uninterrupted(ray_local, synth_shards, store):
     cfg = tiny_config(
         synth_shards, store["root"] / "runs", "plain", **{"solver.max_iter": 24, **extras}
     )
-    return cfg, run_training(cfg, mlflow_uri=store["uri"], validation=validate_on_shards)
+    return cfg, run_training(
+        cfg, mlflow_uri=store["uri"], validation=validate_on_shards, model_loader=LOADER_MODULE
+    )
 
 
 def test_two_workers_train_and_the_loss_falls(uninterrupted):
