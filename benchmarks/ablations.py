@@ -28,7 +28,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from results_md import write_section  # noqa: E402
 
 from tensormask_ray import cli  # noqa: E402
-from tensormask_ray.train.checkpoint import read_state  # noqa: E402
+from tensormask_ray.modeling.checkpoint_file import read_state  # noqa: E402
 from tensormask_ray.tune.results import trial_rows  # noqa: E402
 
 

@@ -131,14 +131,11 @@ def batch_rows(num_images: int, repeats: int, work: Path) -> tuple[list[str], fl
 
     from tensormask_ray.data.coco_to_parquet import prepare
     from tensormask_ray.data.synth import make_synthetic_coco
+    from tensormask_ray.evaluation.batch_inference import run_inference
     from tensormask_ray.evaluation.ground_truth import read_manifest
-    from tensormask_ray.evaluation.inference import (
-        ModelSpec,
-        ResultLog,
-        ShardSource,
-        log_header,
-        run_inference,
-    )
+    from tensormask_ray.evaluation.image_sources import ShardSource
+    from tensormask_ray.evaluation.predictor import ModelSpec
+    from tensormask_ray.evaluation.result_log import ResultLog, log_header
     from tensormask_ray.train.checkpoint import save_training_state
 
     files = make_synthetic_coco(work / "coco", num_images, 640, seed=0)

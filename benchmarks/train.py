@@ -31,6 +31,7 @@ from tensormask_ray.config import load_config  # noqa: E402
 from tensormask_ray.data.coco_to_parquet import prepare  # noqa: E402
 from tensormask_ray.data.manifest import CategoryMap, read_manifest  # noqa: E402
 from tensormask_ray.data.synth import make_synthetic_coco  # noqa: E402
+from tensormask_ray.evaluation.mlflow_model import LOADER_MODULE  # noqa: E402
 from tensormask_ray.train.trainer import run_training  # noqa: E402
 
 LOG_PERIOD = 10
@@ -67,7 +68,7 @@ def measure(
     )
     uri = f"sqlite:///{work / 'mlflow.db'}"
     t0 = time.perf_counter()
-    outcome = run_training(cfg, mlflow_uri=uri)
+    outcome = run_training(cfg, mlflow_uri=uri, model_loader=LOADER_MODULE)
     wall = time.perf_counter() - t0
     if outcome.error:
         raise RuntimeError(f"{workers}-worker run failed: {outcome.error}")

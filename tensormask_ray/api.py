@@ -205,6 +205,7 @@ def train(
     arguments (`name` is train.run_name). `resume` continues the run of that name from its
     latest checkpoint. Validation on data.val_shards runs at each checkpoint."""
     from .config import load_config
+    from .evaluation.mlflow_model import LOADER_MODULE
     from .evaluation.validation import validate_on_shards
     from .train.trainer import run_training
 
@@ -219,7 +220,12 @@ def train(
         overrides.append(f"train.run_name={name}")
     cfg = load_config(config_file, overrides, preset)
     outcome = run_training(
-        cfg, resume=resume, address=address, mlflow_uri=mlflow_uri, validation=validate_on_shards
+        cfg,
+        resume=resume,
+        address=address,
+        mlflow_uri=mlflow_uri,
+        validation=validate_on_shards,
+        model_loader=LOADER_MODULE,
     )
     return TrainResult(
         run_dir=outcome.run_dir,
@@ -331,6 +337,7 @@ def register(
 ) -> RegisterResult:
     """The best checkpoint of a sweep (its best trial, in the trial's run) or of a training run
     (an MLflow run id) as a new version of the registered MLflow model `name`."""
+    from .evaluation.mlflow_model import LOADER_MODULE
     from .evaluation.runs import checkpoint_of_run
     from .tracking import RunLogger, get_run, resolve_tracking_uri
     from .train import storage
@@ -358,7 +365,9 @@ def register(
             ) from e
         run_id, checkpoint = source, checkpoint_of_run(source, uri)
         what = f"run {run_id}"
-    model_id, version = log_checkpoint_model(RunLogger(uri, run_id), checkpoint, name)
+    model_id, version = log_checkpoint_model(
+        RunLogger(uri, run_id), checkpoint, name, model_loader=LOADER_MODULE
+    )
     return RegisterResult(what, checkpoint, run_id, uri, name, version, model_id)
 
 
@@ -501,7 +510,7 @@ def predict(
     output_dir/<name>.png, and every detection in output_dir/detections.json. `score_thresh` is
     both the detection and the drawing threshold; `alpha` the masks' opacity. In this process by
     default (`num_actors=0`), or on Ray Data actors."""
-    from .evaluation.inference import image_files
+    from .evaluation.image_sources import image_files
     from .evaluation.options import Execution, InferenceOptions
     from .evaluation.predict import run_prediction
 

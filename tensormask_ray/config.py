@@ -1,9 +1,9 @@
 """Typed configuration: one home for every default.
 
 A `Config` is a tree of dataclasses. It is built from the defaults below, then (in this order) a
-named preset, a YAML file and dotted command-line overrides such as
-``model.mask_head=bipyramid model.window_sizes=[15,11]``. An unknown key or a value of the wrong
-type is a `ConfigError` that names the key. Nothing here is global or mutable at import time.
+named preset (tensormask_ray/configs/NAME.yaml), a YAML file and dotted command-line overrides
+such as ``model.mask_head=bipyramid model.window_sizes=[15,11]``. An unknown key or a value of
+the wrong type is a `ConfigError` that names the key. Nothing here is global or mutable at import time.
 """
 
 from __future__ import annotations
@@ -243,155 +243,6 @@ PATH_KEYS = (
 )
 
 
-# ----------------------------------------------------------------------------- presets
-# Each preset is a set of dotted overrides on the defaults. The table presets follow the paper's
-# ResNet-50-FPN ablations (Tables 1, 2a-d) and final models (Table 3).
-SCHEDULES: dict[str, dict[str, Any]] = {
-    # 1x: ~12 COCO epochs at batch 16; 6x: ~72 epochs (the paper's schedule, §4.2).
-    "1x": {"solver.max_iter": 90000, "solver.steps": [60000, 80000]},
-    "6x": {"solver.max_iter": 540000, "solver.steps": [480000, 520000]},
-}
-
-
-def _table2a(head: str, lam: float) -> dict[str, Any]:
-    return {"model.mask_head": head, "model.upscale_factor": lam, "model.upscale_mode": "bilinear"}
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "table1-simple-natural": {"model.mask_head": "simple_natural", **SCHEDULES["6x"]},
-    "table1-simple-aligned": {"model.mask_head": "simple_aligned", **SCHEDULES["6x"]},
-    **{
-        f"table2a-{kind}-l{lam:g}": {**_table2a(f"upscale_{kind}", lam), **SCHEDULES["6x"]}
-        for kind in ("natural", "aligned")
-        for lam in (1.5, 3.0, 5.0)
-    },
-    **{
-        f"table2b-{mode}-l{lam:g}": {
-            **_table2a("upscale_aligned", lam),
-            "model.upscale_mode": mode,
-            **SCHEDULES["6x"],
-        }
-        for mode in ("nearest", "bilinear")
-        for lam in (1.5, 3.0, 5.0)
-    },
-    "table2c-bipyramid": {
-        "model.mask_head": "bipyramid",
-        "model.window_sizes": [15],
-        **SCHEDULES["6x"],
-    },
-    "table2d-bipyramid-2win": {
-        "model.mask_head": "bipyramid",
-        "model.window_sizes": [15, 11],
-        **SCHEDULES["6x"],
-    },
-    "table3-r50": {
-        "model.mask_head": "bipyramid",
-        "model.window_sizes": [15, 11],
-        "model.backbone.depth": 50,
-        **SCHEDULES["6x"],
-    },
-    "table3-r101": {
-        "model.mask_head": "bipyramid",
-        "model.window_sizes": [15, 11],
-        "model.backbone.depth": 101,
-        **SCHEDULES["6x"],
-    },
-    "1x": SCHEDULES["1x"],
-    "6x": SCHEDULES["6x"],
-    # Small enough to train on a 2-core CPU in minutes: R-18, thin FPN and towers, P3-P7, small images.
-    "cpu-small": {
-        "model.backbone.depth": 18,
-        "model.backbone.freeze_at": 0,
-        "model.fpn_channels": 64,
-        "model.cls_channels": 64,
-        "model.box_channels": 64,
-        "model.mask_channels": 64,
-        "model.tower_depth": 2,
-        "model.min_level": 3,
-        "model.max_level": 6,
-        "model.window_sizes": [9],
-        "input.min_size_train": [224, 288],
-        "input.max_size_train": 384,
-        "input.min_size_test": 256,
-        "input.max_size_test": 384,
-        "solver.base_lr": 0.01,
-        "solver.reference_batch_size": 4,
-        "solver.warmup_iters": 20,
-        "solver.max_iter": 200,
-        "solver.steps": [150],
-        "solver.grad_clip": 5.0,
-        "train.checkpoint_period": 50,
-        "train.log_period": 10,
-    },
-}
-
-
-# Detectron2's TensorMask (projects/TensorMask/configs/tensormask_R_50_FPN_{1x,6x}.yaml on top of
-# Detectron2's defaults), so that `tensormask-ray convert detectron2` checkpoints compute exactly
-# what Detectron2 computes (docs/detectron2.md). ANCHOR_GENERATOR.SIZES [[44, 60], [88, 120], ...]
-# at stride 4 are windows of 11 and 15 cells, in that order (the head's mask_pred_11, mask_pred_15).
-DETECTRON2_TENSORMASK: dict[str, Any] = {
-    "model.geometry": "detectron2",
-    "model.backbone.depth": 50,
-    "model.backbone.stride_in_1x1": True,
-    "model.backbone.norm": "FrozenBN",
-    "model.backbone.freeze_at": 2,
-    "model.num_classes": 80,
-    "model.fpn_channels": 256,
-    "model.min_level": 2,
-    "model.max_level": 7,
-    "model.fpn_fuse": "avg",
-    "model.mask_head": "bipyramid",
-    "model.window_sizes": [11, 15],
-    "model.cls_channels": 256,
-    "model.box_channels": 128,
-    "model.mask_channels": 128,
-    "model.tower_depth": 4,
-    "model.pad_value": -6.0,
-    "model.prior_prob": 0.01,
-    "model.box_weights": [1.5, 1.5, 0.75, 0.75],
-    "assign.scale_ratio": 0.5,
-    "assign.center_radius": 1.0,
-    "assign.uniqueness": True,
-    "assign.small_object_fallback": True,
-    "loss.cls_weight": 1.0,
-    "loss.box_weight": 1.0,
-    "loss.mask_weight": 2.0,
-    "loss.focal_gamma": 3.0,
-    "loss.focal_alpha": 0.3,
-    "loss.mask_fg_weight": 1.5,
-    "inference.score_thresh": 0.05,
-    "inference.topk_candidates": 6000,
-    "inference.nms_thresh": 0.5,
-    "inference.detections_per_image": 100,
-    "inference.mask_threshold": 0.5,
-    "input.format": "BGR255",
-    "input.pixel_mean": [103.530, 116.280, 123.675],
-    "input.pixel_std": [1.0, 1.0, 1.0],
-    "input.min_size_train": [800, 800],
-    "input.max_size_train": 1333,
-    "input.flip_prob": 0.5,
-    "input.min_size_test": 800,
-    "input.max_size_test": 1333,
-    "input.size_divisibility": 32,
-    "solver.optimizer": "sgd",
-    "solver.base_lr": 0.02,
-    "solver.reference_batch_size": 16,
-    "solver.momentum": 0.9,
-    "solver.weight_decay": 1e-4,
-    "solver.warmup_iters": 1000,
-    "solver.warmup_factor": 0.001,
-    "solver.gamma": 0.1,
-    **SCHEDULES["1x"],
-}
-PRESETS["d2-tensormask-r50-1x"] = DETECTRON2_TENSORMASK
-PRESETS["d2-tensormask-r50-6x"] = {
-    **DETECTRON2_TENSORMASK,
-    **SCHEDULES["6x"],
-    "input.min_size_train": [640, 800],
-}
-
-
 # ----------------------------------------------------------------------------- dict <-> dataclass
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -516,6 +367,30 @@ def from_dict(d: dict[str, Any], base: Config | None = None) -> Config:
     return apply_overrides(base or Config(), flatten(d)).validate()
 
 
+# ----------------------------------------------------------------------------- presets
+# Each preset is a YAML file in tensormask_ray/configs/ (NAME.yaml): dotted overrides on the
+# defaults above, nested by section. The table presets follow the paper's ResNet-50-FPN ablations
+# (Tables 1, 2a-d) and final models (Table 3); d2-* are Detectron2's TensorMask configs.
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def preset_names() -> list[str]:
+    """The names of the presets, sorted."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_overrides(name: str) -> dict[str, Any]:
+    """The dotted overrides of the preset `name` (configs/NAME.yaml)."""
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"unknown preset '{name}'; known: {names}")
+    path = PRESETS_DIR / f"{name}.yaml"
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset file {path} must hold a mapping of sections")
+    return flatten(data)
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
@@ -526,9 +401,7 @@ def load_config(
     if preset:
         names = [p for p in preset.split("+") if p]
         for name in names:
-            if name not in PRESETS:
-                raise ConfigError(f"unknown preset '{name}'; known: {sorted(PRESETS)}")
-            cfg = apply_overrides(cfg, PRESETS[name])
+            cfg = apply_overrides(cfg, preset_overrides(name))
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -666,7 +539,7 @@ __all__ = [
     "InputConfig",
     "LossConfig",
     "ModelConfig",
-    "PRESETS",
+    "PRESETS_DIR",
     "SolverConfig",
     "TrackingConfig",
     "TrainConfig",
@@ -675,4 +548,6 @@ __all__ = [
     "known_keys",
     "load_config",
     "parse_override",
+    "preset_names",
+    "preset_overrides",
 ]

@@ -15,7 +15,7 @@ below in that Ray's source, then add its (major, minor) to `TESTED_RAY`.
   `storage.storage_filesystem` (`ray.train._internal.storage.StorageContext`).
 - `working_dir_files`: `ray._private.runtime_env.packaging._dir_travel` / `_get_excludes` and
   `ray._private.ray_constants.get_runtime_env_default_excludes` (what a job's working dir ships,
-  `cluster.job`).
+  `cluster.working_dir`).
 - `upload_package_file`: `JobSubmissionClient._upload_package_if_needed` (`submit --ship-code`).
 - `RUNTIME_ENV_LOGGERS`: the names of `ray._private.runtime_env`'s loggers (`cluster.client`
   quiets them).

@@ -11,9 +11,10 @@ never in the current directory, so two stores never share a folder. A tracking s
 
 Runs are made with `MlflowClient.create_run` (from the driver, from Ray workers, from Ray Train's
 controller) and get the tags `mlflow.start_run` would give them (user, source, git commit).
-A training run's best checkpoint is logged as an MLflow model (pyfunc flavour whose loader is
-this module, `_load_pyfunc`): `mlflow.pyfunc.load_model("models:/NAME/1").predict(images)` runs
-it, and `tensormask-ray evaluate --model models:/NAME/1` evaluates it.
+A training run's best checkpoint is logged as an MLflow model (pyfunc flavour whose loader module
+the caller hands in: evaluation.mlflow_model, which this layer does not import):
+`mlflow.pyfunc.load_model("models:/NAME/1").predict(images)` runs it, and
+`tensormask-ray evaluate --model models:/NAME/1` evaluates it.
 """
 
 from __future__ import annotations
@@ -304,11 +305,18 @@ class RunLogger:
         self.log_text(details, "error.txt")
 
     def log_model(
-        self, checkpoint: str | Path, *, step: int, tags: Mapping[str, Any] | None = None
+        self,
+        checkpoint: str | Path,
+        *,
+        step: int,
+        loader_module: str,
+        tags: Mapping[str, Any] | None = None,
     ) -> str:
         """Logs a checkpoint folder (weights + config, see `train.checkpoint.export_for_inference`)
         as this run's MLflow model; returns the model id (`models:/<id>`). `step`: the training
-        iteration of the checkpoint (the run's metrics at that step are linked to the model)."""
+        iteration of the checkpoint (the run's metrics at that step are linked to the model).
+        `loader_module`: the module whose `_load_pyfunc(checkpoint folder)` MLflow calls to load
+        the model (evaluation.mlflow_model.LOADER_MODULE)."""
         _mlflow(self.uri)
         import mlflow.pyfunc
         from mlflow.models import Model
@@ -325,7 +333,7 @@ class RunLogger:
         with _quiet("mlflow"):
             Model.log(
                 artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=self.run_id, model_id=model.model_id,
-                loader_module=__name__, data_path=str(checkpoint), pip_requirements=_pip_requirements(), step=int(step),
+                loader_module=loader_module, data_path=str(checkpoint), pip_requirements=_pip_requirements(), step=int(step),
             )  # fmt: skip
         return model.model_id
 
@@ -446,9 +454,9 @@ def model_ref(uri: str, model_uri: str) -> ModelRef:
     return ModelRef(f"{version.name} v{version.version}", version.run_id)
 
 
-def download_model(uri: str, model_uri: str, dst: str | Path) -> Path:
-    """Downloads a model logged by `RunLogger.log_model` into `dst`; returns its checkpoint
-    folder."""
+def download_model(uri: str, model_uri: str, dst: str | Path, loader_module: str) -> Path:
+    """Downloads a model logged by `RunLogger.log_model` with `loader_module` into `dst`; returns
+    its checkpoint folder."""
     mlflow = _mlflow(uri)
     from mlflow.models import Model
 
@@ -460,58 +468,11 @@ def download_model(uri: str, model_uri: str, dst: str | Path) -> Path:
             )
         )
     flavor = Model.load(str(local)).flavors.get("python_function", {})
-    if flavor.get("loader_module") != __name__ or not flavor.get("data"):
+    if flavor.get("loader_module") != loader_module or not flavor.get("data"):
         raise UserError(
             f"--model {model_uri} is not a tensormask-ray model (its pyfunc loader is {flavor.get('loader_module')!r})"
         )
     return local / flavor["data"]
-
-
-def _load_pyfunc(data_path: str) -> TensorMaskPredictor:
-    """MLflow's pyfunc loader for our logged models (`loader_module` = this module)."""
-    return TensorMaskPredictor(data_path)
-
-
-class TensorMaskPredictor:
-    """What `mlflow.pyfunc.load_model` returns for a tensormask-ray model. `predict(images)`:
-    an image file path, an (H, W, 3) uint8 RGB array, or a list of them (a pandas DataFrame: its
-    first column) -> one list of detections per image, COCO style (category_id, bbox xywh, score,
-    segmentation as compressed RLE)."""
-
-    def __init__(self, checkpoint: str | Path, device: str = "cpu"):
-        from .data.manifest import CategoryMap
-        from .train.checkpoint import load_model_for_inference
-
-        self.model, self.cfg, categories = load_model_for_inference(checkpoint, device=device)
-        self.device = device
-        self.category_ids = list(
-            CategoryMap.of_model(
-                categories, self.cfg.model.num_classes, f"checkpoint {checkpoint}"
-            ).ids
-        )
-
-    def predict(self, model_input: Any, params: dict | None = None) -> list[list[dict]]:
-        import numpy as np
-
-        from .data.transforms import decode_image
-        from .evaluation.coco import predictions_to_coco
-        from .evaluation.evaluator import predict_image
-
-        if hasattr(model_input, "iloc"):  # a DataFrame: the first column
-            model_input = list(model_input.iloc[:, 0])
-        single = isinstance(model_input, (str, Path)) or (
-            isinstance(model_input, np.ndarray) and model_input.ndim == 3
-        )
-        out = []
-        for item in [model_input] if single else model_input:
-            image = (
-                decode_image(Path(item).read_bytes())
-                if isinstance(item, (str, Path))
-                else np.asarray(item, dtype=np.uint8)
-            )
-            prediction = predict_image(self.model, image, self.cfg)  # on the model's device
-            out.append(predictions_to_coco(prediction, 0, self.category_ids))
-        return out
 
 
 # ----------------------------------------------------------------------------- system metrics

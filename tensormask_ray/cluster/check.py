@@ -132,7 +132,8 @@ def _storage(path: str) -> bool | None:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The job's options (what `tensormask-ray submit check ARGS` passes on)."""
     p = argparse.ArgumentParser(
         prog="tensormask-ray submit check", description=__doc__.splitlines()[0]
     )
@@ -146,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--list-files", action="store_true", help="list the files shipped in the job's working dir"
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     print(f"[check] job running in {os.getcwd()} with Python {sys.version.split()[0]}", flush=True)
     if args.list_files:
         for root, dirs, files in os.walk("."):

@@ -5,7 +5,7 @@ Submit's own options may come anywhere on the line; everything else is the comma
 unchanged (except the files it reads, `--config FILE` and a sweep's SPEC, whose paths are made
 relative to the shipped working dir). Prints the job id, then follows the job's logs until it
 ends (exit 0 if it SUCCEEDED, 1 otherwise) unless `--no-wait`, which prints only the job id on
-stdout. See `job.py` for what is shipped and `auth.py` for the token.
+stdout. See `job.py` (and the modules it names) for what is shipped and `auth.py` for the token.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from ..errors import UserError
 from .argv import option_value
 from .auth import cleartext_warning, resolve_token
 from .client import CONNECT_TIMEOUT_S, JobClient, resolve_address
-from .job import COMMANDS, build_job, package_zip, shipped_files, temp_dir
+from .code_package import package_zip, temp_dir
+from .job import COMMANDS, build_job
+from .working_dir import shipped_files
 
 # submit's options: name -> (takes a value, repeatable)
 _OWN = {

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import PRESETS
+from ..config import preset_names
 from .detectron2 import DEFAULT_PRESET
 
-D2_PRESETS = sorted(name for name in PRESETS if name.startswith("d2-"))
+D2_PRESETS = [name for name in preset_names() if name.startswith("d2-")]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.checkpoint import STATE_FILE
+    from ..modeling.checkpoint_file import STATE_FILE
     from .detectron2 import convert_detectron2
 
     out = convert_detectron2(

@@ -246,7 +246,8 @@ def convert_detectron2(
     config.yaml) for the config `preset` + `overrides`. Returns the folder."""
     from ..data.coco_categories import coco_categories
     from ..modeling import build_model
-    from ..train.checkpoint import STATE_FILE, load_weights, save_training_state
+    from ..modeling.checkpoint_file import STATE_FILE, load_weights
+    from ..train.checkpoint import save_training_state
 
     out = Path(out_dir)
     if (out / STATE_FILE).exists() and not overwrite:

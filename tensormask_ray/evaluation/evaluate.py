@@ -150,18 +150,13 @@ def run_evaluation(
     truth) or the test-dev results JSON and its zip. Progress and warnings go to stderr."""
     from ..data.manifest import dataset_summary
     from ..tracking import resolve_tracking_uri
+    from .batch_inference import run_inference
     from .coco import evaluate_coco
     from .found import instances_found
     from .ground_truth import coco_gt_from_json, coco_gt_from_shards
-    from .inference import (
-        LOG_NAME,
-        FileSource,
-        ModelSpec,
-        ResultLog,
-        ShardSource,
-        log_header,
-        run_inference,
-    )
+    from .image_sources import FileSource, ShardSource
+    from .predictor import ModelSpec
+    from .result_log import LOG_NAME, ResultLog, log_header
     from .runs import checkpoint_iteration, log_evaluation_run
     from .testdev import write_test_dev_results
 

@@ -2,7 +2,7 @@
 mask and box AP. Used for periodic validation during training, where each rank predicts its own
 slice of the images (`predict_shards(..., rank, world_size)`) and rank 0 scores them all
 (`score_predictions`); `tensormask-ray evaluate` scales the same per-image work out with Ray Data
-(inference.py). The model runs on the device its parameters are on."""
+(batch_inference.py). The model runs on the device its parameters are on."""
 
 from __future__ import annotations
 

@@ -90,7 +90,10 @@ def run_prediction(
     or stops the run with execution.strict."""
     from ..data.manifest import CategoryMap
     from ..data.transforms import decode_image
-    from .inference import LOG_NAME, FileSource, ModelSpec, ResultLog, log_header, run_inference
+    from .batch_inference import run_inference
+    from .image_sources import FileSource
+    from .predictor import ModelSpec
+    from .result_log import LOG_NAME, ResultLog, log_header
     from .visualize import save_overlay
 
     if not 0 <= alpha <= 1:

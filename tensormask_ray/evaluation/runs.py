@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..train.checkpoint import MLFLOW_RUN_FILE, state_path
+from ..modeling.checkpoint_file import state_path
+from ..train.checkpoint import MLFLOW_RUN_FILE
 from ..train.context import checkpoint_folders
 
 
@@ -54,7 +55,7 @@ def resolve_checkpoint(
     if model:
         return registered_model_checkpoint(model, mlflow_uri, download_dir, mlflow_run)
     if checkpoint:
-        from ..train.checkpoint import checkpoint_file
+        from ..modeling.checkpoint_file import checkpoint_file
 
         path = Path(checkpoint)
         try:
@@ -81,11 +82,12 @@ def registered_model_checkpoint(
     import tempfile
 
     from ..tracking import download_model, model_ref, resolve_tracking_uri
+    from .mlflow_model import LOADER_MODULE
 
     uri = resolve_tracking_uri(mlflow_uri)
     ref = model_ref(uri, model)
     folder = download_model(
-        uri, model, download_dir or tempfile.mkdtemp(prefix="tensormask-model-")
+        uri, model, download_dir or tempfile.mkdtemp(prefix="tensormask-model-"), LOADER_MODULE
     )
     return CheckpointRef(
         str(folder), mlflow_run or ref.run_id, bool(mlflow_run), f"--model {model}", ref.label

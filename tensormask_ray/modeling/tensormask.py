@@ -311,7 +311,7 @@ def build_model(cfg: Config) -> TensorMask:
         geometry=m.geometry, box_weights=tuple(m.box_weights), mask_training=m.mask_training,
     )  # fmt: skip
     if m.weights:  # fine-tuning: every weight from a checkpoint of ours (e.g. a converted one)
-        from ..train.checkpoint import load_weights, read_state
+        from .checkpoint_file import load_weights, read_state
 
         load_weights(model, read_state(m.weights)["model"], m.weights)
     return model

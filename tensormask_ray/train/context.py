@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import CHECKPOINT_PREFIX, STATE_FILE
+from ..modeling.checkpoint_file import STATE_FILE
+from .checkpoint import CHECKPOINT_PREFIX
 
 
 class WorkerContext(Protocol):

@@ -12,17 +12,18 @@ progress, checkpoint files) happen on rank 0 only. Validation is handed in by th
 `Validation`, e.g. evaluation.validation.validate_on_shards) and spread over the ranks: each
 predicts its slice of the images, rank 0 gathers and scores them. Each checkpoint holds every
 rank's RNG state, and each rank of a resumed run restores its own.
+
+The steps: `_build_state` (model, optimiser, schedule, AMP) and `_resume` into a `TrainState`,
+then per batch `_inject_failure_if_due` and `_train_step`; the log lines, checkpoints and reports
+are `reporting.Reporter`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import random
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,15 +34,9 @@ import torch
 from ..config import Config, TrainConfig, apply_overrides, from_dict
 from ..data.watchdog import DataWatchdog
 from . import storage
-from .checkpoint import (
-    PROGRESS_FILE,
-    checkpoint_dir_name,
-    load_training_state,
-    rng_state,
-    save_training_state,
-)
-from .context import WorkerContext, gather_to_rank0, max_across_ranks
-from .progress import Progress
+from .checkpoint import load_training_state
+from .context import WorkerContext
+from .reporting import Reporter
 from .schedule import LRSchedule, build_optimizer, set_lr
 
 FAILURE_MARKER = ".failure-injected"
@@ -101,39 +96,12 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, list[dict]]:
-    images = batch["images"].to(device, non_blocking=True)
+    images = batch["images"].to(device, non_blocking=True)  # (N, 3, H, W)
     targets = [
         {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()}
         for t in batch["targets"]
     ]
     return images, targets
-
-
-class _Window:
-    """Sums over the iterations since the last log line."""
-
-    def __init__(self) -> None:
-        self.wait = self.step = 0.0
-        self.images = self.n = 0
-        self.losses: dict[str, float] = {}
-
-    def add(self, wait: float, step: float, images: int, losses: dict[str, torch.Tensor]) -> None:
-        self.wait += wait
-        self.step += step
-        self.images += images
-        self.n += 1
-        for k, v in losses.items():
-            self.losses[k] = self.losses.get(k, 0.0) + float(v.detach())
-
-    def metrics(self, lr: float, epoch: int) -> dict[str, float]:
-        metrics = {f"train/{k}": v / self.n for k, v in self.losses.items()}
-        metrics["train/loss"] = sum(self.losses.values()) / self.n
-        metrics["train/lr"] = lr
-        metrics["train/images_per_sec"] = self.images / max(self.step, 1e-9)
-        metrics["train/step_time"] = self.step / self.n
-        metrics["train/data_wait_fraction"] = self.wait / max(self.step, 1e-9)
-        metrics["train/epoch"] = epoch
-        return metrics
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -185,190 +153,137 @@ def run_training_loop(
     of this rank's last report."""
     if run.val_shards and validation is None:
         raise ValueError(f"validation shards {run.val_shards} but no validation: pass validation=")
-    from ..modeling import build_model
-
-    rank, world, device = ctx.rank, ctx.world_size, ctx.device
-    _seed_everything(cfg.seed + 1000 * rank)
+    _seed_everything(cfg.seed + 1000 * ctx.rank)
     with ctx.latest_checkpoint() as folder:
-        # model.weights (fine-tuning) initialises a fresh run only; a resumed one has its own weights.
-        model = ctx.prepare_model(
-            build_model(cfg if folder is None else apply_overrides(cfg, {"model.weights": None}))
-        )
-        batch_size = cfg.data.batch_size_per_worker
-        schedule = LRSchedule.from_config(cfg.solver, batch_size * world)
-        optimizer = build_optimizer(model, cfg.solver, schedule.lr_at(0))
-        use_amp = cfg.solver.amp != "none" and device.type == "cuda"
-        amp_dtype = torch.bfloat16 if cfg.solver.amp == "bf16" else torch.float16
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.solver.amp == "fp16")
-
-        iteration, epoch = 0, 0
+        state = _build_state(cfg, ctx, resuming=folder is not None)
         if folder is not None:
-            state = load_training_state(folder, model, optimizer, rank=rank, device=device)
-            if state.get("scheduler", {}).get("scaler") and scaler.is_enabled():
-                scaler.load_state_dict(state["scheduler"]["scaler"])
-            iteration, epoch = (
-                state["iteration"],
-                state["epoch"] + 1,
-            )  # a resumed run starts a fresh epoch
-            if not state["rng_restored"]:  # a rank the run that wrote the checkpoint did not have
-                _seed_everything(cfg.seed + 1000 * rank + iteration)
-            if rank == 0:
-                print(f"[train] resumed from checkpoint at iteration {iteration}", flush=True)
-                if (
-                    logger is not None
-                ):  # one point per (re)start from a checkpoint: the run's restarts
-                    logger.log_metrics({RESUMED_METRIC: iteration}, step=iteration)
+            _resume(state, cfg, ctx, folder, logger)
 
     max_iter = cfg.solver.max_iter
-    progress = Progress(iteration, max_iter)
+    reporter = Reporter(cfg, ctx, run, logger, state.iteration)
     marker = storage.join(run.run_dir, FAILURE_MARKER)
-    last_val: dict[str, float] = {}
-    reported: dict[str, Any] = {}
-    window = _Window()
-    since_report = [0.0, 0]  # summed loss and iterations since the last report
-
-    while iteration < max_iter:
-        batches = DataWatchdog(iter(ctx.train_batches(epoch)), cfg.train.data_timeout_s)
-        while iteration < max_iter:
+    while state.iteration < max_iter:
+        batches = DataWatchdog(iter(ctx.train_batches(state.epoch)), cfg.train.data_timeout_s)
+        while state.iteration < max_iter:
             t_start = time.perf_counter()
             try:
                 batch = next(batches)
             except StopIteration:
                 break
             t_data = time.perf_counter()
-            if (
-                cfg.train.fail_at_iter
-                and iteration == cfg.train.fail_at_iter
-                and rank == world - 1
-                and not storage.exists(marker)
-            ):
-                storage.write_text(
-                    marker, f"rank {rank} failed on purpose at iteration {iteration}\n"
-                )
-                raise InjectedFailure(
-                    f"train.fail_at_iter: rank {rank} raises at iteration {iteration}"
-                )
-            lr = schedule.lr_at(iteration)
-            set_lr(optimizer, lr)
-            images, targets = _to_device(batch, device)
-            model.train()
-            autocast = (
-                torch.autocast(device_type="cuda", dtype=amp_dtype)
-                if use_amp
-                else contextlib.nullcontext()
-            )
-            with autocast:
-                losses = model(images, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at iteration {iteration}: {{{', '.join(f'{k}: {v.item():.4g}' for k, v in losses.items())}}}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.solver.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], cfg.solver.grad_clip
-                )
-            scaler.step(optimizer)
-            scaler.update()
-            iteration += 1
-            window.add(
-                t_data - t_start, time.perf_counter() - t_start, images.shape[0] * world, losses
-            )
-            since_report[0] += float(loss.detach())
-            since_report[1] += 1
-
-            if rank == 0 and (iteration % cfg.train.log_period == 0 or iteration == max_iter):
-                metrics = window.metrics(lr, epoch)
-                print(progress.line(iteration, metrics), flush=True)
-                if logger is not None:
-                    logger.log_metrics(metrics, step=iteration)
-                window = _Window()
-
+            _inject_failure_if_due(cfg.train, ctx, state.iteration, marker)
+            lr = state.schedule.lr_at(state.iteration)
+            loss, losses, num_images = _train_step(state, cfg.solver, batch, ctx.device, lr)
+            reporter.add(t_data - t_start, time.perf_counter() - t_start, num_images, loss, losses)
+            reporter.log_if_due(state.iteration, state.epoch, lr)
             if (
                 validation is not None
                 and run.val_shards
-                and validation_due(cfg.train, iteration, max_iter)
+                and validation_due(cfg.train, state.iteration, max_iter)
             ):
-                last_val = validation(_unwrap(model), cfg, ctx, run, iteration, logger) or last_val
-
-            if iteration % cfg.train.checkpoint_period == 0 or iteration == max_iter:
-                mean_loss = since_report[0] / max(since_report[1], 1)
-                reported = _checkpoint_and_report(
-                    cfg,
-                    ctx,
-                    run,
-                    model,
-                    optimizer,
-                    scaler,
-                    iteration,
-                    epoch,
-                    mean_loss,
-                    last_val,
-                    logger,
-                )
-                since_report = [0.0, 0]
+                val = validation(_unwrap(state.model), cfg, ctx, run, state.iteration, logger)
+                reporter.last_val = val or reporter.last_val
+            if state.iteration % cfg.train.checkpoint_period == 0 or state.iteration == max_iter:
+                reporter.checkpoint_and_report(state)
         batches.close()
-        epoch += 1
-    return reported
+        state.epoch += 1
+    return reporter.reported
 
 
-def _peak_memory(device: torch.device) -> dict[str, float]:
-    """Peak resident memory (MiB) of the worker that uses the most, and its GPU peak: a collective,
-    called by every rank at the same point."""
-    import resource
+@dataclass
+class TrainState:
+    """What the loop steps and a checkpoint holds: the model (as `ctx.prepare_model` returned
+    it), the optimiser, the LR schedule, the AMP grad scaler, and where the run is."""
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
-    rss, gpu = max_across_ranks([rss, gpu], device)
-    out = {"train/peak_rss_mb_per_worker": float(rss)}
-    if device.type == "cuda":
-        out["train/peak_gpu_mb_per_worker"] = float(gpu)
-    return out
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None  # None: no autocast
+    iteration: int = 0
+    epoch: int = 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
 
-def _checkpoint_and_report(
-    cfg, ctx, run, model, optimizer, scaler, iteration, epoch, mean_loss, last_val, logger
-) -> dict[str, Any]:
-    """Write a checkpoint (rank 0, holding every rank's RNG state) and report on every rank.
-    `mean_loss`: this rank's training loss averaged over the iterations since the last report
-    (what schedulers such as ASHA compare: a single batch's loss is too noisy)."""
-    rank = ctx.rank
-    metrics: dict[str, Any] = {
-        "iteration": iteration,
-        "epoch": epoch,
-        "train/loss": float(mean_loss),
-    }
-    memory = _peak_memory(ctx.device)
-    metrics.update(memory)
-    if rank == 0 and logger is not None:
-        logger.log_metrics(memory, step=iteration)
-    metrics.update(last_val)
-    metrics.setdefault(
-        run.checkpoint_metric, -math.inf if cfg.train.checkpoint_mode == "max" else math.inf
+def _build_state(cfg: Config, ctx: WorkerContext, resuming: bool) -> TrainState:
+    """The model, optimiser, schedule and scaler of a fresh run at iteration 0."""
+    from ..modeling import build_model
+
+    # model.weights (fine-tuning) initialises a fresh run only; a resumed one has its own weights.
+    model = ctx.prepare_model(
+        build_model(apply_overrides(cfg, {"model.weights": None}) if resuming else cfg)
     )
-    rng_states = gather_to_rank0(rng_state(ctx.device))
-    # A deterministic folder name, so the path can travel with the metrics (Tune's results carry
-    # no Train checkpoint, and sweeps need to find each trial's checkpoints).
-    dir_name = checkpoint_dir_name(iteration)
-    metrics["checkpoint_path"] = storage.join(run.run_dir, dir_name)
+    schedule = LRSchedule.from_config(cfg.solver, cfg.data.batch_size_per_worker * ctx.world_size)
+    optimizer = build_optimizer(model, cfg.solver, schedule.lr_at(0))
+    use_amp = cfg.solver.amp != "none" and ctx.device.type == "cuda"
+    amp_dtype = torch.bfloat16 if cfg.solver.amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.solver.amp == "fp16")
+    return TrainState(model, optimizer, schedule, scaler, amp_dtype if use_amp else None)
+
+
+def _resume(
+    state: TrainState, cfg: Config, ctx: WorkerContext, folder, logger: MetricsLogger | None
+) -> None:
+    """Loads the checkpoint in `folder` into `state` (this rank's RNG state included)."""
+    rank = ctx.rank
+    saved = load_training_state(folder, state.model, state.optimizer, rank=rank, device=ctx.device)
+    if saved.get("scheduler", {}).get("scaler") and state.scaler.is_enabled():
+        state.scaler.load_state_dict(saved["scheduler"]["scaler"])
+    # a resumed run starts a fresh epoch
+    state.iteration, state.epoch = saved["iteration"], saved["epoch"] + 1
+    if not saved["rng_restored"]:  # a rank the run that wrote the checkpoint did not have
+        _seed_everything(cfg.seed + 1000 * rank + state.iteration)
     if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            save_training_state(
-                tmp, model, optimizer, iteration, epoch, cfg, run.categories,
-                scheduler={"iteration": iteration, "scaler": scaler.state_dict() if scaler.is_enabled() else {}},
-                rng_states=rng_states,
-            )  # fmt: skip
-            ctx.report(metrics, tmp, dir_name)
-        storage.write_json(
-            storage.join(run.run_dir, PROGRESS_FILE), {"iteration": iteration, "epoch": epoch}
+        print(f"[train] resumed from checkpoint at iteration {state.iteration}", flush=True)
+        if logger is not None:  # one point per (re)start from a checkpoint: the run's restarts
+            logger.log_metrics({RESUMED_METRIC: state.iteration}, step=state.iteration)
+
+
+def _inject_failure_if_due(train: TrainConfig, ctx: WorkerContext, iteration: int, marker: str):
+    """`train.fail_at_iter`: the last rank raises once at that iteration (the marker file
+    remembers it did, so the restarted run goes on)."""
+    rank = ctx.rank
+    if (
+        train.fail_at_iter
+        and iteration == train.fail_at_iter
+        and rank == ctx.world_size - 1
+        and not storage.exists(marker)
+    ):
+        storage.write_text(marker, f"rank {rank} failed on purpose at iteration {iteration}\n")
+        raise InjectedFailure(f"train.fail_at_iter: rank {rank} raises at iteration {iteration}")
+
+
+def _train_step(
+    state: TrainState, solver, batch: dict, device: torch.device, lr: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """One optimiser step at learning rate `lr`: (total loss, the losses, images in the batch).
+    A loss that is not finite raises FloatingPointError naming each term."""
+    set_lr(state.optimizer, lr)
+    images, targets = _to_device(batch, device)  # (N, 3, H, W)
+    state.model.train()
+    with state.autocast():
+        losses = state.model(images, targets)
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        terms = ", ".join(f"{k}: {v.item():.4g}" for k, v in losses.items())
+        raise FloatingPointError(
+            f"loss is {loss.item()} at iteration {state.iteration}: {{{terms}}}"
         )
-    else:
-        ctx.report(metrics, None, dir_name)
-    sys.stdout.flush()
-    return metrics
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if solver.grad_clip > 0:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in state.model.parameters() if p.requires_grad], solver.grad_clip
+        )
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.iteration += 1
+    return loss, losses, images.shape[0]
 
 
 def loop_config(
@@ -383,11 +298,11 @@ def loop_config(
 
 __all__ = [
     "FAILURE_MARKER",
-    "PROGRESS_FILE",
     "RESUMED_METRIC",
     "InjectedFailure",
     "MetricsLogger",
     "RunSettings",
+    "TrainState",
     "Validation",
     "loop_config",
     "run_training_loop",

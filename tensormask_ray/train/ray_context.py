@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..modeling.checkpoint_file import STATE_FILE
 from . import storage
-from .checkpoint import PROGRESS_FILE, STATE_FILE, checkpoint_dir_name, iteration_of
+from .checkpoint import PROGRESS_FILE, checkpoint_dir_name, iteration_of
 
 
 class RayTrainContext:

@@ -20,6 +20,7 @@ from ..config import Config, ConfigError
 from ..console import ensure_ray
 from ..errors import UserError
 from ..finite import is_finite_number
+from ..modeling.checkpoint_file import state_path
 from ..tracking import (
     Dataset,
     RunLogger,
@@ -30,8 +31,8 @@ from ..tracking import (
     ui_url,
 )
 from . import storage
-from .checkpoint import MLFLOW_RUN_FILE, state_path
-from .loop import PROGRESS_FILE, RunSettings, Validation, loop_config, train_loop_per_worker
+from .checkpoint import MLFLOW_RUN_FILE, PROGRESS_FILE
+from .loop import RunSettings, Validation, loop_config, train_loop_per_worker
 
 
 @dataclass
@@ -226,11 +227,12 @@ def log_datasets(logger: RunLogger, cfg: Config) -> None:
 
 
 def log_checkpoint_model(
-    logger: RunLogger, checkpoint: str, registered_model: str = ""
+    logger: RunLogger, checkpoint: str, registered_model: str = "", *, model_loader: str
 ) -> tuple[str, str | None]:
     """Logs a checkpoint's weights as the run's MLflow model (or finds the one already logged from
     it) and, given a name, registers it as a new version of that model. Returns (model id,
-    registered version or None)."""
+    registered version or None). `model_loader`: the model's pyfunc loader module, handed in by
+    the caller (evaluation.mlflow_model.LOADER_MODULE; train does not import evaluation)."""
     import tempfile
     from pathlib import Path
 
@@ -248,7 +250,10 @@ def log_checkpoint_model(
             folder = Path(tmp) / checkpoint.rstrip("/").rsplit("/", 1)[-1]
             iteration = export_for_inference(checkpoint, folder)
             model_id = logger.log_model(
-                folder, step=iteration, tags={"checkpoint": checkpoint, "iteration": iteration}
+                folder,
+                step=iteration,
+                loader_module=model_loader,
+                tags={"checkpoint": checkpoint, "iteration": iteration},
             )
     version = None
     if registered_model:
@@ -258,13 +263,15 @@ def log_checkpoint_model(
 
 
 def publish_model(
-    logger: RunLogger, checkpoint: str, registered_model: str, who: str
+    logger: RunLogger, checkpoint: str, registered_model: str, who: str, *, model_loader: str
 ) -> str | None:
     """`log_checkpoint_model` at the end of a finished run or sweep: a failure to log or register
     is a warning (the training is done and its checkpoints are safe), with the tag model_error.
     Returns the registered version, if any."""
     try:
-        _, version = log_checkpoint_model(logger, checkpoint, registered_model)
+        _, version = log_checkpoint_model(
+            logger, checkpoint, registered_model, model_loader=model_loader
+        )
     except Exception as e:  # noqa: BLE001 - reported, and the run still ends as what it was
         print(
             f"[{who}] warning: checkpoint {checkpoint} could not be logged as an MLflow model: {e}",
@@ -303,10 +310,18 @@ def run_training(
     address: str | None = None,
     mlflow_uri: str | None = None,
     validation: Validation | None = None,
+    model_loader: str | None = None,
 ) -> TrainOutcome:
     """Validates, starts (or resumes) the run and blocks until it ends. `validation`: what runs
-    on `data.val_shards` (evaluation.validation.validate_on_shards; needed when they are set)."""
+    on `data.val_shards` (evaluation.validation.validate_on_shards; needed when they are set).
+    `model_loader`: the pyfunc loader module of the MLflow model logged from the best checkpoint
+    (evaluation.mlflow_model.LOADER_MODULE; needed when tracking.log_model is on)."""
     _check_validation(cfg, validation)
+    if cfg.tracking.log_model and not model_loader:
+        raise ConfigError(
+            "config key 'tracking.log_model' is on but no model loader was handed to the trainer "
+            "(model_loader=evaluation.mlflow_model.LOADER_MODULE); or set tracking.log_model=false"
+        )
     store, run_dir, categories = check_run(cfg, resume)
     ensure_ray(address)
     check_capacity(
@@ -356,7 +371,13 @@ def run_training(
     if error:
         logger.log_error(error)
     elif outcome.best_checkpoint and cfg.tracking.log_model:
-        publish_model(logger, outcome.best_checkpoint, cfg.tracking.registered_model, "train")
+        publish_model(
+            logger,
+            outcome.best_checkpoint,
+            cfg.tracking.registered_model,
+            "train",
+            model_loader=model_loader,
+        )
     logger.end("FAILED" if error else "FINISHED")
     print(
         f"[train] {'FAILED' if error else 'finished'}: checkpoint {outcome.checkpoint}", flush=True

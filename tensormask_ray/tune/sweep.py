@@ -417,6 +417,7 @@ def _fit(
     ok = all(r["status"] != "ERROR" for r in rows)
     _summarise(parent, rows, spec, best, time.time() - t0)
     if best and best.get("checkpoint") and best.get("mlflow_run_id") and cfg.tracking.log_model:
+        from ..evaluation.mlflow_model import LOADER_MODULE
         from ..train.trainer import publish_model
 
         version = publish_model(
@@ -424,6 +425,7 @@ def _fit(
             best["checkpoint"],
             cfg.tracking.registered_model,
             "sweep",
+            model_loader=LOADER_MODULE,
         )
         if version:
             parent.set_tags(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -216,41 +217,198 @@ def test_mlflow_server_is_internal_and_is_what_the_jobs_use(manifests):
 
 
 # ----------------------------------------------------------------------------- Dockerfile
-def test_dockerfile_builds_the_kernels_against_cuda_torch_for_common_gpus():
-    text = (CLUSTER / "Dockerfile").read_text()
-    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
-    assert len(froms) == 2 and "cuda" in froms[0] and "devel" in froms[0] and "runtime" in froms[1]
-    arch = re.search(r'TORCH_CUDA_ARCH_LIST="([^"]+)"', text).group(1)
-    assert {"7.0", "8.0", "8.6", "8.9", "9.0"} <= {a.replace("+PTX", "") for a in arch.split(";")}
-    assert re.search(r"--index-url \$\{TORCH_INDEX_URL\} torch==", text)
-    assert "download.pytorch.org/whl/cu" in text
-    assert "--no-build-isolation" in text and "CUDA_HOME=/usr/local/cuda" in text
-    assert "COPY csrc" in text and "COPY tensormask_ray" in text
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile: comments dropped, continuation lines joined."""
+    out, pending = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        pending = f"{pending} {line}" if pending else line
+        if pending.endswith("\\"):
+            pending = pending[:-1].rstrip()
+            continue
+        word, _, rest = pending.partition(" ")
+        out.append((word.upper(), rest.strip()))
+        pending = ""
+    assert not pending, f"{path}: a continued last line"
+    return out
+
+
+def _stages(path: Path) -> tuple[dict[str, str], list[dict]]:
+    """(global ARG defaults, stages): each stage {"image", "name", "args", "run", "copy", "env"},
+    its FROM image with the ARGs declared before it substituted."""
+    args: dict[str, str] = {}
+    stages: list[dict] = []
+    for word, rest in _instructions(path):
+        if word == "FROM":
+            image, _, name = rest.partition(" AS ")
+            image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image.strip())
+            stages.append({"image": image, "name": name.strip(), "args": {}, "run": [], "copy": []})
+        elif word == "ARG":
+            key, _, value = rest.partition("=")
+            (stages[-1]["args"] if stages else args)[key] = value.strip('"')
+        elif word in ("RUN", "COPY"):
+            stages[-1][word.lower()].append(rest)
+    return args, stages
+
+
+def _context_includes(rules: list[str], path: str) -> bool:
+    """Whether a .dockerignore (its rules, in order) lets `path` into the build context: the last
+    rule matching the path or a folder above it decides; `!` lets back in."""
+
+    def regex(pattern: str) -> re.Pattern:
+        parts = re.split(r"(\*\*/|\*\*|\*|\?)", pattern.strip("/"))
+        # as Docker's matcher: `**/` is any number of folders, none included
+        wild = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+        return re.compile("".join(wild.get(x, re.escape(x)) for x in parts) + "$")
+
+    prefixes = ["/".join(path.split("/")[: i + 1]) for i in range(path.count("/") + 1)]
+    included = True
+    for rule in rules:
+        negated = rule.startswith("!")
+        if any(regex(rule.lstrip("!")).match(p) for p in prefixes):
+            included = negated
+    return included
+
+
+def test_dockerfile_stages_match_each_other_and_torch_matches_the_cuda_base():
+    args, (build, runtime) = _stages(CLUSTER / "Dockerfile")
+    # the runtime image is the build image's CUDA, cuDNN and OS without the toolkit
     assert (
-        'python -c "import tensormask_ray._C"' in text
-    )  # the image fails to build without kernels
+        "-devel-" in build["image"]
+        and build["image"].replace("-devel-", "-runtime-") == (runtime["image"])
+    )
+    assert any(c.startswith(f"--from={build['name']} /opt/venv") for c in runtime["copy"])
+    # torch comes from the index of the base image's CUDA (12.8.1 -> cu128)
+    major, minor = args["CUDA_VERSION"].split(".")[:2]
+    assert build["args"]["TORCH_INDEX_URL"].endswith(f"/whl/cu{major}{minor}")
+    # and torchvision is the release paired with that torch (2.4 <-> 0.19, ..., 2.14 <-> 0.29)
+    torch_minor = int(build["args"]["TORCH_VERSION"].split(".")[1])
+    assert build["args"]["TORCHVISION_VERSION"].startswith(f"0.{torch_minor + 15}.")
+    arches = {a.removesuffix("+PTX") for a in build["args"]["TORCH_CUDA_ARCH_LIST"].split(";")}
+    assert {"8.0", "8.6", "8.9", "9.0"} <= arches
+    assert int(major) < 13 or "7.0" not in arches, "CUDA 13 does not compile for sm_70"
+
+
+def test_dockerfile_compiles_the_kernels_against_the_torch_it_installed_first():
+    _, (build, _) = _stages(CLUSTER / "Dockerfile")
+    runs = [[shlex.split(cmd) for cmd in run.split("&&")] for run in build["run"]]
+    commands = [(i, c) for i, run in enumerate(runs) for c in run]
+
+    def first(pred) -> tuple[int, list[str]]:
+        found = [(i, c) for i, c in commands if pred(c)]
+        assert found, "no such command in the build stage"
+        return found[0]
+
+    torch_at, torch_cmd = first(
+        lambda c: c[:2] == ["pip", "install"] and "torch==${TORCH_VERSION}" in c
+    )
+    assert torch_cmd[torch_cmd.index("--index-url") + 1] == "${TORCH_INDEX_URL}"
+    wheel_at, wheel_cmd = first(lambda c: "pip" in c and c[c.index("pip") + 1] == "wheel")
+    assert wheel_at > torch_at and "--no-build-isolation" in wheel_cmd
+    env = dict(tok.split("=", 1) for tok in wheel_cmd[: wheel_cmd.index("pip")])
+    assert env["CUDA_HOME"] == "/usr/local/cuda"
+    assert env["TORCH_CUDA_ARCH_LIST"] == "${TORCH_CUDA_ARCH_LIST}"
+    # the image fails to build without kernels: the import runs in the same RUN, after the wheel
+    check_at, _ = first(lambda c: c[:2] == ["python", "-c"] and "import tensormask_ray._C" in c[2])
+    assert check_at == wheel_at
+
+
+def test_the_build_context_holds_every_source_copied_and_no_compiled_extension():
+    _, (build, _) = _stages(CLUSTER / "Dockerfile")
     lines = (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
     rules = [x.strip() for x in lines if x.strip() and not x.startswith("#")]
-    assert rules[0] == "**", "the context holds nothing but what is let back in"
-    assert {"!csrc/**", "!tensormask_ray/**", "tensormask_ray/**/*.so"} <= set(rules)
+    sources = [src for c in build["copy"] for src in c.split()[:-1] if not src.startswith("--")]
+    assert {"pyproject.toml", "setup.py", "csrc", "tensormask_ray"} <= set(sources)
+    for src in sources:
+        path = REPO / src
+        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+        files = [
+            f for f in files if "__pycache__" not in f.parts and f.suffix not in (".so", ".pyc")
+        ]
+        assert files, f"COPY {src}: nothing in the repository"
+        left_out = [
+            f for f in files if not _context_includes(rules, f.relative_to(REPO).as_posix())
+        ]
+        assert not left_out, f"COPY {src}: the dockerignore leaves out {left_out[:5]}"
+    # a local build's extension (another torch's ABI) and data never go into the image
+    for path in (
+        "tensormask_ray/_C.cpython-311-x86_64-linux-gnu.so",
+        "tensormask_ray/ops/__pycache__/api.pyc",
+        "data/x.parquet",
+        ".git/HEAD",
+        ".venv/bin/python",
+    ):
+        assert not _context_includes(rules, path), path
 
 
 # ----------------------------------------------------------------------------- docs
-def test_cluster_docs_walk_from_cluster_start_to_a_sweep_in_mlflow():
-    text = DOCS.read_text()
-    for needle in (
-        "ray up cluster/aws-gpu.yaml",
-        "ray dashboard cluster/aws-gpu.yaml",
-        "kubectl apply -f cluster/kuberay/",
-        "kubectl port-forward",
-        "tensormask-ray submit sweep",
-        "tensormask-ray jobs logs",
-        "RAY_AUTH_TOKEN",
-        "--token-file",
-        "--ship-code",
-        "mlflow",
-        "ray down cluster/aws-gpu.yaml",
+def _documented_commands(text: str) -> list[list[str]]:
+    """Every `tensormask-ray ...` line of the bash code blocks and every inline `tensormask-ray
+    ...` span (usage synopses and elided ones aside), continuation lines joined and the trailing
+    comment dropped, as argv (without the program name)."""
+    lines = [
+        line
+        for block in re.findall(r"^```(?:bash|sh)\n(.*?)^```", text, re.M | re.S)
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines()
+    ]
+    lines += re.findall(r"`(tensormask-ray [^`]+)`", text)
+    commands = []
+    for line in lines:
+        # usage synopses ([OPTIONS], {a|b}, a | b) and elisions (...) are not command lines
+        synopsis = re.search(r"\[-|\[[A-Z]|\{|\s\|\s|\.\.\.", line)
+        argv = shlex.split(line, comments=True)[1:] if line.startswith("tensormask-ray ") else []
+        if len(argv) >= 2 and not synopsis:  # one word: the command's name in prose
+            commands.append(argv)
+    return commands
+
+
+def _parse(argv: list[str]) -> None:
+    """Parses a command line as `tensormask-ray` would (for `submit`, its own options, then the
+    command's with that command's parser), without running anything."""
+    from tensormask_ray import cli
+    from tensormask_ray.cluster import check
+    from tensormask_ray.cluster.cli import split_args
+
+    args = cli.build_parser(argv[0]).parse_args(argv)
+    if argv[0] != "submit":
+        return
+    own, rest = split_args(list(args.job_args))
+    cli.build_parser("submit").parse_args(["submit", args.job_command, *own])
+    if args.job_command == "check":
+        check.build_parser().parse_args(rest)
+    else:
+        cli.build_parser(args.job_command).parse_args([args.job_command, *rest])
+
+
+def test_every_command_the_cluster_docs_show_parses():
+    commands = _documented_commands(DOCS.read_text())
+    shown = {tuple(c[:2]) for c in commands}
+    # the walk-through: check, sweep, and every jobs subcommand
+    assert {("submit", "check"), ("submit", "sweep")} <= shown
+    assert {("jobs", "list"), ("jobs", "logs"), ("jobs", "status"), ("jobs", "stop")} <= shown
+    for argv in commands:
+        try:
+            _parse(argv)
+        except SystemExit as e:  # 0: a --help line, which prints the help and exits
+            if e.code != 0:
+                pytest.fail(f"docs/cluster.md: `tensormask-ray {shlex.join(argv)}` does not parse")
+
+
+def test_a_wrong_documented_command_would_not_parse():
+    for argv in (
+        ["submit", "sweep", "S.yaml", "--resume"],  # --resume needs a name
+        ["submit", "check", "--storage"],  # not check's option
+        ["jobs", "logs"],  # no job id
     ):
-        assert needle in text, needle
-    for ref in re.findall(r"cluster/[\w./-]+\.(?:yaml|md)|cluster/Dockerfile", text):
+        with pytest.raises(SystemExit):
+            _parse(argv)
+
+
+def test_cluster_docs_name_files_that_exist():
+    text = DOCS.read_text()
+    refs = re.findall(r"cluster/[\w./-]+\.(?:yaml|md)|cluster/Dockerfile", text)
+    assert refs
+    for ref in refs:
         assert (REPO / ref).exists(), ref

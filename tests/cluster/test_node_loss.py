@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from tensormask_ray.config import load_config
-from tensormask_ray.train.loop import PROGRESS_FILE, RESUMED_METRIC
+from tensormask_ray.train.checkpoint import PROGRESS_FILE
+from tensormask_ray.train.loop import RESUMED_METRIC
 from tensormask_ray.train.schedule import LRSchedule
 
 from ._head import LocalHead, LocalNode

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tensormask_ray.cluster import auth, client, job
+from tensormask_ray.cluster import auth, client, code_package, job, working_dir
 from tensormask_ray.cluster.cli import split_args
 from tensormask_ray.errors import UserError
 
@@ -125,7 +125,7 @@ def test_token_never_shows_in_repr_str_or_redacted_text():
 def test_job_ships_user_files_but_never_data_checkpoints_envs_git_or_the_package(tmp_path):
     wd = make_project(tmp_path / "proj")
     spec = job.build_job("check", ["--list-files"], cwd=wd, environ={})
-    files = {str(p) for p in job.shipped_files(wd, spec.runtime_env["excludes"])}
+    files = {str(p) for p in working_dir.shipped_files(wd, spec.runtime_env["excludes"])}
     assert files == {"README.md", "configs/note.yaml"}, files
     assert spec.entrypoint == "python -m tensormask_ray.cluster.check --list-files"
     assert spec.runtime_env["working_dir"] == str(wd)
@@ -237,7 +237,7 @@ def test_ship_code_zip_holds_the_package_and_its_compiled_extension(tmp_path):
     import tensormask_ray
 
     pkg = Path(tensormask_ray.__file__).parent
-    zpath, meta = job.package_zip(tmp_path)
+    zpath, meta = code_package.package_zip(tmp_path)
     names = zipfile.ZipFile(zpath).namelist()
     assert "tensormask_ray/__init__.py" in names and "tensormask_ray/cluster/job.py" in names
     assert not any("__pycache__" in n for n in names)
@@ -245,7 +245,7 @@ def test_ship_code_zip_holds_the_package_and_its_compiled_extension(tmp_path):
     assert sorted(n.split("/")[-1] for n in names if n.endswith(".so")) == built
     assert meta["tensormask_ray_shipped_extension"] == (",".join(built) or "none")
     (tmp_path / "again").mkdir()
-    again, _ = job.package_zip(tmp_path / "again")
+    again, _ = code_package.package_zip(tmp_path / "again")
     # byte-identical: Ray's content-addressed upload is skipped when nothing changed
     assert again.read_bytes() == zpath.read_bytes()
 

@@ -1,14 +1,18 @@
+import hashlib
+import json
+
 import pytest
 import yaml
 
 from tensormask_ray.config import (
     PATH_KEYS,
-    PRESETS,
     Config,
     ConfigError,
     known_keys,
     load_config,
     parse_override,
+    preset_names,
+    preset_overrides,
 )
 
 
@@ -88,10 +92,10 @@ def test_yaml_round_trip_and_file_errors(tmp_path):
 
 
 def test_every_paper_table_has_presets():
-    names = set(PRESETS)
+    names = set(preset_names())
     for prefix in ("table1-", "table2a-", "table2b-", "table2c-", "table2d-", "table3-"):
         assert any(n.startswith(prefix) for n in names), prefix
-    for name in PRESETS:
+    for name in names:
         load_config(preset=name)  # all valid
     t2a = load_config(preset="table2a-aligned-l5")
     assert (t2a.model.mask_head, t2a.model.upscale_factor) == ("upscale_aligned", 5.0)
@@ -99,6 +103,58 @@ def test_every_paper_table_has_presets():
     assert load_config(preset="6x").solver.max_iter == 540000
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config(preset="table9")
+
+
+# sha256 (first 20 hex digits) of json.dumps(sorted(overrides.items())) of each preset as it was
+# written in config.py before the presets moved to tensormask_ray/configs/*.yaml (types count:
+# 1.0 and 1 differ in JSON).
+PRESET_FINGERPRINTS = {
+    "table1-simple-natural": "081a89926e6874be90a7",
+    "table1-simple-aligned": "8e684a01d13e7822f56f",
+    "table2a-natural-l1.5": "8639a1376a8cf431e5c9",
+    "table2a-natural-l3": "f0f4ffa2c1db7a5344d7",
+    "table2a-natural-l5": "3d366d53552bb8cb78aa",
+    "table2a-aligned-l1.5": "aab55202b86537d30007",
+    "table2a-aligned-l3": "885850da68762af6a128",
+    "table2a-aligned-l5": "7cf9356a566d75c10d7e",
+    "table2b-nearest-l1.5": "d36dd6c86ccfe59f3be5",
+    "table2b-nearest-l3": "7984566c3ddd0e118684",
+    "table2b-nearest-l5": "21f1c1babe4c6ab4ee1f",
+    "table2b-bilinear-l1.5": "aab55202b86537d30007",
+    "table2b-bilinear-l3": "885850da68762af6a128",
+    "table2b-bilinear-l5": "7cf9356a566d75c10d7e",
+    "table2c-bipyramid": "7b396b0429fd49d5d474",
+    "table2d-bipyramid-2win": "7bc70cc4a0391d06fa75",
+    "table3-r50": "c1cd993c603c3cc5bcf1",
+    "table3-r101": "471b1170c2e189c1faa9",
+    "1x": "a1b7d55a7271e363dd76",
+    "6x": "201d1c7f5fcd9a49bd33",
+    "cpu-small": "945975b782f368a878b0",
+    "d2-tensormask-r50-1x": "8b63101fb57520e189cb",
+    "d2-tensormask-r50-6x": "ccf8dafb8e843545ad95",
+}
+
+
+def test_every_preset_yaml_loads_and_equals_the_preset_it_replaced():
+    assert preset_names() == sorted(PRESET_FINGERPRINTS)
+    for name, expected in PRESET_FINGERPRINTS.items():
+        overrides = preset_overrides(name)
+        text = json.dumps(sorted(overrides.items()))
+        assert hashlib.sha256(text.encode()).hexdigest()[:20] == expected, name
+        cfg = load_config(preset=name)  # valid, and every key lands
+        assert {k: cfg.flat()[k] for k in overrides} == overrides, name
+    # the table presets are the 6x schedule (paper §4.2); table2b-bilinear is table2a-aligned
+    six = preset_overrides("6x")
+    for name in preset_names():
+        if name.startswith("table"):
+            assert preset_overrides(name).items() >= six.items(), name
+    assert preset_overrides("table2b-bilinear-l3") == preset_overrides("table2a-aligned-l3")
+
+
+def test_a_preset_name_is_a_file_of_configs_only():
+    for bad in ("../config", "cpu-small.yaml", ""):
+        with pytest.raises(ConfigError, match="unknown preset"):
+            preset_overrides(bad)
 
 
 def test_detectron2_presets_are_its_configs():

@@ -17,7 +17,10 @@ import torch
 
 from tensormask_ray.data.local import shard_batches
 from tensormask_ray.data.manifest import read_manifest
-from tensormask_ray.evaluation.inference import ModelSpec, ResultLog, ShardSource, run_inference
+from tensormask_ray.evaluation.batch_inference import run_inference
+from tensormask_ray.evaluation.image_sources import ShardSource
+from tensormask_ray.evaluation.predictor import ModelSpec
+from tensormask_ray.evaluation.result_log import ResultLog
 from tensormask_ray.evaluation.validation import validate_on_shards
 from tensormask_ray.evaluation.window_masks import evaluate_window_masks
 from tensormask_ray.modeling.window_op import WindowOp, decode_windows

@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 from tensormask_ray import cli
 from tensormask_ray.data.manifest import CategoryMap, read_manifest
 from tensormask_ray.data.transforms import decode_image
-from tensormask_ray.evaluation import inference
+from tensormask_ray.evaluation import predictor
 from tensormask_ray.evaluation.coco import METRIC_NAMES
 from tensormask_ray.evaluation.ground_truth import (
     coco_gt_from_json,
@@ -125,15 +125,22 @@ def test_a_registered_model_evaluates_under_the_run_that_logged_it(
 ):
     import mlflow
 
+    from tensormask_ray.evaluation.mlflow_model import LOADER_MODULE
     from tensormask_ray.tracking import RunLogger
     from tensormask_ray.train.trainer import log_checkpoint_model
 
     model_id, version = log_checkpoint_model(
-        RunLogger(trained["uri"], trained["run_id"]), str(trained["checkpoint"]), "tiny-model"
+        RunLogger(trained["uri"], trained["run_id"]),
+        str(trained["checkpoint"]),
+        "tiny-model",
+        model_loader=LOADER_MODULE,
     )
     # logging the same checkpoint again registers the model already logged
     assert log_checkpoint_model(
-        RunLogger(trained["uri"], trained["run_id"]), str(trained["checkpoint"]), "tiny-model"
+        RunLogger(trained["uri"], trained["run_id"]),
+        str(trained["checkpoint"]),
+        "tiny-model",
+        model_loader=LOADER_MODULE,
     ) == (model_id, str(int(version) + 1))
     rc = evaluate("--model", f"models:/tiny-model/{version}", "--mlflow-uri", trained["uri"], "--shards", synth_shards,
                   "--out", tmp_path, "--max-images", 2, "--num-actors", 0)  # fmt: skip
@@ -173,7 +180,7 @@ def ground_truth_model(monkeypatch, synth_coco):
             instances["masks"] = erode_masks(instances["masks"], erosion["radius"])
         return {**instances, "scores": torch.ones(len(instances["labels"]))}
 
-    monkeypatch.setattr(inference, "predict_image", predict_image)
+    monkeypatch.setattr(predictor, "predict_image", predict_image)
     return erosion
 
 

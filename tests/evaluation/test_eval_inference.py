@@ -1,6 +1,6 @@
-"""Batch inference (inference.py): Ray Data actors give the same detections as `predict_image`
-in one process, an undecodable image becomes a record naming it, and an interrupted run resumes
-without redoing finished images."""
+"""Batch inference (batch_inference.py over image_sources.py, predictor.py and result_log.py):
+Ray Data actors give the same detections as `predict_image` in one process, an undecodable image
+becomes a record naming it, and an interrupted run resumes without redoing finished images."""
 
 from __future__ import annotations
 
@@ -13,16 +13,12 @@ import torch
 
 from tensormask_ray.data.manifest import read_manifest
 from tensormask_ray.errors import UserError
+from tensormask_ray.evaluation.batch_inference import run_inference
 from tensormask_ray.evaluation.coco import predictions_to_coco
 from tensormask_ray.evaluation.evaluator import iter_shard_images, predict_image
-from tensormask_ray.evaluation.inference import (
-    FileSource,
-    ModelSpec,
-    ResultLog,
-    ShardSource,
-    log_header,
-    run_inference,
-)
+from tensormask_ray.evaluation.image_sources import FileSource, ShardSource
+from tensormask_ray.evaluation.predictor import ModelSpec
+from tensormask_ray.evaluation.result_log import ResultLog, log_header
 
 from .checkpoints import make_checkpoint
 

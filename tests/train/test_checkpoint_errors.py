@@ -11,7 +11,7 @@ import torch
 
 from tensormask_ray import cli
 from tensormask_ray.errors import UserError
-from tensormask_ray.train.checkpoint import STATE_FILE, find_checkpoints, read_state
+from tensormask_ray.modeling.checkpoint_file import STATE_FILE, find_checkpoints, read_state
 
 
 @pytest.fixture

@@ -8,11 +8,8 @@ import torch
 from tensormask_ray import cli
 from tensormask_ray.config import apply_overrides
 from tensormask_ray.modeling import build_model
-from tensormask_ray.train.checkpoint import (
-    load_model_for_inference,
-    read_state,
-    save_training_state,
-)
+from tensormask_ray.modeling.checkpoint_file import read_state
+from tensormask_ray.train.checkpoint import load_model_for_inference, save_training_state
 from tests.evaluation.checkpoints import make_checkpoint, tiny_config
 
 CATEGORIES = [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}]

@@ -12,7 +12,8 @@ import pytest
 
 from tensormask_ray import cli
 from tensormask_ray.config import load_config
-from tensormask_ray.train.loop import FAILURE_MARKER, PROGRESS_FILE
+from tensormask_ray.train.checkpoint import PROGRESS_FILE
+from tensormask_ray.train.loop import FAILURE_MARKER
 from tensormask_ray.train.schedule import LRSchedule
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

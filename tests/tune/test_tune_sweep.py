@@ -391,7 +391,17 @@ def test_the_mlflow_ui_ranks_the_trials_as_runs_compare_does(
         evaluation["info"]["run_name"]
         == f"eval {Path(rows[0]['checkpoint']).name} {synth_shards.name}"
     )
-    assert evaluation["info"]["status"] == "FINISHED" and "eval/segm/AP" in metrics(evaluation)
+    assert evaluation["info"]["status"] == "FINISHED"
     assert {"metrics.json", "detections.json"} <= rest.artifacts(evaluation["info"]["run_id"])
+    # every COCO figure of its metrics.json logged under eval/ with the same value (-1, no ground
+    # truth of that size, is not a score and is not logged)
+    stored = json.loads(rest.artifact_text(evaluation["info"]["run_id"], "metrics.json"))
+    logged = metrics(evaluation)
+    assert set(stored["metrics"]) == {f"{t}/{n}" for t in ("segm", "bbox") for n in METRIC_NAMES}
+    for key, value in stored["metrics"].items():
+        if value >= 0:
+            assert logged[f"eval/{key}"] == pytest.approx(value), key
+        else:
+            assert f"eval/{key}" not in logged, key
     assert [c["mlflow.data.context"] for _, c in datasets(evaluation)] == ["evaluation"]
     assert "eval/segm/AP" not in metrics(best)  # no longer written into the training run
