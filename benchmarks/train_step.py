@@ -8,7 +8,7 @@ the window ops only on crops around the positive windows; "dense" computes every
 level and then picks the positives. Models:
   cpu-small  the cpu-small preset (R-18, 64 channels, P3-P6, one 9x9 window), 288x384, batch 2
   demo       the demo's model (cpu-small + tensormask_ray.demo.DEMO_MODEL: 15x15 + 11x11 windows,
-             GN), 256x320, batch 2 (its one worker's batch, tensormask_ray.demo.GLOBAL_BATCH)
+             GN), 256x320, batch 1 (its batch per worker)
   paper      R-50-FPN bipyramid, 15x15 + 11x11 windows (table3-r50), 800x1216, batch 2
 Steps are timed alternately (sparse, dense, sparse, ...), medians reported, random weights,
 synthetic images with six rectangular objects each (benchmarks/model.py). --peak-memory also runs
@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import normalise, synthetic_batch, timeit_pair  # noqa: E402
 
 from tensormask_ray.config import load_config  # noqa: E402
-from tensormask_ray.demo import DEMO_MODEL, GLOBAL_BATCH  # noqa: E402
+from tensormask_ray.demo import DEMO_MODEL  # noqa: E402
 from tensormask_ray.modeling import build_model  # noqa: E402
 
 MODELS = {  # name -> (preset, overrides, (height, width), batch)
     "cpu-small": ("cpu-small", [], (288, 384), 2),
-    "demo": ("cpu-small", DEMO_MODEL, (256, 320), GLOBAL_BATCH),
+    "demo": ("cpu-small", DEMO_MODEL, (256, 320), 1),
     "paper": ("table3-r50", ["model.backbone.freeze_at=2"], (800, 1216), 2),
 }
 PATHS = ("sparse", "dense")

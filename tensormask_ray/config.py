@@ -166,10 +166,6 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    # Intra-op threads of each worker's torch (0: Ray's default, the CPUs it reserves). More threads
-    # than CPUs reserved lets one worker use cores that Ray keeps free for Ray Data's light work:
-    # on 2 cores, 1 worker x 2 threads at batch 2 trains faster than 2 DDP workers at batch 1.
-    torch_threads: int = 0
     # How Ray places the workers: PACK (fill nodes in turn), SPREAD, STRICT_SPREAD (one per node),
     # STRICT_PACK (all on one node).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
@@ -510,10 +506,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'data.batch_size_per_worker': must be >= 1")
     if cfg.train.num_workers < 1:
         raise ConfigError("config key 'train.num_workers': must be >= 1")
-    if cfg.train.torch_threads < 0:
-        raise ConfigError(
-            f"config key 'train.torch_threads': {cfg.train.torch_threads} (must be >= 0; 0: the CPUs reserved)"
-        )
     inf = cfg.inference
     if not 0 < inf.nms_thresh <= 1:
         raise ConfigError("config key 'inference.nms_thresh': must be in (0, 1]")

