@@ -134,6 +134,7 @@ def batch_rows(num_images: int, repeats: int, work: Path) -> tuple[list[str], fl
     from tensormask_ray.evaluation.batch_inference import run_inference
     from tensormask_ray.evaluation.ground_truth import read_manifest
     from tensormask_ray.evaluation.image_sources import ShardSource
+    from tensormask_ray.evaluation.options import Execution
     from tensormask_ray.evaluation.predictor import ModelSpec
     from tensormask_ray.evaluation.result_log import ResultLog, log_header
     from tensormask_ray.train.checkpoint import save_training_state
@@ -184,8 +185,7 @@ def batch_rows(num_images: int, repeats: int, work: Path) -> tuple[list[str], fl
                     source,
                     spec,
                     log,
-                    num_actors=actors,
-                    batch_size=4,
+                    execution=Execution(actors, batch_size=4),
                     on_record=mark,
                     loaded=loaded,
                 )

@@ -18,13 +18,14 @@ runs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .data.coco_to_parquet import DEFAULT_SHARD_SIZE
 from .errors import UserError
+from .evaluation.options import Execution, InferenceOptions
 
 if TYPE_CHECKING:
     from .data.coco_io import CocoFiles
@@ -133,21 +134,23 @@ def prepare(
     images_dir: str | Path,
     output_dir: str | Path,
     *,
-    shard_size: int = DEFAULT_SHARD_SIZE,
+    shard_size: int | None = None,
     strict: bool = False,
     num_workers: int | None = None,
     progress: bool = False,
 ) -> PrepareResult:
     """COCO JSON + images -> Parquet shards and manifest.json in `output_dir` (resumable: a
     rerun keeps finished shards). Bad records are skipped and listed (`result.skipped`), or stop
-    the run with `strict`. `num_workers`: writer processes (None: the CPU count)."""
+    the run with `strict`. `shard_size`: images per shard (None: the data CLI's default,
+    coco_to_parquet.DEFAULT_SHARD_SIZE). `num_workers`: writer processes (None: the CPU count)."""
+    from .data.coco_to_parquet import DEFAULT_SHARD_SIZE
     from .data.coco_to_parquet import prepare as write_shards
 
     return write_shards(
         coco_json,
         images_dir,
         output_dir,
-        shard_size=shard_size,
+        shard_size=shard_size or DEFAULT_SHARD_SIZE,
         strict=strict,
         workers=num_workers,
         progress=progress,
@@ -251,7 +254,6 @@ def sweep(
 ) -> SweepResult:
     """A Ray Tune sweep of the spec (YAML, see sweeps/), `overrides` on its base config (a
     searched key given there is pinned); or `resume="NAME"`: continue that interrupted sweep."""
-    import dataclasses
     import os
 
     from .tune.results import format_table, load_sweep
@@ -415,18 +417,8 @@ def evaluate(
     image_info: str | Path | None = None,
     name: str = "tensormask",
     max_images: int = 0,
-    min_size: int | None = None,
-    max_size: int | None = None,
-    score_thresh: float | None = None,
-    topk_candidates: int | None = None,
-    nms_thresh: float | None = None,
-    detections_per_image: int | None = None,
-    num_actors: int = 1,
-    batch_size: int = 4,
-    cpus_per_actor: float = 1.0,
-    device: str = "cpu",
-    address: str | None = None,
-    strict: bool = False,
+    inference: InferenceOptions | None = None,
+    execution: Execution | None = None,
     overwrite: bool = False,
     log_to_mlflow: bool = True,
     mlflow_uri: str = "",
@@ -437,12 +429,15 @@ def evaluate(
     `coco_json` + `images_dir`), or the COCO server's result files for `split="test-dev"`
     (`image_info` + `images_dir` or `shards`). The model: `checkpoint`, the best trial of the
     sweep `best_of`, the registered MLflow model `model` ("models:/NAME/1"), or the training run
-    `mlflow_run`. Unset test-time settings keep the checkpoint config's; `num_actors=0` runs in
-    this process. Writes into `output_dir` (resuming unless `overwrite`) and logs an MLflow
+    `mlflow_run`. `inference`: test-time settings (unset ones keep the checkpoint config's);
+    `execution`: how inference is spread (default: one Ray Data actor; `Execution(num_actors=0)`
+    runs in this process). Writes into `output_dir` (resuming unless `overwrite`) and logs an MLflow
     evaluation run under the checkpoint's training run (`log_to_mlflow`)."""
     from .evaluation.evaluate import check_data, run_evaluation
-    from .evaluation.options import Execution, InferenceOptions
     from .evaluation.testdev import results_file_name
+
+    inference = inference or InferenceOptions()
+    execution = execution or Execution()
 
     shards, coco_json, images_dir, image_info = (
         str(p) if p else None for p in (shards, coco_json, images_dir, image_info)
@@ -450,11 +445,8 @@ def evaluate(
     check_data(
         split, shards, coco_json, images_dir, image_info, max_images, window_masks, metric_prefix
     )
-    execution = Execution(num_actors, batch_size, cpus_per_actor, device, address, strict)
     execution.check()
-    overrides = InferenceOptions(
-        min_size, max_size, score_thresh, topk_candidates, nms_thresh, detections_per_image
-    ).overrides()
+    overrides = inference.overrides()
     if split == "test-dev":
         results_file_name(name)  # a bad name fails now, not after inference
     out = Path(output_dir)
@@ -492,48 +484,41 @@ def predict(
     sweep_storage: str | None = None,
     model: str | None = None,
     mlflow_uri: str = "",
-    min_size: int | None = None,
-    max_size: int | None = None,
-    score_thresh: float = 0.5,
-    topk_candidates: int | None = None,
-    nms_thresh: float | None = None,
-    detections_per_image: int | None = None,
-    num_actors: int = 0,
-    batch_size: int = 4,
-    cpus_per_actor: float = 1.0,
-    device: str = "cpu",
-    address: str | None = None,
-    strict: bool = False,
+    inference: InferenceOptions | None = None,
+    execution: Execution | None = None,
     alpha: float = 0.5,
 ) -> PredictResult:
     """Each image (files, or folders of images) with its instances drawn over it as
-    output_dir/<name>.png, and every detection in output_dir/detections.json. `score_thresh` is
-    both the detection and the drawing threshold; `alpha` the masks' opacity. In this process by
-    default (`num_actors=0`), or on Ray Data actors."""
+    output_dir/<name>.png, and every detection in output_dir/detections.json. The inference
+    option `score_thresh` (default here: DEFAULT_SCORE_THRESH) is both the detection and the
+    drawing threshold; `alpha` the masks' opacity. In this process by default
+    (`Execution(num_actors=0)`), or on Ray Data actors."""
     from .evaluation.image_sources import image_files
-    from .evaluation.options import Execution, InferenceOptions
-    from .evaluation.predict import run_prediction
+    from .evaluation.predict import DEFAULT_SCORE_THRESH, run_prediction
 
-    execution = Execution(num_actors, batch_size, cpus_per_actor, device, address, strict)
+    inference = inference or InferenceOptions()
+    if inference.score_thresh is None:
+        inference = dataclasses.replace(inference, score_thresh=DEFAULT_SCORE_THRESH)
+    execution = execution or Execution(num_actors=0)
     execution.check()
     if not 0 <= alpha <= 1:
         raise UserError(f"--alpha {alpha}: must be in [0, 1]")
     files = image_files(inputs)
-    overrides = InferenceOptions(
-        min_size, max_size, score_thresh, topk_candidates, nms_thresh, detections_per_image
-    ).overrides()
+    overrides = inference.overrides()
     out = Path(output_dir)
     ref = _checkpoint_ref(
         checkpoint, mlflow_run, best_of, sweep_storage, model, mlflow_uri, out / "model"
     )
     return run_prediction(
-        ref, files, out, overrides, execution, score_thresh=score_thresh, alpha=alpha
+        ref, files, out, overrides, execution, score_thresh=inference.score_thresh, alpha=alpha
     )
 
 
 __all__ = [
     "BestTrial",
     "CompareResult",
+    "Execution",
+    "InferenceOptions",
     "RegisterResult",
     "SweepResult",
     "TrainResult",

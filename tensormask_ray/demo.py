@@ -349,45 +349,26 @@ def run(args: argparse.Namespace) -> int:
 
     model_uri = f"models:/{REGISTERED_MODEL}/latest"
     model = ("--model", model_uri, "--mlflow-uri", mlflow_uri)
-    _command(
-        "evaluate",
-        *model,
-        "--shards",
-        shards["photos"],
-        "--out",
-        evals["photos"],
-        "--metric-prefix",
-        "eval/train_photos",
-        "--num-actors",
-        "0",
-    )
-    photos_m = api.evaluate(
-        model=model_uri,
-        mlflow_uri=mlflow_uri,
-        shards=shards["photos"],
-        output_dir=evals["photos"],
-        metric_prefix="eval/train_photos",
-        num_actors=0,
-    )
-    print_evaluation(photos_m)
-    _command(
-        "evaluate",
-        *model,
-        "--shards",
-        shards["heldout"],
-        "--out",
-        evals["heldout"],
-        "--metric-prefix",
-        "eval/heldout",
-    )
-    heldout_m = api.evaluate(
-        model=model_uri,
-        mlflow_uri=mlflow_uri,
-        shards=shards["heldout"],
-        output_dir=evals["heldout"],
-        metric_prefix="eval/heldout",
-    )
-    print_evaluation(heldout_m)
+
+    def evaluate(split: str, metric_prefix: str, in_process: bool):
+        """`evaluate` of the registered model on one split, printed; in this process (the two
+        photos) or on one Ray Data actor (the held-out images)."""
+        actors = ("--num-actors", "0") if in_process else ()
+        out = ("--out", evals[split], "--metric-prefix", metric_prefix)
+        _command("evaluate", *model, "--shards", shards[split], *out, *actors)
+        result = api.evaluate(
+            model=model_uri,
+            mlflow_uri=mlflow_uri,
+            shards=shards[split],
+            output_dir=evals[split],
+            metric_prefix=metric_prefix,
+            execution=api.Execution(num_actors=0) if in_process else None,
+        )
+        print_evaluation(result)
+        return result
+
+    photos_m = evaluate("photos", "eval/train_photos", in_process=True)
+    heldout_m = evaluate("heldout", "eval/heldout", in_process=False)
 
     _step("6/6 predict: masks drawn over the two photos and two held-out shape images")
     photos = sorted((work / "data" / "photos" / "images").iterdir())
@@ -399,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
         model=model_uri,
         mlflow_uri=mlflow_uri,
         output_dir=overlays,
-        num_actors=0,
+        execution=api.Execution(num_actors=0),
     )
     print_prediction(drawn)
     if not drawn.overlays:

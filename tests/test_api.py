@@ -16,7 +16,7 @@ import zipfile
 import pytest
 from PIL import Image
 
-from tensormask_ray import api
+from tensormask_ray import Execution, InferenceOptions, api
 from tensormask_ray.config import ConfigError
 from tensormask_ray.data.errors import DataError
 from tensormask_ray.data.manifest import read_manifest
@@ -49,7 +49,7 @@ def test_the_package_exports_the_api_without_importing_ray_or_torch():
         "heavy = [m for m in ('ray', 'torch', 'mlflow') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "from tensormask_ray import api\n"
-        "assert sorted(t._API) == sorted(api.__all__), set(t._API) ^ set(api.__all__)\n"
+        "assert all(getattr(t, n) is getattr(api, n) for n in api.__all__)\n"
         "assert t.evaluate is api.evaluate and t.api is api and t.TrainResult is api.TrainResult\n"
         "heavy = [m for m in ('ray', 'torch', 'mlflow') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
@@ -92,8 +92,8 @@ def test_evaluate_returns_the_metrics_and_files_it_wrote(tmp_path, trained, synt
         shards=synth_shards,
         output_dir=out,
         max_images=4,
-        score_thresh=0.0,
-        num_actors=0,
+        inference=InferenceOptions(score_thresh=0.0),
+        execution=Execution(num_actors=0),
     )
     summary = json.loads((out / "metrics.json").read_text())
     detections = json.loads((out / "detections.json").read_text())
@@ -117,8 +117,8 @@ def test_evaluate_returns_the_metrics_and_files_it_wrote(tmp_path, trained, synt
         shards=synth_shards,
         output_dir=tmp_path / "quiet",
         max_images=4,
-        score_thresh=0.0,
-        num_actors=0,
+        inference=InferenceOptions(score_thresh=0.0),
+        execution=Execution(num_actors=0),
         log_to_mlflow=False,
     )
     assert quiet.mlflow_run_id is None
@@ -138,8 +138,8 @@ def test_evaluate_test_dev_returns_the_server_files(tmp_path, trained, synth_coc
         images_dir=synth_coco.images_dir,
         output_dir=out,
         name="tiny",
-        score_thresh=0.0,
-        num_actors=0,
+        inference=InferenceOptions(score_thresh=0.0),
+        execution=Execution(num_actors=0),
         log_to_mlflow=False,
     )
     json_path, zip_path = result.files
@@ -154,10 +154,16 @@ def test_evaluate_test_dev_returns_the_server_files(tmp_path, trained, synth_coc
     [
         ({"split": "test-dev", "images_dir": "x"}, "--split test-dev needs --image-info"),
         ({}, "give the data as --shards DIR, or --coco-json FILE with --images-dir DIR"),
-        ({"shards": "s", "min_size": 0}, "--min-size 0: must be a positive number of pixels"),
-        ({"shards": "s", "topk_candidates": 0}, "--topk 0: must be at least 1"),
-        ({"shards": "s", "num_actors": -1}, "--num-actors -1"),
-        ({"shards": "s", "device": "tpu"}, "--device 'tpu'"),
+        (
+            {"shards": "s", "inference": InferenceOptions(min_size=0)},
+            "--min-size 0: must be a positive number of pixels",
+        ),
+        (
+            {"shards": "s", "inference": InferenceOptions(topk_candidates=0)},
+            "--topk 0: must be at least 1",
+        ),
+        ({"shards": "s", "execution": Execution(num_actors=-1)}, "--num-actors -1"),
+        ({"shards": "s", "execution": Execution(device="tpu")}, "--device 'tpu'"),
     ],
 )
 def test_evaluate_refuses_bad_arguments_before_any_work(tmp_path, kwargs, message):
@@ -174,7 +180,12 @@ def test_predict_returns_the_overlays_and_detections_it_wrote(tmp_path, trained,
     shutil.copy(next(f for f in files if f.suffix == ".png"), folder / "field.png")
     (folder / "broken.jpg").write_bytes(b"GIF89a but not really")
     out = tmp_path / "overlays"
-    result = api.predict([folder], trained["checkpoint"], output_dir=out, score_thresh=0.05)
+    result = api.predict(
+        [folder],
+        trained["checkpoint"],
+        output_dir=out,
+        inference=InferenceOptions(score_thresh=0.05),
+    )
     # in input order (the folder sorted), the undecodable file skipped and named
     assert result.overlays == (out / "field.png", out / "street.png")
     assert list(result.skipped) == [str(folder / "broken.jpg")]

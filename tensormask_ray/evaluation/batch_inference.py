@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import UserError
 from .coco import describe_ids
+from .options import Execution
 from .predictor import ModelSpec, Predictor
 from .result_log import ResultLog
 
@@ -42,20 +43,15 @@ def run_inference(
     log: ResultLog,
     image_ids: Sequence[int] | None = None,
     *,
-    num_actors: int = 1,
-    batch_size: int = 4,
-    cpus_per_actor: float = 1.0,
-    gpus_per_actor: float = 0.0,
-    strict: bool = False,
-    address: str | None = None,
+    execution: Execution = Execution(),
     on_record: Callable[[dict[str, Any]], None] | None = None,
     loaded: tuple | None = None,
 ) -> InferenceOutcome:
     """Runs the model over the images of `source` (all, or `image_ids`) not yet in `log`,
-    appending each image's record as it arrives. num_actors=0 runs in this process, without Ray;
-    N >= 1 uses a Ray Data actor pool of N (starting a local Ray, or joining `address`, if Ray
-    is not up). strict: the first image that cannot be decoded raises UserError (after its
-    record is logged). on_record(record) is called after each record is logged.
+    appending each image's record as it arrives. `execution.num_actors` 0 runs in this process,
+    without Ray; N >= 1 uses a Ray Data actor pool of N (starting a local Ray, or joining
+    `execution.address`, if Ray is not up). `execution.strict`: the first image that cannot be
+    decoded raises UserError (after its record is logged). on_record(record) is called after each record is logged.
 
     Load the model in the driver first (`spec.load()`), so that a checkpoint that does not match
     its config fails here with the keys named, not inside an actor; pass the (model, cfg) as
@@ -71,18 +67,16 @@ def run_inference(
         nonlocal processed
         log.append(record)
         processed += 1
-        if strict and record["error"]:
+        if execution.strict and record["error"]:
             raise UserError(f"{record['file_name']}: {record['error']} (--strict: stopped here)")
         if on_record is not None:
             on_record(record)
 
-    if pending and num_actors <= 0:
+    if pending and execution.local:
         for record in _local_records(source, spec, pending, loaded):
             consume(record)
     elif pending:
-        batches = _ray_batches(
-            source, spec, pending, num_actors, batch_size, cpus_per_actor, gpus_per_actor, address
-        )
+        batches = _ray_batches(source, spec, pending, execution)
         with contextlib.closing(batches):  # an exception here stops the pipeline at once
             for batch in batches:
                 for i in range(len(batch["image_id"])):
@@ -113,9 +107,7 @@ def _local_records(source, spec, pending, loaded) -> Iterator[dict[str, Any]]:
         )
 
 
-def _ray_batches(
-    source, spec, pending, num_actors, batch_size, cpus_per_actor, gpus_per_actor, address
-):
+def _ray_batches(source, spec, pending, execution: Execution):
     """The output batches of the actor pool, as they complete (numpy dicts)."""
     import ray
 
@@ -126,7 +118,9 @@ def _ray_batches(
     # no way to lower: if the actors held every CPU it would wait forever. A local Ray started
     # here gets at least one logical CPU more than the actors need (the step is light); on a
     # cluster with no CPU to spare, check_capacity fails at once.
-    ensure_ray(address, needed_cpus=num_actors * cpus_per_actor + 1)
+    num_actors, batch_size = execution.num_actors, execution.batch_size
+    cpus_per_actor, gpus_per_actor = execution.cpus_per_actor, execution.gpus_per_actor
+    ensure_ray(execution.address, needed_cpus=num_actors * cpus_per_actor + 1)
     check_capacity(
         inference_reservation(num_actors, cpus_per_actor, gpus_per_actor), "batch inference"
     )

@@ -83,7 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..api import evaluate
 
-    options, ex = inference_options(args), execution(args)
     result = evaluate(
         args.checkpoint,
         output_dir=args.out,
@@ -98,18 +97,8 @@ def run(args: argparse.Namespace) -> int:
         image_info=args.image_info,
         name=args.name,
         max_images=args.max_images,
-        min_size=options.min_size,
-        max_size=options.max_size,
-        score_thresh=options.score_thresh,
-        topk_candidates=options.topk_candidates,
-        nms_thresh=options.nms_thresh,
-        detections_per_image=options.detections_per_image,
-        num_actors=ex.num_actors,
-        batch_size=ex.batch_size,
-        cpus_per_actor=ex.cpus_per_actor,
-        device=ex.device,
-        address=ex.address,
-        strict=ex.strict,
+        inference=inference_options(args),
+        execution=execution(args),
         overwrite=args.overwrite,
         log_to_mlflow=not args.no_mlflow,
         mlflow_uri=args.mlflow_uri,

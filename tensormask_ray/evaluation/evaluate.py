@@ -203,12 +203,7 @@ def run_evaluation(
             spec,
             log,
             image_ids,
-            num_actors=execution.num_actors,
-            batch_size=execution.batch_size,
-            cpus_per_actor=execution.cpus_per_actor,
-            gpus_per_actor=execution.gpus_per_actor,
-            strict=execution.strict,
-            address=execution.address,
+            execution=execution,
             on_record=Progress("evaluate", len(image_ids), done_before),
             loaded=(model, cfg) if execution.local else None,
         )

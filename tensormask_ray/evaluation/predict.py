@@ -153,12 +153,7 @@ def run_prediction(
             source,
             spec,
             log,
-            num_actors=execution.num_actors,
-            batch_size=execution.batch_size,
-            cpus_per_actor=execution.cpus_per_actor,
-            gpus_per_actor=execution.gpus_per_actor,
-            strict=execution.strict,
-            address=execution.address,
+            execution=execution,
             on_record=draw,
             loaded=(model, cfg) if execution.local else None,
         )

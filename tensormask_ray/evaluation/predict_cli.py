@@ -41,7 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..api import predict
 
-    options, ex = inference_options(args), execution(args)
     result = predict(
         args.inputs,
         args.checkpoint,
@@ -51,18 +50,8 @@ def run(args: argparse.Namespace) -> int:
         sweep_storage=args.sweep_storage,
         model=args.model,
         mlflow_uri=args.mlflow_uri,
-        min_size=options.min_size,
-        max_size=options.max_size,
-        score_thresh=options.score_thresh,
-        topk_candidates=options.topk_candidates,
-        nms_thresh=options.nms_thresh,
-        detections_per_image=options.detections_per_image,
-        num_actors=ex.num_actors,
-        batch_size=ex.batch_size,
-        cpus_per_actor=ex.cpus_per_actor,
-        device=ex.device,
-        address=ex.address,
-        strict=ex.strict,
+        inference=inference_options(args),
+        execution=execution(args),
         alpha=args.alpha,
     )
     print_result(result)

@@ -19,6 +19,7 @@ from tensormask_ray.data.local import shard_batches
 from tensormask_ray.data.manifest import read_manifest
 from tensormask_ray.evaluation.batch_inference import run_inference
 from tensormask_ray.evaluation.image_sources import ShardSource
+from tensormask_ray.evaluation.options import Execution
 from tensormask_ray.evaluation.predictor import ModelSpec
 from tensormask_ray.evaluation.result_log import ResultLog
 from tensormask_ray.evaluation.validation import validate_on_shards
@@ -75,7 +76,12 @@ def _infer(folder, category_ids, shards, out, device):
     source = ShardSource(shards)
     with ResultLog(out / "predictions.jsonl", {"device": str(device)}) as log:
         outcome = run_inference(
-            source, spec, log, source.image_ids()[:NUM_IMAGES], num_actors=0, loaded=(model, cfg)
+            source,
+            spec,
+            log,
+            source.image_ids()[:NUM_IMAGES],
+            execution=Execution(0),
+            loaded=(model, cfg),
         )
     return model, outcome
 

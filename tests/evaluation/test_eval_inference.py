@@ -17,6 +17,7 @@ from tensormask_ray.evaluation.batch_inference import run_inference
 from tensormask_ray.evaluation.coco import predictions_to_coco
 from tensormask_ray.evaluation.evaluator import iter_shard_images, predict_image
 from tensormask_ray.evaluation.image_sources import FileSource, ShardSource
+from tensormask_ray.evaluation.options import Execution
 from tensormask_ray.evaluation.predictor import ModelSpec
 from tensormask_ray.evaluation.result_log import ResultLog, log_header
 
@@ -83,7 +84,7 @@ def test_in_process_path_equals_predict_image(tmp_path, setup, reference, synth_
     source = ShardSource(synth_shards)
     with new_log(tmp_path, spec, cfg, source) as log:
         outcome = run_inference(
-            source, spec, log, sorted(reference), num_actors=0, loaded=(model, cfg)
+            source, spec, log, sorted(reference), execution=Execution(0), loaded=(model, cfg)
         )
         assert outcome.processed == NUM_IMAGES and outcome.resumed == 0 and not outcome.failures
         assert_same_detections(by_image(log), reference)
@@ -99,9 +100,8 @@ def test_ray_actors_equal_single_process(
     source = ShardSource(synth_shards)
     with new_log(tmp_path, spec, cfg, source) as log:
         outcome = run_inference(
-            source, spec, log, sorted(reference), num_actors=num_actors, batch_size=3,
-            cpus_per_actor=1,
-        )  # fmt: skip
+            source, spec, log, sorted(reference), execution=Execution(num_actors, batch_size=3)
+        )
         assert outcome.processed == NUM_IMAGES and not outcome.failures
         assert_same_detections(by_image(log), reference)
 
@@ -127,7 +127,7 @@ def test_image_folder_with_an_undecodable_file(tmp_path, ray_local, setup, refer
     source = FileSource(items, f"images {folder}")
 
     with new_log(tmp_path, spec, cfg, source) as log:
-        outcome = run_inference(source, spec, log, num_actors=1, batch_size=2)
+        outcome = run_inference(source, spec, log, execution=Execution(1, batch_size=2))
         assert outcome.done_ids == {i for i, _, _ in items[:3]}
         assert set(outcome.failures) == {900, 901}
         assert outcome.failures[900][0] == "broken.jpg" and "decode" in outcome.failures[900][1]
@@ -138,7 +138,10 @@ def test_image_folder_with_an_undecodable_file(tmp_path, ray_local, setup, refer
     strict_log = ResultLog(tmp_path / "strict.jsonl", log.header)
     with strict_log, pytest.raises(UserError, match="broken.jpg"):
         run_inference(
-            FileSource(items[3:4] + items[:1]), spec, strict_log, num_actors=0, strict=True
+            FileSource(items[3:4] + items[:1]),
+            spec,
+            strict_log,
+            execution=Execution(0, strict=True),
         )
 
 
@@ -161,7 +164,7 @@ def test_interrupted_run_resumes_without_redoing_images(
 
     with new_log(tmp_path, spec, cfg, source) as log, pytest.raises(Stop):
         run_inference(
-            source, spec, log, ids, num_actors=2, batch_size=1, on_record=stop_after_three
+            source, spec, log, ids, execution=Execution(2, batch_size=1), on_record=stop_after_three
         )
     finished = {json.loads(line)["image_id"] for line in log.path.read_text().splitlines()[1:]}
     assert len(finished) == 3
@@ -169,12 +172,12 @@ def test_interrupted_run_resumes_without_redoing_images(
         f.write(f'{{"image_id": {ids[-1]}, "file_name": "torn", "error": "", "res')
 
     seen = []
+    seen_append = lambda r: seen.append(r["image_id"])  # noqa: E731
     with new_log(tmp_path, spec, cfg, source) as log:
         assert log.done_ids == finished
         outcome = run_inference(
-            source, spec, log, ids, num_actors=2, batch_size=2,
-            on_record=lambda r: seen.append(r["image_id"]),
-        )  # fmt: skip
+            source, spec, log, ids, execution=Execution(2, batch_size=2), on_record=seen_append
+        )
         assert outcome.resumed == 3 and outcome.processed == NUM_IMAGES - 3
         assert sorted(seen) == sorted(set(ids) - finished)  # nothing done twice
         assert_same_detections(by_image(log), reference)
@@ -182,7 +185,7 @@ def test_interrupted_run_resumes_without_redoing_images(
     assert len(lines) == 1 + NUM_IMAGES  # the header and one line per image; the torn one is gone
 
     with new_log(tmp_path, spec, cfg, source) as log:  # a third run has nothing to do
-        again = run_inference(source, spec, log, ids, num_actors=2)
+        again = run_inference(source, spec, log, ids, execution=Execution(2))
         assert again.processed == 0 and again.resumed == NUM_IMAGES
 
 
