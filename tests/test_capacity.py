@@ -46,8 +46,20 @@ def test_shortfall_counts_workers_and_a_cpu_for_ray_data_and_says_what_fits():
     )
 
 
+def _idle_cpus(ray, timeout: float = 60.0) -> float:
+    """The session Ray's CPUs once every one is free: actors of an earlier test in this process
+    may still be releasing theirs, and a count read meanwhile would be too low."""
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    free = ray.available_resources().get("CPU", 0)
+    assert free == total, f"the session's Ray still has {total - free:g} of {total:g} CPUs held"
+    return free
+
+
 def test_a_request_for_every_cpu_fails_in_seconds_and_a_fitting_one_passes(ray_local):
-    cpus = ray_local.available_resources()["CPU"]
+    cpus = _idle_cpus(ray_local)
     t0 = time.perf_counter()
     with pytest.raises(
         UserError, match=rf"training cannot start: it needs {cpus + 1:g} CPUs .* has {cpus:g} free"
@@ -60,7 +72,7 @@ def test_a_request_for_every_cpu_fails_in_seconds_and_a_fitting_one_passes(ray_l
 def test_train_with_workers_holding_every_cpu_is_a_clear_error(
     ray_local, synth_shards, tmp_path, capsys
 ):
-    cpus = ray_local.available_resources()["CPU"]
+    cpus = _idle_cpus(ray_local)
     t0 = time.perf_counter()
     rc = cli.main(["train", "--preset", "cpu-small", "model.num_classes=4", f"data.train_shards={synth_shards}",
                    f"train.cpus_per_worker={cpus / 2:g}", "--num-workers", "2", "--storage-path", str(tmp_path / "runs"),

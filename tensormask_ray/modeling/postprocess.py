@@ -57,17 +57,7 @@ def select_detections(
     window, label = top_idx // K, top_idx % K
     group, ys, xs, windows = locate_windows(groups, grids, window)
     boxes = decode_boxes(windows, box_deltas[window], box_weights)
-    h, w = image_size
-    boxes = torch.stack(
-        [
-            boxes[:, 0].clamp(0, w),
-            boxes[:, 1].clamp(0, h),
-            boxes[:, 2].clamp(0, w),
-            boxes[:, 3].clamp(0, h),
-        ],
-        dim=1,
-    )
-    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, nonempty = clip_and_drop_empty(boxes, *image_size)
     idx = nonempty.nonzero(as_tuple=True)[0]
     kept = idx[batched_nms(boxes[idx], top_scores[idx], label[idx], nms_thresh)][:max_detections]
     return Detections(
