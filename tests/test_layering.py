@@ -23,9 +23,10 @@ def _rules() -> tuple[dict[str, int], set[tuple[str, str]]]:
 
 def _unit(module: str) -> str:
     """The layer unit of a dotted module name: its package under tensormask_ray (or top-level
-    module), "commands" for any cli.py / *_cli.py."""
+    module), "commands" for any cli.py / *_cli.py and for the package's own __init__ (which
+    re-exports the API); "root" for `tensormask_ray` itself as imported (its __version__)."""
     parts = module.split(".")[1:]
-    if parts and (parts[-1] == "cli" or parts[-1].endswith("_cli")):
+    if parts and (parts[-1] == "cli" or parts[-1].endswith("_cli") or parts == ["__init__"]):
         return "commands"
     if not parts or parts[0] == "__version__":
         return "root"

@@ -5,7 +5,8 @@ Submit's own options may come anywhere on the line; everything else is the comma
 unchanged (except the files it reads, `--config FILE` and a sweep's SPEC, whose paths are made
 relative to the shipped working dir). Prints the job id, then follows the job's logs until it
 ends (exit 0 if it SUCCEEDED, 1 otherwise) unless `--no-wait`, which prints only the job id on
-stdout. See `job.py` (and the modules it names) for what is shipped and `auth.py` for the token.
+stdout. This module parses and prints: the work is `api.submit` (`submission.py`); see `job.py`
+(and the modules it names) for what is shipped and `auth.py` for the token.
 """
 
 from __future__ import annotations
@@ -13,16 +14,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import sys
-from pathlib import Path
 
 from ..errors import UserError
 from .argv import option_value
-from .auth import cleartext_warning, resolve_token
-from .client import CONNECT_TIMEOUT_S, JobClient, resolve_address
-from .code_package import package_zip, temp_dir
-from .job import COMMANDS, build_job
-from .working_dir import shipped_files
+from .client import CONNECT_TIMEOUT_S
+from .job import COMMANDS
+from .submission import say_on_stderr
 
 # submit's options: name -> (takes a value, repeatable)
 _OWN = {
@@ -168,93 +165,42 @@ def _command_help(command: str) -> int:
     return 0
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def run(args: argparse.Namespace) -> int:
+    from ..api import submit
+
     own, rest = split_args(list(args.job_args))
     args = _merge(args, own)
     command = args.job_command
     if "-h" in rest or "--help" in rest:
         return _command_help(command)
-    address = resolve_address(args.address)
-    token = resolve_token(args.token_file, address)
-    spec = build_job(
+    result = submit(
         command,
         rest,
+        address=args.address,
+        token_file=args.token_file,
         working_dir=args.working_dir,
-        ship_code=args.ship_code,
         excludes=args.exclude,
-        env=args.env,
-        token=token,
-    )
-    for w in spec.warnings + [cleartext_warning(address, token)]:
-        if w:
-            _say(f"tensormask-ray submit: warning: {w}")
-    if args.dry_run:
-        return _dry_run(spec, address, token)
-
-    client = JobClient(address, token, args.connect_timeout)
-    if token is not None:
-        _say(f"[submit] authenticating to {address} with the token from {token.source}")
-    runtime_env = dict(spec.runtime_env)
-    metadata = dict(spec.metadata)
-    if spec.ship_code:
-        with temp_dir() as tmp:
-            zip_path, meta = package_zip(Path(tmp))
-            runtime_env["py_modules"] = [client.upload_package_file(str(zip_path))]
-            metadata.update(meta)
-        _say(
-            f"[submit] shipping this checkout's tensormask_ray ({metadata['tensormask_ray_shipped_extension']})"
-        )
-    _say(f"[submit] shipping the working dir {spec.working_dir} (see --dry-run for its files)")
-    job_id = client.submit(
-        entrypoint=spec.entrypoint,
-        runtime_env=runtime_env,
-        metadata=metadata,
+        env_vars=args.env,
+        ship_code=args.ship_code,
         submission_id=args.submission_id,
+        connect_timeout=args.connect_timeout,
+        wait=not args.no_wait,
+        dry_run=args.dry_run,
     )
+    if result.dry_run is not None:
+        print(json.dumps(result.dry_run, indent=2))
+        return 0
+    job_id, address = result.submission_id, result.address
     if args.no_wait:
         print(job_id, flush=True)
-        _say(f"[submit] job {job_id} submitted to {address}")
-        _say(f"[submit] follow it: tensormask-ray jobs logs {job_id} --follow --address {address}")
+        say_on_stderr(f"[submit] job {job_id} submitted to {address}")
+        say_on_stderr(
+            f"[submit] follow it: tensormask-ray jobs logs {job_id} --follow --address {address}"
+        )
         return 0
-    _say(f"[submit] job {job_id} submitted to {address}: {spec.entrypoint}")
-    _say(
-        f"[submit] following its logs; Ctrl-C stops following, not the job (tensormask-ray jobs stop {job_id})"
-    )
-    try:
-        status = client.follow(job_id)
-    except KeyboardInterrupt:
-        _say(
-            f"[submit] stopped following; job {job_id} goes on: tensormask-ray jobs logs {job_id} --follow"
-        )
+    if result.interrupted:
         return 130
-    info = client.info(job_id)
-    message = client.redact(info.message or "")
-    _say(f"[submit] job {job_id} {status}" + (f": {message}" if message else ""))
-    if status == "FAILED" and "No module named 'tensormask_ray'" in client.logs(job_id):
-        _say(
-            "[submit] hint: the cluster has no tensormask_ray installed: start it from the image "
-            "built with cluster/Dockerfile, or (same Python/torch as here) pass --ship-code"
-        )
-    return 0 if status == "SUCCEEDED" else 1
-
-
-def _dry_run(spec, address: str, token) -> int:
-    files = shipped_files(spec.working_dir, spec.runtime_env["excludes"])
-    view = {
-        "address": address,
-        "token": f"from {token.source}" if token else None,
-        "entrypoint": spec.entrypoint,
-        "runtime_env": spec.runtime_env,
-        "metadata": spec.metadata,
-        "ship_code": spec.ship_code,
-        "shipped_files": [str(f) for f in files],
-    }
-    print(json.dumps(view, indent=2))
-    return 0
+    return 0 if result.succeeded else 1
 
 
 __all__ = ["add_arguments", "add_common", "run", "split_args"]

@@ -5,6 +5,9 @@ address and token handling as `submit` (`--address`, `--token-file`; the token i
 - `status ID`: status, message, times, entrypoint and metadata.
 - `logs ID [--follow]`: the logs so far, or streamed until the job ends.
 - `stop ID`: asks Ray to stop the job and waits (`--timeout`) until it is STOPPED (or ended).
+
+This module parses and prints; the work is the API's (`api.list_jobs`, `job_status`, `job_logs`,
+`stop_job`, over `jobs.py`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ import json
 import sys
 
 from ..errors import UserError
-from .auth import cleartext_warning, resolve_token
 from .cli import add_common
-from .client import TERMINAL, JobClient, resolve_address
+from .jobs import STOP_TIMEOUT_S, JobInfo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--timeout",
         type=float,
-        default=60.0,
+        default=STOP_TIMEOUT_S,
         metavar="S",
-        help="seconds to wait for it to stop (default 60)",
+        help=f"seconds to wait for it to stop (default {STOP_TIMEOUT_S:g})",
     )
 
 
@@ -51,37 +53,34 @@ def _time(ms: int | None) -> str:
     return dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _job_id(info) -> str:
-    return info.submission_id or info.job_id or "?"
-
-
-def _view(info, redact) -> dict:
+def _view(job: JobInfo) -> dict:
     return {
-        "id": _job_id(info),
-        "status": str(info.status.value),
-        "message": redact(info.message or ""),
-        "entrypoint": redact(info.entrypoint or ""),
-        "start_time": _time(info.start_time),
-        "end_time": _time(info.end_time),
-        "metadata": {k: redact(str(v)) for k, v in (info.metadata or {}).items()},
+        "id": job.submission_id,
+        "status": job.status,
+        "message": job.message,
+        "entrypoint": job.entrypoint,
+        "start_time": _time(job.start_time),
+        "end_time": _time(job.end_time),
+        "metadata": dict(job.metadata),
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    address = resolve_address(args.address)
-    token = resolve_token(args.token_file, address)
-    warning = cleartext_warning(address, token)
-    if warning:
-        print(f"tensormask-ray jobs: warning: {warning}", file=sys.stderr)
-    client = JobClient(address, token, args.connect_timeout)
+    from .. import api
+
+    where = {
+        "address": args.address,
+        "token_file": args.token_file,
+        "connect_timeout": args.connect_timeout,
+    }
     if args.action == "list":
-        jobs = sorted(client.list(), key=lambda j: j.start_time or 0, reverse=True)
-        views = [_view(j, client.redact) for j in jobs if j.submission_id]  # drivers of jobs only
+        listed = api.list_jobs(**where)
+        views = [_view(j) for j in listed.jobs]
         if args.json:
             print(json.dumps(views, indent=2))
             return 0
         if not views:
-            print(f"no jobs on {address}")
+            print(f"no jobs on {listed.address}")
             return 0
         print(f"{'ID':<30} {'STATUS':<10} {'STARTED':<19}  COMMAND")
         for v in views:
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{v['id']:<30} {v['status']:<10} {v['start_time']:<19}  {command}")
         return 0
     if args.action == "status":
-        view = _view(client.info(args.job_id), client.redact)
+        view = _view(api.job_status(args.job_id, **where))
         if args.json:
             print(json.dumps(view, indent=2))
             return 0
@@ -99,28 +98,22 @@ def run(args: argparse.Namespace) -> int:
             print(f"{key + ':':<12} {value}")
         return 0
     if args.action == "logs":
+        logs = api.job_logs(args.job_id, follow=args.follow, **where)
         if args.follow:
-            status = client.follow(args.job_id)
-            print(f"[jobs] job {args.job_id} {status}", file=sys.stderr)
+            print(f"[jobs] job {args.job_id} {logs.status}", file=sys.stderr)
         else:
             from ..console import unrouted_stdout
 
             out = unrouted_stdout()  # the job's log, whole
-            out.write(client.logs(args.job_id))
+            out.write(logs.text)
             out.flush()
         return 0
     if args.action == "stop":
-        status = client.status(args.job_id)
-        if status in TERMINAL:
-            print(f"job {args.job_id} already ended: {status}")
-            return 0
-        client.stop(args.job_id)
-        status = client.wait(args.job_id, args.timeout)
-        if status not in TERMINAL:
-            raise UserError(
-                f"job {args.job_id} is still {status} after {args.timeout:g} s; try again, or check the head"
-            )
-        print(f"job {args.job_id} {status}")
+        stopped = api.stop_job(args.job_id, timeout=args.timeout, **where)
+        if stopped.already_ended:
+            print(f"job {args.job_id} already ended: {stopped.status}")
+        else:
+            print(f"job {args.job_id} {stopped.status}")
         return 0
     raise UserError(f"unknown action {args.action}")
 

@@ -329,3 +329,114 @@ def test_followed_logs_are_redacted_even_when_the_token_is_split_across_chunks()
     out = io.StringIO()
     assert c.follow("raysubmit_x", out=out) == "SUCCEEDED"
     assert out.getvalue() == "step 1 <redacted> leaked\nstep 2\rend\n"
+
+
+# ----------------------------------------------------------------------------- the API, no cluster
+def test_a_dry_run_returns_the_job_and_says_its_warnings_without_connecting(tmp_path, monkeypatch):
+    from tensormask_ray.cluster.submission import submit_job
+
+    wd = make_project(tmp_path / "proj")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    said: list[str] = []
+    # nothing answers at 10.255.255.1: connecting would fail, not return
+    result = submit_job(
+        "check",
+        ["--no-ray"],
+        address="http://10.255.255.1:8265",
+        working_dir=str(wd),
+        env=["A=1"],
+        connect_timeout=0.5,
+        dry_run=True,
+        say=said.append,
+    )
+    assert result.submission_id is None and result.status is None and not result.succeeded
+    assert result.address == "http://10.255.255.1:8265"
+    assert result.entrypoint == "python -m tensormask_ray.cluster.check --no-ray"
+    view = result.dry_run
+    assert view["entrypoint"] == result.entrypoint and view["token"] == "from RAY_AUTH_TOKEN"
+    assert sorted(view["shipped_files"]) == ["README.md", "configs/note.yaml"]
+    assert view["runtime_env"]["env_vars"]["A"] == "1"
+    assert view["runtime_env"]["working_dir"] == str(wd)
+    assert len(said) == 1 and said[0].startswith("tensormask-ray submit: warning: sending")
+    assert TOKEN not in json.dumps(view) + repr(result) + "".join(said)
+
+
+def test_the_api_takes_env_vars_as_a_mapping_or_as_name_value_strings(tmp_path, monkeypatch):
+    from tensormask_ray import api
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    wd = make_project(tmp_path / "proj")
+    said: list[str] = []
+    kwargs = dict(address="http://127.0.0.1:1", working_dir=wd, dry_run=True, say=said.append)
+    as_map = api.submit("check", env_vars={"A": "1", "B": "x=y"}, **kwargs)
+    as_strings = api.submit("check", env_vars=["A=1", "B=x=y"], **kwargs)
+    assert as_map == as_strings
+    assert as_map.dry_run["runtime_env"]["env_vars"]["B"] == "x=y"
+    assert said == []  # a job server on this machine, no token: nothing to warn about
+    with pytest.raises(UserError, match="--env A : not a valid environment variable name"):
+        api.submit("check", env_vars={"A ": "1"}, **kwargs)
+
+
+class FakeJobClient:
+    """The JobClient calls `jobs.py` makes, over a scripted sequence of statuses."""
+
+    address = "http://h:1"
+
+    def __init__(self, statuses: list[str], jobs: list | None = None):
+        self.statuses, self.jobs, self.stopped = list(statuses), jobs or [], []
+        self.redact = auth.Token(TOKEN, "test").redact
+
+    def status(self, job_id):
+        return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+
+    def stop(self, job_id):
+        self.stopped.append(job_id)
+        return True
+
+    def wait(self, job_id, timeout):
+        return self.status(job_id)
+
+    def list(self):
+        return self.jobs
+
+
+def test_stop_waits_for_a_final_status_and_leaves_an_ended_job_alone():
+    from tensormask_ray.cluster.jobs import StopResult, stop_job
+
+    running = FakeJobClient(["RUNNING", "STOPPED"])
+    assert stop_job(running, "raysubmit_a", timeout=1) == StopResult(
+        "raysubmit_a", "STOPPED", False
+    )
+    assert running.stopped == ["raysubmit_a"]
+    ended = FakeJobClient(["SUCCEEDED"])
+    assert stop_job(ended, "raysubmit_b") == StopResult("raysubmit_b", "SUCCEEDED", True)
+    assert ended.stopped == []
+    stuck = FakeJobClient(["RUNNING"])
+    with pytest.raises(UserError, match=r"job raysubmit_c is still RUNNING after 2.5 s"):
+        stop_job(stuck, "raysubmit_c", timeout=2.5)
+    assert stuck.stopped == ["raysubmit_c"]
+
+
+def test_listed_jobs_are_newest_first_redacted_and_without_bare_drivers():
+    from types import SimpleNamespace
+
+    from tensormask_ray.cluster.jobs import list_jobs
+
+    def record(submission_id, start, message="", status="SUCCEEDED"):
+        return SimpleNamespace(
+            submission_id=submission_id,
+            job_id="01000000",
+            status=SimpleNamespace(value=status),
+            message=message,
+            entrypoint=f"python -m x --secret {TOKEN}",
+            start_time=start,
+            end_time=None,
+            metadata={"tensormask_ray_command": "check"},
+        )
+
+    jobs = [record("raysubmit_old", 1000), record(None, 3000), record("raysubmit_new", 2000)]
+    listed = list_jobs(FakeJobClient(["RUNNING"], jobs))
+    assert listed.address == "http://h:1"
+    assert [j.submission_id for j in listed.jobs] == ["raysubmit_new", "raysubmit_old"]
+    assert all(j.entrypoint == "python -m x --secret <redacted>" for j in listed.jobs)
