@@ -44,6 +44,7 @@ DEFAULT_EXCLUDES = [
     "/checkpoints/",
     "/ray_results/",
     "/demo_out/",
+    "/logs/",  # the commands' own log files (console.py's default folder)
     "mlruns/",
     "mlartifacts/",
     "*.db",
