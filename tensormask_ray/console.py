@@ -398,6 +398,17 @@ def quiet_ray_data() -> AbstractContextManager:
     return restore
 
 
+def add_address_argument(parser) -> None:
+    """`--address`, the Ray cluster a command joins (handed to `ensure_ray`): one definition for
+    every command that starts or joins Ray."""
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="Ray cluster to join (default: RAY_ADDRESS, else a new local Ray; `local` forces a "
+        "new one)",
+    )
+
+
 def ensure_ray(address: str | None = None, needed_cpus: float = 0) -> None:
     """Ray up, the one way every command starts or joins it: `ray.init(address)` unless Ray is
     up already, with worker output forwarded to this process (where the routers sort it) and a
@@ -428,6 +439,7 @@ def ensure_ray(address: str | None = None, needed_cpus: float = 0) -> None:
 
 __all__ = [
     "LineRouter",
+    "add_address_argument",
     "TAGS",
     "VERBOSE_ENV",
     "announce_log",

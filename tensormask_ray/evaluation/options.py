@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..console import add_address_argument
 from ..errors import UserError
 
 
@@ -91,9 +92,7 @@ def add_execution_arguments(parser: argparse.ArgumentParser, default_actors: int
         default="cpu",
         help="cuda: one GPU per actor (default cpu)",
     )
-    g.add_argument(
-        "--address", metavar="ADDR", help="Ray cluster to join (default: RAY_ADDRESS or local)"
-    )
+    add_address_argument(g)
     g.add_argument(
         "--strict", action="store_true", help="stop at the first image that cannot be decoded"
     )

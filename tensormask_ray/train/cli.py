@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..console import add_address_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -23,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--use-gpu", action="store_true", help="one GPU per worker, NCCL (train.use_gpu)"
     )
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    add_address_argument(p)
     p.add_argument(
         "--resume",
         action="store_true",

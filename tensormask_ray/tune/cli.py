@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..console import add_address_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", metavar="SPEC.yaml", help="the sweep spec (see sweeps/)")
@@ -29,11 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="URI",
         help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)",
     )
-    p.add_argument(
-        "--address",
-        metavar="ADDR",
-        help="Ray cluster to join (default: RAY_ADDRESS, else a new local one; `local` forces a new one)",
-    )
+    add_address_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
