@@ -285,7 +285,7 @@ def test_the_api_compares_finds_and_evaluates_the_best_trial_as_the_files_say(sw
         shards=synth_shards,
         output_dir=out,
         max_images=2,
-        num_actors=0,
+        execution=api.Execution(num_actors=0),
         log_to_mlflow=False,
     )
     assert Path(result.checkpoint).resolve() == Path(best.checkpoint).resolve()
