@@ -158,7 +158,9 @@ class SolverConfig:
     steps: list[int] = field(default_factory=lambda: [60000, 80000])
     gamma: float = 0.1
     grad_clip: float = 0.0  # max global grad norm; 0 turns clipping off
-    amp: Literal["none", "bf16", "fp16"] = "none"  # mixed precision, used on GPU only
+    # mixed precision (autocast): bf16 on a GPU or a CPU (fast where the CPU has bf16 kernels,
+    # e.g. AVX512-BF16 or AMX), fp16 on a GPU only (a CPU trains in float32 then)
+    amp: Literal["none", "bf16", "fp16"] = "none"
 
 
 @dataclass

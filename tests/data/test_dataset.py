@@ -4,6 +4,8 @@ two Ray Train workers seeing disjoint images. One local Ray for the session (`ra
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -260,3 +262,26 @@ def test_world_rank_is_zero_outside_ray_train_and_errors_are_not_hidden(monkeypa
     monkeypatch.setattr(ray.train, "get_context", lambda: object())  # a context without the method
     with pytest.raises(AttributeError):
         dataset._world_rank()
+
+
+def test_the_map_tasks_run_without_importing_torch(synth_shards):
+    """Ray Data's map tasks import this module (to unpickle `transform_train_batch`) in fresh
+    worker processes; on a 2-core machine torch's import there delayed every run's first batch."""
+    code = (
+        "import sys\n"
+        "import pyarrow.parquet as pq\n"
+        "from tensormask_ray.config import load_config\n"
+        "from tensormask_ray.data.dataset import transform_train_batch\n"
+        "from tensormask_ray.data.manifest import CategoryMap, read_manifest, shard_paths\n"
+        "from tensormask_ray.data.schema import TRAIN_COLUMNS\n"
+        f"shards = {str(synth_shards)!r}\n"
+        "manifest = read_manifest(shards)\n"
+        "table = pq.read_table(shard_paths(shards, manifest)[0], columns=TRAIN_COLUMNS)\n"
+        "cfg = load_config(preset='cpu-small')\n"
+        "out = transform_train_batch(table.slice(0, 2), cfg.input, CategoryMap.from_manifest(manifest), 0, epoch=0)\n"
+        "assert out.num_rows == 2\n"
+        "heavy = [m for m in ('torch', 'ray.train') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

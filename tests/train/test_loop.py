@@ -18,7 +18,12 @@ from tensormask_ray.train.checkpoint import (
     rng_state,
     save_training_state,
 )
-from tensormask_ray.train.loop import RunSettings, run_training_loop, validation_due
+from tensormask_ray.train.loop import (
+    RunSettings,
+    autocast_dtype,
+    run_training_loop,
+    validation_due,
+)
 
 from ..evaluation.checkpoints import make_checkpoint
 
@@ -99,3 +104,57 @@ def test_validation_shards_without_a_validation_are_refused_at_once(tmp_path):
     run = RunSettings(run_dir=str(tmp_path), val_shards="/data/val")
     with pytest.raises(ValueError, match="validation shards /data/val but no validation"):
         run_training_loop(Config(), ctx=None, run=run)  # before the context is used
+
+
+def test_amp_maps_to_the_autocast_of_the_device(monkeypatch):
+    from tensormask_ray.train import loop
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    assert autocast_dtype("none", cpu) is None and autocast_dtype("none", gpu) is None
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16 == autocast_dtype("bf16", gpu)
+    assert autocast_dtype("fp16", gpu) == torch.float16
+    with pytest.warns(UserWarning, match="fp16 runs on a GPU only.*trains in float32"):
+        assert autocast_dtype("fp16", cpu) is None
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)  # it would emulate bf16, slowly
+    with pytest.warns(UserWarning, match="no bf16 instructions.*trains in float32"):
+        assert autocast_dtype("bf16", cpu) is None
+    assert autocast_dtype("bf16", gpu) == torch.bfloat16
+
+
+def test_a_bf16_training_step_on_the_cpu_runs_the_convs_in_bf16_and_keeps_fp32_weights():
+    """solver.amp=bf16 on the CPU: the convolutions run in bfloat16 (oneDNN), the weights,
+    gradients and optimiser stay float32, and the losses stay within bf16's precision of the
+    float32 step's on the same batch and weights."""
+    from types import SimpleNamespace
+
+    from tensormask_ray.config import load_config
+    from tensormask_ray.data.local import synthetic_batches
+    from tensormask_ray.train import loop
+    from tensormask_ray.train.loop import _build_state, _train_step
+
+    if not loop.cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions: solver.amp=bf16 trains in float32 here")
+    ctx = SimpleNamespace(
+        prepare_model=lambda m: m, device=torch.device("cpu"), world_size=1, rank=0
+    )
+    losses = {}
+    for amp in ("none", "bf16"):
+        cfg = load_config(
+            preset="cpu-small",
+            overrides=["model.num_classes=4", f"solver.amp={amp}", "data.batch_size_per_worker=2"],
+        )
+        torch.manual_seed(0)
+        state = _build_state(cfg, ctx, resuming=False)
+        conv_dtypes = set()
+        stem = next(m for m in state.model.modules() if isinstance(m, torch.nn.Conv2d))
+        stem.register_forward_hook(lambda m, i, o, seen=conv_dtypes: seen.add(o.dtype))
+        batch = next(iter(synthetic_batches(cfg, 2, image_size=128)(0)))
+        loss, _, n = _train_step(state, cfg.solver, batch, ctx.device, lr=1e-3)
+        assert n == 2 and torch.isfinite(loss)
+        assert conv_dtypes == {torch.bfloat16 if amp == "bf16" else torch.float32}, amp
+        assert all(p.dtype == torch.float32 for p in state.model.parameters())
+        grads = [p.grad for p in state.model.parameters() if p.requires_grad]
+        assert all(g is not None and g.dtype == torch.float32 for g in grads)
+        losses[amp] = float(loss)
+    assert losses["bf16"] == pytest.approx(losses["none"], rel=0.03)
