@@ -129,7 +129,7 @@ PRESET_FINGERPRINTS = {
     "table3-r101": "471b1170c2e189c1faa9",
     "1x": "a1b7d55a7271e363dd76",
     "6x": "201d1c7f5fcd9a49bd33",
-    "cpu-small": "e31c285f88760e5ac793",  # since: solver.amp bf16 (issue 16)
+    "cpu-small": "945975b782f368a878b0",
     "d2-tensormask-r50-1x": "8b63101fb57520e189cb",
     "d2-tensormask-r50-6x": "ccf8dafb8e843545ad95",
 }
