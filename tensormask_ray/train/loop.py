@@ -239,7 +239,10 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     GPU only (a CPU trains in float32, with a warning)."""
     if amp == "none":
         return None
-    if device.type != "cuda":
+    if device.type not in ("cpu", "cuda"):  # torch.autocast takes neither e.g. "meta" nor "mps"
+        _warn_float32(f"solver.amp={amp} runs on a GPU or a CPU, not on {device.type}")
+        return None
+    if device.type == "cpu":
         if amp == "fp16":
             _warn_float32("solver.amp=fp16 runs on a GPU only (bf16 is the CPU's mixed precision)")
             return None

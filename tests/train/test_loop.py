@@ -120,6 +120,8 @@ def test_amp_maps_to_the_autocast_of_the_device(monkeypatch):
     with pytest.warns(UserWarning, match="no bf16 instructions.*trains in float32"):
         assert autocast_dtype("bf16", cpu) is None
     assert autocast_dtype("bf16", gpu) == torch.bfloat16
+    with pytest.warns(UserWarning, match="not on meta.*trains in float32"):
+        assert autocast_dtype("bf16", torch.device("meta")) is None
 
 
 def test_a_bf16_training_step_on_the_cpu_runs_the_convs_in_bf16_and_keeps_fp32_weights():
