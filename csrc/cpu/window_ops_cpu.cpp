@@ -33,9 +33,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cpu/cpu_kernels.h"
 #include "window_ops.h"
@@ -63,6 +68,26 @@ bool use_elementwise() {
     return env != nullptr && std::strcmp(env, "elementwise") == 0;
   }();
   return enabled;
+}
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* env = std::getenv("TENSORMASK_CPU_HUGEPAGES");
+    return env == nullptr || std::strcmp(env, "0") != 0;
+  }();
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = end & ~(kHuge - 1);
+  if (enabled && hi > lo) {
+    // Advice only: where the kernel has no huge page to give (or THP is off), small pages stay.
+    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
 }
 
 }  // namespace cpu
@@ -264,7 +289,7 @@ void backward_elementwise(const scalar_t* grad_out, scalar_t* grad_x, const Wind
 at::Tensor window_forward_cpu(const at::Tensor& input, const WindowGeometry& g, double pad_value) {
   TORCH_CHECK(input.device().is_cpu(), "tensormask: expected a CPU tensor");
   const at::Tensor x = input.contiguous();
-  at::Tensor out = at::empty({g.N, g.Vo, g.Uo, g.Ho, g.Wo}, x.options());
+  at::Tensor out = cpu::empty_output({g.N, g.Vo, g.Uo, g.Ho, g.Wo}, x.options());
   if (out.numel() == 0) return out;
   if (use_elementwise()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -305,7 +330,7 @@ at::Tensor window_backward_cpu(const at::Tensor& grad, const WindowGeometry& g) 
     return window_forward_cpu(grad, back, 0.0);
   }
   const at::Tensor go = grad.contiguous();
-  at::Tensor gx = at::empty({g.N, g.V, g.U, g.H, g.W}, go.options());
+  at::Tensor gx = cpu::empty_output({g.N, g.V, g.U, g.H, g.W}, go.options());
   if (gx.numel() == 0) return gx;
   if (go.numel() == 0) return gx.zero_();
   if (use_elementwise()) {
