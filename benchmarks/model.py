@@ -5,8 +5,9 @@
 
 Per-image inference (bipyramid R-50-FPN, shorter side 800, 100 detections forced by a zero score
 threshold) and one training step (forward + backward, batch 2), each model with random weights.
-The paper measured 0.38 s vs 0.09 s per image on a V100 (4.2x); our goal is at most 1.5x.
---preset picks the TensorMask config (default table2c-bipyramid); --checkpoint times a checkpoint's
+The paper measured 0.38 s vs 0.09 s per image on a V100 (4.2x); issue 16's targets: inference at
+most 1.2x, the training step at most 1.3x Mask R-CNN's.
+--preset picks the TensorMask config (default table2d-bipyramid-2win); --checkpoint times a checkpoint's
 model (e.g. one `tensormask-ray convert detectron2` wrote) with its config. --write replaces the
 "## Model" section of benchmarks/RESULTS.md, or "## Model (PRESET)" for another preset/checkpoint.
 """
@@ -26,6 +27,7 @@ from results_md import BenchmarkRun, add_write_args, time_interleaved  # noqa: E
 
 from tensormask_ray.config import load_config  # noqa: E402
 from tensormask_ray.modeling import build_model  # noqa: E402
+from tensormask_ray.train.loop import cpu_has_bf16  # noqa: E402
 
 
 def synthetic_batch(n: int, h: int, w: int, seed: int = 0):
@@ -65,7 +67,8 @@ def timeit_pair(fa, fb, repeats: int, warmup: int = 1) -> tuple[float, float]:
     return t["a"].median, t["b"].median
 
 
-DEFAULT_PRESET = "table2c-bipyramid"
+# Issue 16's paper-scale model: R-50-FPN, the tensor bipyramid, 15x15 and 11x11 windows.
+DEFAULT_PRESET = "table2d-bipyramid-2win"
 
 
 def tensormask(size: int, preset: str = DEFAULT_PRESET, checkpoint: str | None = None):
@@ -152,15 +155,26 @@ def main() -> None:
         {"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": t["masks"]} for t in targets
     ]
 
-    def tm_step():
-        loss = sum(tm(norm, targets).values())
+    def tm_step(bf16: bool = False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = sum(tm(norm, targets).values())
         loss.backward()
+        tm.zero_grad(set_to_none=True)
 
-    def mr_step():
-        loss = sum(mr(list(images), mr_targets).values())
+    def mr_step(bf16: bool = False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = sum(mr(list(images), mr_targets).values())
         loss.backward()
+        mr.zero_grad(set_to_none=True)
 
-    tm_train, mr_train = timeit_pair(tm_step, mr_step, max(2, args.repeats // 2))
+    train_repeats = max(2, args.repeats // 2)
+    tm_train, mr_train = timeit_pair(tm_step, mr_step, train_repeats)
+    # Both in bf16 autocast (solver.amp=bf16 on a CPU with bf16 instructions; Mask R-CNN under the
+    # same autocast), each model's fastest correct mode on this CPU.
+    bf16_rows = []
+    if cpu_has_bf16():
+        tm_bf16, mr_bf16 = timeit_pair(lambda: tm_step(True), lambda: mr_step(True), train_repeats)
+        bf16_rows.append(("training step, s, both in bf16 autocast", tm_bf16, mr_bf16, ""))
 
     rows = [
         ("inference, s/image (100 detections)", tm_inf, mr_inf, f"{n_tm} / {n_mr} detections"),
@@ -171,6 +185,7 @@ def main() -> None:
             "models and input NHWC",
         ),
         ("training step, s (batch 2, fwd+bwd)", tm_train, mr_train, ""),
+        *bf16_rows,
     ]
     name = f"{cfg.model.mask_head} R-{cfg.model.backbone.depth}-FPN" + (
         "" if label == DEFAULT_PRESET else f", {label}"
@@ -182,7 +197,9 @@ def main() -> None:
     for name, a, b, note in rows:
         table.append(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {note} |")
     ratio, ratio_cl = tm_inf / mr_inf, tm_inf_cl / mr_inf_cl
-    verdict = "met" if ratio <= 1.5 else "NOT met"
+    best = min(ratio, ratio_cl)
+    train_ratio = min(a / b for what, a, b, _ in rows if what.startswith("training step"))
+    verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     text = "\n".join(
         [
             f"Images {h}x{w}, {'the checkpoint' if args.checkpoint else 'random'} weights ({label}), median of repeats timed alternately, one process.",
@@ -193,9 +210,11 @@ def main() -> None:
             "",
             *table,
             "",
-            f"Goal (TensorMask inference at most 1.5x Mask R-CNN's): **{verdict}** ({ratio:.2f}x in the "
-            f"default memory format; {ratio_cl:.2f}x with both models in channels_last). "
-            "The paper measured 0.38 vs 0.09 s/image on a V100 (4.2x).",
+            f"Targets (issue 16): TensorMask inference at most 1.2x Mask R-CNN's: "
+            f"**{verdict(best <= 1.2)}** ({ratio:.2f}x in the default memory format; "
+            f"{ratio_cl:.2f}x with both models in channels_last); the training step at most 1.3x: "
+            f"**{verdict(train_ratio <= 1.3)}** ({train_ratio:.2f}x in the faster mode; benchmarks/train_stages.py "
+            "breaks it down by stage). The paper measured 0.38 vs 0.09 s/image on a V100 (4.2x).",
             "TensorMask's inference computes the bipyramid's fusion and mask conv+reshape only on "
             "crops around the windows that survive NMS (`LazyBipyramidMasks`), not on six full "
             "finest-resolution maps; its class tower on P2 (4 x 256-channel 3x3 convs at stride 4) "
