@@ -10,8 +10,10 @@ Models as in benchmarks/train_step.py (random weights, synthetic images with six
   demo       the demo's model (tensormask_ray.demo.DEMO_MODEL), 256x320, batch 1
 One thread by default: a Ray Train worker of the demo and of the cpu-small runs has one CPU. The
 modes take turns within every repeat (medians); each mode steps its own copy of the same weights,
-so their losses at the first step are compared too (bf16 vs float32). `torch.compile` is not
-among the modes: compiling the model takes minutes on 2 cores, longer than the demo's training.
+so their losses at the first step are compared too (bf16 vs float32). `--compile` adds a mode with
+`torch.compile` (inductor, default mode) of the backbone, the FPN and the head, in float32 and in
+bf16; its first step, which compiles, is timed apart (it takes minutes on 2 cores, about as long
+as the demo's whole training).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import contextlib
 import copy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -33,20 +36,29 @@ from tensormask_ray.config import SolverConfig  # noqa: E402
 from tensormask_ray.train.loop import cpu_has_bf16  # noqa: E402
 from tensormask_ray.train.schedule import build_optimizer  # noqa: E402
 
-# name -> (fused optimiser, bf16 autocast, channels_last)
+# name -> (fused optimiser, bf16 autocast, channels_last, torch.compile)
 MODES = {
-    "fp32, per-parameter AdamW (before)": (False, False, False),
-    "fp32, fused AdamW": (True, False, False),
-    "bf16, fused AdamW (demo default)": (True, True, False),
-    "fp32 channels_last, fused AdamW": (True, False, True),
-    "bf16 channels_last, fused AdamW": (True, True, True),
+    "fp32, per-parameter AdamW (before)": (False, False, False, False),
+    "fp32, fused AdamW": (True, False, False, False),
+    "bf16, fused AdamW (demo default)": (True, True, False, False),
+    "fp32 channels_last, fused AdamW": (True, False, True, False),
+    "bf16 channels_last, fused AdamW": (True, True, True, False),
+}
+COMPILE_MODES = {
+    "fp32 torch.compile, fused AdamW": (True, False, False, True),
+    "bf16 torch.compile, fused AdamW": (True, True, False, True),
 }
 BEFORE, NOW = "fp32, per-parameter AdamW (before)", "bf16, fused AdamW (demo default)"
 
 
-def make_step(model, images, targets, fused: bool, bf16: bool, channels_last: bool):
-    """-> (step function, loss of the first step) for one mode on its own copy of `model`."""
+def make_step(model, images, targets, fused: bool, bf16: bool, channels_last: bool, compiled: bool):
+    """-> (step function, loss of the first step, seconds of the first step) for one mode on its
+    own copy of `model`."""
     model = copy.deepcopy(model)
+    if compiled:  # the dense parts; the losses and target assignment have data-dependent shapes
+        model.backbone = torch.compile(model.backbone)
+        model.fpn = torch.compile(model.fpn)
+        model.head = torch.compile(model.head)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -67,7 +79,9 @@ def make_step(model, images, targets, fused: bool, bf16: bool, channels_last: bo
         optimizer.step()
         return float(loss.detach())
 
-    return step, step()
+    t0 = time.perf_counter()
+    first = step()
+    return step, first, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -75,26 +89,35 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["cpu-small", "demo"])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument(
+        "--compile", action="store_true", help="also torch.compile (minutes of compiling)"
+    )
     add_write_args(ap, "Training step precision (CPU)")
     args = ap.parse_args()
+    modes = {**MODES, **(COMPILE_MODES if args.compile else {})}
     run = BenchmarkRun.start(args)
     if not cpu_has_bf16():
         sys.exit("this CPU has no bf16 instructions: solver.amp=bf16 would train in float32")
     torch.set_num_threads(args.threads)
 
     table = [
-        "| model | image, batch | " + " | ".join(f"{m}, s" for m in MODES) + " | before / now |",
-        "|---|---|" + "---:|" * (len(MODES) + 1),
+        "| model | image, batch | " + " | ".join(f"{m}, s" for m in modes) + " | before / now |",
+        "|---|---|" + "---:|" * (len(modes) + 1),
     ]
     first_losses = []
     for name in args.models:
         model, images, targets = setup(name)
-        steps, losses = {}, {}
-        for mode, flags in MODES.items():
-            steps[mode], losses[mode] = make_step(model, images, targets, *flags)
+        steps, losses, firsts = {}, {}, {}
+        for mode, flags in modes.items():
+            steps[mode], losses[mode], firsts[mode] = make_step(model, images, targets, *flags)
         times = time_interleaved(steps, args.repeats)
         _, _, (h, w), n = MODELS[name]
-        cells = " | ".join(f"{times[m].median:.3f}" for m in MODES)
+        cells = " | ".join(f"{times[m].median:.3f}" for m in modes)
+        for mode in COMPILE_MODES if args.compile else ():
+            first_losses.append(
+                f"{name}, {mode}: first step (compiling) {firsts[mode]:.0f} s, loss "
+                f"{losses[mode]:.4f}"
+            )
         ratio = times[BEFORE].median / times[NOW].median
         table.append(f"| {name} | {h}x{w}, {n} | {cells} | **{ratio:.2f}x** |")
         first_losses.append(
