@@ -15,10 +15,12 @@ from tensormask_ray.ops import reference as ref
 
 from ._cases import rand, requires_ext
 
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 pytestmark = [
     requires_ext,
     pytest.mark.skipif(
-        not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps"
+        not Path("/proc/self/smaps").exists() or not THP.exists(),
+        reason="needs Linux with transparent huge pages (/proc/self/smaps, madvise)",
     ),
 ]
 
