@@ -12,19 +12,17 @@ level and then picks the positives. Models:
   paper      R-50-FPN bipyramid, 15x15 + 11x11 windows (table3-r50), 800x1216, batch 2
 Steps are timed alternately (sparse, dense, sparse, ...), medians reported, random weights,
 synthetic images with six rectangular objects each (benchmarks/model.py). --peak-memory also runs
-one step of each in a fresh process and reports its peak resident memory. The 1-minute load
-average is printed before and after: figures taken above ~1 are indicative only. Prints a
-Markdown table; nothing is written to RESULTS.md.
+one step of each in a fresh process and reports its peak resident memory. Prints a Markdown
+table; --write replaces the "Training step, sparse vs dense mask loss" section of RESULTS.md
+(refused when the 1-minute load average at start exceeds 1.0, unless --force).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,11 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import normalise, synthetic_batch, timeit_pair  # noqa: E402
+from results_md import BenchmarkRun, add_write_args  # noqa: E402
 
 from tensormask_ray.config import load_config  # noqa: E402
 from tensormask_ray.demo import DEMO_MODEL  # noqa: E402
 from tensormask_ray.modeling import build_model  # noqa: E402
 
+SECTION = "Training step, sparse vs dense mask loss"
 MODELS = {  # name -> (preset, overrides, (height, width), batch)
     "cpu-small": ("cpu-small", [], (288, 384), 2),
     "demo": ("cpu-small", DEMO_MODEL, (256, 320), 1),
@@ -96,6 +96,7 @@ def main() -> None:
         help="peak RSS of one step per path, in fresh processes",
     )
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
+    add_write_args(ap, SECTION)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,9 +111,8 @@ def main() -> None:
         )
         print(json.dumps({"peak_gib": hwm_kib / 2**20}))
         return
+    run = BenchmarkRun.start(args)
 
-    load_before = os.getloadavg()
-    start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     rows = []
     for name in args.models:
         sparse = dense = float("nan")
@@ -130,21 +130,33 @@ def main() -> None:
             f"{name}: sparse {sparse:.3f} s, dense {dense:.3f} s, {dense / sparse:.2f}x",
             file=sys.stderr,
         )
-    load_after = os.getloadavg()
 
-    print(f"Training step, sparse vs dense mask loss ({start}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}; load average 1/5/15 min "
-          f"before {'/'.join(f'{x:.2f}' for x in load_before)}, after {'/'.join(f'{x:.2f}' for x in load_after)})\n")  # fmt: skip
-    print(
-        "| model | image, batch | sparse, s | dense, s | dense / sparse | peak RSS sparse / dense, GiB |"
-    )
-    print("|---|---|---|---|---|---|")
+    table = [
+        "| model | image, batch | sparse, s | dense, s | dense / sparse "
+        "| peak RSS sparse / dense, GiB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for name, sparse, dense, mem in rows:
         _, _, (h, w), n = MODELS[name]
         peak = f"{mem['sparse']:.2f} / {mem['dense']:.2f}" if mem else "-"
-        print(
+        table.append(
             f"| {name} | {h}x{w}, {n} | {sparse:.3f} | {dense:.3f} | {dense / sparse:.2f}x | {peak} |"
         )
+    text = "\n".join(
+        [
+            *run.header(threads=torch.get_num_threads()),
+            "",
+            f"One training step (forward + backward), median of {args.repeats} per path timed "
+            "alternately; `sparse` (the default, `model.mask_training=sparse`) runs the mask head "
+            "and window ops only on crops around the positive windows, `dense` (the path before "
+            "it) on every window. Peak RSS: VmHWM of a fresh process running one step.",
+            "",
+            *table,
+        ]
+    )
+    print(text)
+    if args.write:
+        run.write(SECTION, text)
 
 
 if __name__ == "__main__":
