@@ -85,7 +85,7 @@ def clone_huge(src: torch.Tensor) -> torch.Tensor:
     begin = dst.data_ptr()
     lo = -(-begin // HUGE_PAGE) * HUGE_PAGE
     hi = (begin + dst.numel() * dst.element_size()) // HUGE_PAGE * HUGE_PAGE
-    if hi - lo >= 2 * HUGE_PAGE:
+    if hi > lo:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_HUGEPAGE)
     return dst.copy_(src)

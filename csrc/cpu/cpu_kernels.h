@@ -32,13 +32,13 @@ namespace cpu {
 // (the tests set it to check that both clones give the same bits).
 bool use_fma_clone();
 
-// at::empty(sizes, options), whose 2 MiB-aligned interior (when there is one)
-// is advised to the kernel as MADV_HUGEPAGE (Linux), before the kernels write it. The
-// kernels write their outputs (read their grads) a short row per window plane, each plane in
-// another 4 KiB page: with small pages nearly every row is a TLB miss, and a fresh output's first
-// touch of each of its pages a page fault (zeroing 4 KiB at a time). Huge pages remove both; the
-// same advice torch gives every allocation under THP_MEM_ALLOC_ENABLE=1. Advice only: with THP
-// set to "never", or no huge page free, small pages are used. TENSORMASK_CPU_HUGEPAGES=0 skips it.
+// at::empty(sizes, options), whose 2 MiB-aligned interior (when there is one) is advised to the
+// kernel as MADV_HUGEPAGE (Linux) before the kernels write it. They write their outputs (read
+// their grads) a short row per window plane, each plane in another 4 KiB page: with small pages
+// nearly every row is a TLB miss, and a fresh output's first touch of each of its pages a page
+// fault (zeroing 4 KiB at a time). Huge pages remove both; torch gives every allocation the same
+// advice under THP_MEM_ALLOC_ENABLE=1. Advice only: with THP set to "never", or no huge page
+// free, small pages are used. TENSORMASK_CPU_HUGEPAGES=0 skips it.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // TENSORMASK_CPU_KERNEL=elementwise: one call per element of the functions the CUDA kernels run
