@@ -6,8 +6,11 @@ Every case is small enough for the references, whose intermediate grows with lam
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,3 +214,21 @@ def kernel_results() -> dict[str, torch.Tensor]:
             results[f"{case!r} {dtype} fwd"] = out.detach()
             results[f"{case!r} {dtype} bwd"] = gx
     return results
+
+
+def run_child(code: str, env: dict[str, str], *argv: str) -> str:
+    """Runs `python -c code *argv` at the repository root in a fresh process (the kernels read
+    their TENSORMASK_CPU_* switches once per process): the environment without this process's
+    TENSORMASK_CPU_* variables, plus `env`. Returns its stdout; its stderr goes to pytest."""
+    root = Path(__file__).resolve().parents[2]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORMASK_CPU_")}
+    child_env.update(env, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        env=child_env,
+        cwd=root,
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return done.stdout

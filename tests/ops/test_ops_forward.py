@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +17,7 @@ from ._cases import (
     kernel_results,
     rand,
     requires_ext,
+    run_child,
     swap_case,
     up_case,
 )
@@ -255,10 +252,7 @@ def test_cpu_kernel_variants_agree_bitwise(env, tmp_path):
     the baseline-ISA clone (fma through libm), and the per-element forward_element() /
     backward_element() that the CUDA kernels run per thread."""
     path = tmp_path / "results.pt"
-    root = Path(__file__).resolve().parents[2]
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORMASK_CPU_")}
-    child_env.update(env, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    subprocess.run([sys.executable, "-c", _CHILD, str(path)], env=child_env, cwd=root, check=True)
+    run_child(_CHILD, env, str(path))
     theirs = torch.load(path)
     ours = kernel_results()
     assert theirs.keys() == ours.keys()

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,7 @@ import torch
 
 from tensormask_ray.ops import reference as ref
 
-from ._cases import rand, requires_ext
+from ._cases import rand, requires_ext, run_child
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 pytestmark = [
@@ -84,15 +81,5 @@ print("hg" in vm_flags(interior(out)), "hg" in vm_flags(interior(grad_x)))
 
 
 def test_hugepages_env_switch_turns_the_advice_off():
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TENSORMASK_CPU_HUGEPAGES="0")
-    env["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD],
-        env=env,
-        cwd=root,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    assert done.stdout.split() == ["False", "False"]
+    stdout = run_child(_CHILD, {"TENSORMASK_CPU_HUGEPAGES": "0"})
+    assert stdout.split() == ["False", "False"]
