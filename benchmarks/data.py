@@ -292,9 +292,8 @@ def main() -> None:
     args = parser.parse_args()
     bench = BenchmarkRun.start(args)
     block = run(args, bench)
-    print("\n" + block)
-    if args.write:
-        bench.write("Data", block)
+    print()
+    bench.publish("Data", block)
 
 
 if __name__ == "__main__":

@@ -270,9 +270,8 @@ def main() -> None:
             "reads.",
         ]
     block = "\n".join(lines) + "\n"
-    print("\n" + block)
-    if args.write:
-        run.write("Inference", block)
+    print()
+    run.publish("Inference", block)
 
 
 if __name__ == "__main__":

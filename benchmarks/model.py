@@ -222,14 +222,12 @@ def main() -> None:
             "",
         ]
     )
-    print(text)
-    if args.write:
-        run.write(
-            "Model"
-            if label == DEFAULT_PRESET
-            else f"Model ({args.preset if not args.checkpoint else cfg.model.geometry + ' checkpoint'})",
-            text,
-        )
+    run.publish(
+        "Model"
+        if label == DEFAULT_PRESET
+        else f"Model ({args.preset if not args.checkpoint else cfg.model.geometry + ' checkpoint'})",
+        text,
+    )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ that it was measured under load and how much. In a script:
     times = time_interleaved({"a": fa, "b": fb}, repeats=5)   # medians, peers in one process
     ...
     text = "\n".join([*run.header(), "", *table])  # command, machine, load before/after, versions
-    if args.write:
-        run.write("Model", text)
+    run.publish("Model", text)                      # prints it; with --write, writes the section
 
 RESULTS.md holds one `## Heading` section per benchmark; each script replaces its own (from the
 heading to the next `## `) and leaves the others as they are.
@@ -200,6 +199,12 @@ class BenchmarkRun:
             f"Python {platform.python_version()}, {self.when}",
         ]
         return lines
+
+    def publish(self, heading: str, text: str) -> None:
+        """Prints `text`; with --write, also makes it the `## {heading}` section of RESULTS.md."""
+        print(text)
+        if self.writing:
+            self.write(heading, text)
 
     def write(
         self, heading: str, body: str, block: str | None = None, path: Path = RESULTS

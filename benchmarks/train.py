@@ -133,9 +133,7 @@ def main() -> None:
             "decoding competes for the same cores. Data wait is the share of each step spent in `next(batch)`.",
         ]
     )
-    print(text)
-    if args.write:
-        run.write("Training", text)
+    run.publish("Training", text)
 
 
 if __name__ == "__main__":

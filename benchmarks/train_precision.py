@@ -139,9 +139,7 @@ def main() -> None:
             "Losses of the first step (same weights, same batch): " + "; ".join(first_losses) + ".",
         ]
     )
-    print(text)
-    if args.write:
-        run.write("Training step precision (CPU)", text)
+    run.publish("Training step precision (CPU)", text)
 
 
 if __name__ == "__main__":

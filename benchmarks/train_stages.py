@@ -216,9 +216,7 @@ def main() -> None:
             *rows,
         ]
     )
-    print(text)
-    if args.write:
-        run.write(SECTION, text)
+    run.publish(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -154,9 +154,7 @@ def main() -> None:
             *table,
         ]
     )
-    print(text)
-    if args.write:
-        run.write(SECTION, text)
+    run.publish(SECTION, text)
 
 
 if __name__ == "__main__":

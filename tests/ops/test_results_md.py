@@ -85,6 +85,18 @@ def test_quiet_machine_writes_unmarked(monkeypatch):
     assert not any("under load" in line for line in run.header())
 
 
+def test_publish_prints_and_writes_only_with_write(monkeypatch, capsys):
+    monkeypatch.setattr(results_md, "load_average", lambda: (0.4, 0.5, 0.6))
+    written = []
+    monkeypatch.setattr(results_md, "write_section", lambda *a, **k: written.append(a))
+    results_md.BenchmarkRun.start(_args(), ["benchmarks/ops.py"]).publish("Ops", "figures")
+    assert written == [] and capsys.readouterr().out == "figures\n"
+    run = results_md.BenchmarkRun.start(_args("--write"), ["benchmarks/ops.py", "--write"])
+    run.publish("Ops", "figures")
+    assert written == [("Ops", "figures")]
+    assert capsys.readouterr().out.startswith("figures\n")
+
+
 def test_time_interleaved_takes_turns():
     calls = []
     t = results_md.time_interleaved(
