@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import zipfile
 
 import pytest
@@ -22,6 +20,7 @@ from tensormask_ray.data.errors import DataError
 from tensormask_ray.data.manifest import read_manifest
 from tensormask_ray.errors import UserError
 from tests.evaluation.checkpoints import make_checkpoint
+from tests.fresh_process import not_loaded, run_python
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +43,14 @@ def trained(tmp_path_factory, synth_shards):
 
 
 def test_the_package_exports_the_api_without_importing_ray_or_torch():
+    heavy = not_loaded("ray", "torch", "mlflow")
     code = (
-        "import sys, tensormask_ray as t\n"
-        "heavy = [m for m in ('ray', 'torch', 'mlflow') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-        "from tensormask_ray import api\n"
+        "import tensormask_ray as t\n" + heavy + "from tensormask_ray import api\n"
         "assert all(getattr(t, n) is getattr(api, n) for n in api.__all__)\n"
         "assert t.evaluate is api.evaluate and t.api is api and t.TrainResult is api.TrainResult\n"
-        "heavy = [m for m in ('ray', 'torch', 'mlflow') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
+        + heavy
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    run_python(code)
 
 
 def test_prepare_returns_the_shards_and_manifest_it_wrote(tmp_path, synth_coco):

@@ -4,8 +4,6 @@ two Ray Train workers seeing disjoint images. One local Ray for the session (`ra
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import warnings
 
@@ -22,6 +20,8 @@ from tensormask_ray.data.dataset import (
     train_data_config,
 )
 from tensormask_ray.data.manifest import read_manifest
+
+from ..fresh_process import not_loaded, run_python
 
 pytestmark = pytest.mark.ray
 
@@ -268,7 +268,6 @@ def test_the_map_tasks_run_without_importing_torch(synth_shards):
     """Ray Data's map tasks import this module (to unpickle `transform_train_batch`) in fresh
     worker processes; on a 2-core machine torch's import there delayed every run's first batch."""
     code = (
-        "import sys\n"
         "import pyarrow.parquet as pq\n"
         "from tensormask_ray.config import load_config\n"
         "from tensormask_ray.data.dataset import transform_train_batch\n"
@@ -279,9 +278,6 @@ def test_the_map_tasks_run_without_importing_torch(synth_shards):
         "table = pq.read_table(shard_paths(shards, manifest)[0], columns=TRAIN_COLUMNS)\n"
         "cfg = load_config(preset='cpu-small')\n"
         "out = transform_train_batch(table.slice(0, 2), cfg.input, CategoryMap.from_manifest(manifest), 0, epoch=0)\n"
-        "assert out.num_rows == 2\n"
-        "heavy = [m for m in ('torch', 'ray.train') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
+        "assert out.num_rows == 2\n" + not_loaded("torch", "ray.train")
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    run_python(code)

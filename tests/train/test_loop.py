@@ -26,6 +26,26 @@ from tensormask_ray.train.loop import (
 )
 
 from ..evaluation.checkpoints import make_checkpoint
+from ..fresh_process import not_loaded, run_python
+
+
+def test_the_training_driver_imports_neither_the_network_nor_torchvision():
+    """Ray Train's controller and a sweep's trial actor import train.loop (to unpickle the loop)
+    and never build a model: the network and torchvision load in the workers only."""
+    code = (
+        "import tensormask_ray.train.loop, tensormask_ray.train.trainer\n"
+        + not_loaded("torchvision", "tensormask_ray.modeling.tensormask")
+        + "from tensormask_ray.modeling import build_model, TensorMask\n"
+        "from tensormask_ray.modeling.tensormask import build_model as direct\n"
+        "assert build_model is direct and isinstance(TensorMask, type)\n"
+        "try:\n"
+        "    from tensormask_ray.modeling import no_such_name  # noqa: F401\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise AssertionError('an unknown name imported')\n"
+    )
+    run_python(code)
 
 
 def _seed(seed: int) -> None:
