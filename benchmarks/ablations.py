@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from results_md import write_section  # noqa: E402
+from results_md import BenchmarkRun  # noqa: E402
 
 from tensormask_ray import cli  # noqa: E402
 from tensormask_ray.modeling.checkpoint_file import read_state  # noqa: E402
@@ -65,6 +65,9 @@ def main() -> None:
     p.add_argument("--heldout-shards", help="a held-out set with the same categories")
     p.add_argument("--write", action="store_true")
     args = p.parse_args()
+    # The figures are trained weights evaluated, which the load cannot change (the CPU can: its
+    # kernels round differently, so the header names it).
+    run = BenchmarkRun.start(args, timed=False)
 
     cols = ["mask AP", "AP50", "AP75", "AP_L", "box AP", "window IoU", "IoU>=0.75", "IoU_L"]
     header = ["sweep", "head", *[f"train: {c}" for c in cols]]
@@ -110,17 +113,15 @@ def main() -> None:
                     cells += [_fmt(held["IoU"]), _fmt(held["IoU_L"]), _fmt(held["segm/AP"])]
                 lines.append("| " + " | ".join(cells) + " |")
                 print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        body = (
-            "Written by `benchmarks/ablations.py` from the sweeps "
-            + ", ".join(f"`{s}`" for s in args.sweeps)
-            + " (docs/ablations.md: the data, the commands, and what the figures say). All in %; "
-            '"window IoU": the mask IoU at each instance\'s positive windows (the mask head alone, '
-            "evaluation/window_masks.py).\n\n" + table
-        )
-        write_section("Table 2 at small scale", body)
+    body = (
+        "Written by `benchmarks/ablations.py` from the sweeps "
+        + ", ".join(f"`{s}`" for s in args.sweeps)
+        + " (docs/ablations.md: the data, the commands, and what the figures say). All in %; "
+        '"window IoU": the mask IoU at each instance\'s positive windows (the mask head alone, '
+        "evaluation/window_masks.py). The machine is the one that evaluated; the sweeps trained "
+        "on the same one.\n\n" + "\n".join(run.header()) + "\n\n" + "\n".join(lines)
+    )
+    run.publish("Table 2 at small scale", body)
 
 
 if __name__ == "__main__":

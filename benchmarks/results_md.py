@@ -147,13 +147,18 @@ class BenchmarkRun:
     writing: bool  # --write
     force: bool
     load_start: tuple[float, float, float]
+    timed: bool = True  # False: counts that no load can change (FLOPs); no load gate, no mark
     started: float = field(default_factory=time.perf_counter)
     when: str = field(default_factory=lambda: datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
 
     @classmethod
-    def start(cls, args: argparse.Namespace, argv: list[str] | None = None) -> BenchmarkRun:
+    def start(
+        cls, args: argparse.Namespace, argv: list[str] | None = None, timed: bool = True
+    ) -> BenchmarkRun:
         """Records the command and the load; when args.write is set, the load average exceeds
-        LOAD_LIMIT and args.force is not set, exits (status 1, saying why) before measuring anything."""
+        LOAD_LIMIT and args.force is not set, exits (status 1, saying why) before measuring anything.
+        timed=False is for figures the machine's load cannot change (operation counts): they
+        write at any load, unmarked."""
         argv = sys.argv if argv is None else argv
         script = os.path.relpath(os.path.abspath(argv[0]), ROOT)
         run = cls(
@@ -161,6 +166,7 @@ class BenchmarkRun:
             writing=bool(getattr(args, "write", False)),
             force=bool(getattr(args, "force", False)),
             load_start=load_average(),
+            timed=timed,
         )
         if run.writing and run.under_load and not run.force:
             sys.exit(
@@ -173,8 +179,8 @@ class BenchmarkRun:
 
     @property
     def under_load(self) -> bool:
-        """Whether the 1-minute load average at start exceeded LOAD_LIMIT."""
-        return self.load_start[0] > LOAD_LIMIT
+        """Whether the 1-minute load average at start exceeded LOAD_LIMIT (for a timed run)."""
+        return self.timed and self.load_start[0] > LOAD_LIMIT
 
     def header(
         self, threads: int | None = None, device: str = "cpu", versions: str = ""
@@ -193,11 +199,16 @@ class BenchmarkRun:
         lines += [
             f"- Command: `{self.command}` ({time.perf_counter() - self.started:.0f} s)",
             f"- Machine: {machine(threads, device)}",
-            f"- Load average (1/5/15 min): {fmt_load(self.load_start)} at start, "
-            f"{fmt_load(load_average())} at the end",
-            f"- torch {torch.__version__}{', ' + versions if versions else ''}, "
-            f"Python {platform.python_version()}, {self.when}",
         ]
+        if self.timed:
+            lines.append(
+                f"- Load average (1/5/15 min): {fmt_load(self.load_start)} at start, "
+                f"{fmt_load(load_average())} at the end"
+            )
+        lines.append(
+            f"- torch {torch.__version__}{', ' + versions if versions else ''}, "
+            f"Python {platform.python_version()}, {self.when}"
+        )
         return lines
 
     def publish(self, heading: str, text: str) -> None:

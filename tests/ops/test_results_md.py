@@ -85,6 +85,16 @@ def test_quiet_machine_writes_unmarked(monkeypatch):
     assert not any("under load" in line for line in run.header())
 
 
+def test_an_untimed_run_writes_at_any_load_unmarked(monkeypatch):
+    monkeypatch.setattr(results_md, "load_average", lambda: (3.5, 2.0, 1.0))
+    run = results_md.BenchmarkRun.start(
+        _args("--write"), ["benchmarks/flops.py", "--write"], timed=False
+    )
+    assert run.writing and not run.under_load
+    header = run.header()
+    assert not any("under load" in line or "Load average" in line for line in header)
+
+
 def test_publish_prints_and_writes_only_with_write(monkeypatch, capsys):
     monkeypatch.setattr(results_md, "load_average", lambda: (0.4, 0.5, 0.6))
     written = []
