@@ -178,5 +178,5 @@ def test_a_bf16_training_step_on_the_cpu_runs_the_convs_in_bf16_and_keeps_fp32_w
         assert all(p.dtype == torch.float32 for p in state.model.parameters())
         grads = [p.grad for p in state.model.parameters() if p.requires_grad]
         assert all(g is not None and g.dtype == torch.float32 for g in grads)
-        losses[amp] = float(loss)
+        losses[amp] = float(loss.detach())
     assert losses["bf16"] == pytest.approx(losses["none"], rel=0.03)
