@@ -27,7 +27,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import DEFAULT_PRESET, maskrcnn, normalise, synthetic_batch, tensormask  # noqa: E402
+from model import (  # noqa: E402
+    DEFAULT_PRESET,
+    maskrcnn,
+    maskrcnn_targets,
+    normalise,
+    synthetic_batch,
+    tensormask,
+)
 from results_md import BenchmarkRun  # noqa: E402
 
 SECTION = "Model FLOPs (paper scale)"
@@ -125,9 +132,7 @@ def main() -> None:
     print("counting a training step ...", file=sys.stderr, flush=True)
     tm.train()
     mr.train()
-    mr_targets = [
-        {"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": t["masks"]} for t in targets
-    ]
+    mr_targets = maskrcnn_targets(targets)
     # The forward by stage; the whole step (forward + backward) in all only: FlopCounterMode's
     # module attribution of backward ops is unreliable (the counts of nested modules do not add up).
     tm_fwd = count(lambda: tm(norm, targets))

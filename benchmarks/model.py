@@ -104,6 +104,11 @@ def maskrcnn(size: int):
     )  # fmt: skip
 
 
+def maskrcnn_targets(targets: list[dict]) -> list[dict]:
+    """synthetic_batch's targets in torchvision's form: class 0 is the background there."""
+    return [{"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": t["masks"]} for t in targets]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
@@ -151,9 +156,7 @@ def main() -> None:
 
     tm.train()
     mr.train()
-    mr_targets = [
-        {"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": t["masks"]} for t in targets
-    ]
+    mr_targets = maskrcnn_targets(targets)
 
     def tm_step(bf16: bool = False):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
